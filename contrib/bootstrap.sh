@@ -1,0 +1,57 @@
+#!/bin/sh
+# Set up stsmilter from this source tree on a fresh Debian machine (as root) and either
+# run the daemon with the shipped configuration or run the whole test suite.
+#
+#   sh contrib/bootstrap.sh run    # apt deps, venv in ./.venv, user stsmilter, stsmilter run
+#   sh contrib/bootstrap.sh test   # apt deps (incl. postfix), venv, pytest over tests/
+#
+# Idempotent: steps already done are cheap to repeat.
+set -eu
+
+mode=${1:-}
+case "$mode" in
+    run|test) ;;
+    *) echo "usage: sh contrib/bootstrap.sh run|test" >&2; exit 2 ;;
+esac
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+venv="$top/.venv"
+
+need_apt=""
+# libmilter-dev: pymilter builds from source against it; gcc/python3-dev for that build.
+pkgs="libmilter-dev gcc python3-dev python3-venv"
+if [ "$mode" = test ]; then
+    # postfix: the integration tests start private Postfix instances on loopback.
+    pkgs="$pkgs postfix shellcheck"
+fi
+for p in $pkgs; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_apt="$need_apt $p"
+done
+if [ -n "$need_apt" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "bootstrap: missing Debian packages:$need_apt (run as root)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # Install Postfix without letting debconf configure it as a live mail system.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $need_apt
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+if [ "$mode" = test ]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    exec "$venv/bin/python" -m pytest -p no:cacheprovider -ra tests
+fi
+
+"$venv/bin/python" -m pip install -q --disable-pip-version-check .
+if [ "$(id -u)" = 0 ] && ! getent passwd stsmilter >/dev/null; then
+    useradd --system --home-dir /var/lib/stsmilter --no-create-home \
+        --shell /usr/sbin/nologin stsmilter
+fi
+exec "$venv/bin/stsmilter" run -c "$top/etc/stsmilter.conf"

@@ -1,0 +1,5 @@
+import sys
+
+from stsmilter.cli import main
+
+sys.exit(main())

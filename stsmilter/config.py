@@ -1,0 +1,374 @@
+"""INI configuration -> frozen, typed Config.
+
+Every key is declared once in SCHEMA with its type and default; etc/stsmilter.conf and
+stsmilter.conf(5) document the same keys (a test keeps the three in step). Values are
+converted once at load time; an unknown section or key, or a bad value, is a ConfigError
+naming the file, the line, the key and the expected form.
+"""
+
+import configparser
+import dataclasses
+import ipaddress
+import re
+from typing import Any, Callable, Dict, Optional, Tuple
+
+DEFAULT_CONFIG_PATH = "/etc/stsmilter/stsmilter.conf"
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; str() is one line for the operator."""
+
+
+# --- value converters: each takes the raw string and returns the typed value or raises
+# ValueError whose text is the expected form.
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("yes or no")
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            raise ValueError(f"a whole number from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"a whole number from {lo} to {hi}")
+        return value
+
+    return convert
+
+
+def _seconds(lo: float, hi: float) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"a number of seconds from {lo:g} to {hi:g}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"a number of seconds from {lo:g} to {hi:g}")
+        return value
+
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return value
+
+    return convert
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _words(raw: str) -> Tuple[str, ...]:
+    """Comma- and/or space-separated list."""
+    return tuple(w for w in re.split(r"[\s,]+", raw.strip()) if w)
+
+
+def _domains(raw: str) -> Tuple[str, ...]:
+    return tuple(w.lower().rstrip(".") for w in _words(raw))
+
+
+def _networks(raw: str) -> Tuple[Any, ...]:
+    nets = []
+    for word in _words(raw):
+        try:
+            nets.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError("a list of IP networks such as 127.0.0.0/8, ::1/128") from None
+    return tuple(nets)
+
+
+def _addresses(raw: str) -> Tuple[str, ...]:
+    addrs = []
+    for word in _words(raw):
+        try:
+            addrs.append(str(ipaddress.ip_address(word)))
+        except ValueError:
+            raise ValueError("a list of IP addresses such as 127.0.0.1, ::1") from None
+    return tuple(addrs)
+
+
+def _mode(raw: str) -> int:
+    value = raw.strip()
+    if not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError("an octal file mode such as 0660")
+    return int(value, 8)
+
+
+_MILTER_SOCKET = re.compile(r"(unix|local):/.+|inet6?:\d{1,5}(@.+)?")
+
+
+def _milter_socket(raw: str) -> str:
+    value = raw.strip()
+    if not _MILTER_SOCKET.fullmatch(value):
+        raise ValueError("inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH")
+    if value.startswith("inet"):
+        port = int(value.split(":", 1)[1].split("@", 1)[0])
+        if not 1 <= port <= 65535:
+            raise ValueError("inet:PORT@HOST with PORT from 1 to 65535")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Listen:
+    """A listening endpoint: family is 'inet' (host, port) or 'unix' (path)."""
+
+    family: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.family == "unix":
+            return "unix:" + self.path
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"inet:{host}:{self.port}"
+
+
+def parse_listen(raw: str, unix_ok: bool = True) -> Optional[Listen]:
+    """'HOST:PORT', 'inet:HOST:PORT', '[::1]:PORT' or 'unix:/PATH'; empty means disabled."""
+    value = raw.strip()
+    if not value:
+        return None
+    form = "inet:HOST:PORT or unix:/PATH" if unix_ok else "HOST:PORT"
+    if value.startswith("unix:"):
+        if unix_ok and value[5:].startswith("/"):
+            return Listen("unix", path=value[5:])
+        raise ValueError(form)
+    if value.startswith("inet:"):
+        value = value[5:]
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
+    if not m:
+        raise ValueError(form)
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(form + " with PORT from 1 to 65535")
+    return Listen("inet", host=host, port=port)
+
+
+def _listen(raw: str) -> Optional[Listen]:
+    return parse_listen(raw, unix_ok=True)
+
+
+def _http_listen(raw: str) -> Optional[Listen]:
+    return parse_listen(raw, unix_ok=False)
+
+
+# --- the schema: section -> key -> (converter, default as written in the file)
+
+SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
+    "daemon": {
+        "user": (_text, "stsmilter"),
+        "group": (_text, "stsmilter"),
+        "pidfile": (_text, "/run/stsmilter/stsmilter.pid"),
+        "log": (_choice("syslog", "stderr"), "syslog"),
+        "log_level": (_choice("debug", "info", "warning", "error"), "info"),
+    },
+    "milter": {
+        "socket": (_milter_socket, "inet:8894@127.0.0.1"),
+        "socket_mode": (_mode, "0660"),
+        "timeout": (_int(1, 3600), "600"),
+        "lookup_timeout": (_seconds(0.05, 60), "5"),
+        "on_pending": (_choice("accept", "tempfail"), "accept"),
+        "on_violation": (_choice("tempfail", "reject", "hold"), "tempfail"),
+        "dry_run": (_bool, "no"),
+    },
+    "scope": {
+        "trusted_networks": (_networks, "127.0.0.0/8, ::1/128"),
+        "daemon_names": (_words, ""),
+        "local_domains": (_domains, ""),
+        "skip_mailers": (_words, "local, virtual, lmtp, error, discard"),
+    },
+    "dns": {
+        "nameservers": (_addresses, ""),
+        "port": (_int(1, 65535), "53"),
+        "timeout": (_seconds(0.1, 60), "5"),
+    },
+    "fetch": {
+        "timeout": (_seconds(0.1, 120), "10"),
+        "port": (_int(1, 65535), "443"),
+        "ca_file": (_text, ""),
+        "allow_private_addresses": (_bool, "no"),
+        "max_concurrent": (_int(1, 1024), "32"),
+    },
+    "cache": {
+        "path": (_text, "/var/lib/stsmilter/cache.sqlite"),
+        "max_entries": (_int(100, 10_000_000), "200000"),
+        "negative_ttl": (_seconds(0, 86400), "300"),
+        "failure_backoff": (_seconds(0, 86400), "300"),
+        "id_check_interval": (_seconds(0, 86400), "300"),
+        "refresh_interval": (_seconds(60, 31557600), "86400"),
+        "mx_ttl": (_seconds(0, 86400), "300"),
+    },
+    "socketmap": {
+        "listen": (_listen, "inet:127.0.0.1:8461"),
+        "socket_mode": (_mode, "0660"),
+        "lookup_timeout": (_seconds(0.05, 60), "5"),
+        "on_timeout": (_choice("temp", "notfound"), "temp"),
+        "strict_testing": (_bool, "no"),
+        "tlsrpt": (_bool, "no"),
+        "max_connections": (_int(1, 100_000), "1000"),
+    },
+    "metrics": {
+        "listen": (_http_listen, "127.0.0.1:9464"),
+    },
+}
+
+
+def _section_class(section: str) -> type:
+    fields = [(key, Any) for key in SCHEMA[section]]
+    cls = dataclasses.make_dataclass(section.capitalize() + "Config", fields, frozen=True)
+    return cls
+
+
+_SECTION_CLASSES = {name: _section_class(name) for name in SCHEMA}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    daemon: Any
+    milter: Any
+    scope: Any
+    dns: Any
+    fetch: Any
+    cache: Any
+    socketmap: Any
+    metrics: Any
+    source: str = "<defaults>"
+
+    def items(self):
+        """(section, key, value) for every key, in schema order."""
+        for section in SCHEMA:
+            values = getattr(self, section)
+            for key in SCHEMA[section]:
+                yield section, key, getattr(values, key)
+
+    def replace(self, **sections: Dict[str, Any]) -> "Config":
+        """A copy with some keys changed: replace(milter={'dry_run': True})."""
+        changed = {
+            name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()
+        }
+        return dataclasses.replace(self, **changed)
+
+
+def _line_of(lines, section: str, key: Optional[str]) -> int:
+    """Line number (1-based) of [section] or of key inside it; 0 if not found."""
+    current = None
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        m = re.fullmatch(r"\[([^\]]+)\]", stripped)
+        if m:
+            current = m.group(1).strip()
+            if key is None and current == section:
+                return number
+            continue
+        if current == section and key is not None:
+            m = re.match(r"([^=:\s]+)\s*[=:]", stripped)
+            if m and m.group(1).lower() == key:
+                return number
+    return 0
+
+
+def defaults() -> Config:
+    return _build({}, "<defaults>", [])
+
+
+def load(path: Optional[str] = None, *, must_exist: bool = False) -> Config:
+    """Load path (default DEFAULT_CONFIG_PATH). A missing default file means defaults;
+    a missing file named explicitly (must_exist) is an error."""
+    filename = path or DEFAULT_CONFIG_PATH
+    try:
+        with open(filename, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if must_exist or path is not None:
+            raise ConfigError(f"{filename}: no such file") from None
+        return defaults()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{filename}: cannot read: {e}") from None
+    return loads(text, filename)
+
+
+def loads(text: str, filename: str = "<string>") -> Config:
+    lines = text.splitlines()
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), empty_lines_in_values=False, strict=True
+    )
+    try:
+        parser.read_string(text, source=filename)
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(f"{filename}:{e.lineno}: [{e.section}] {e.option}: set twice") from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(f"{filename}:{e.lineno}: [{e.section}]: section appears twice") from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(f"{filename}:{e.lineno}: a [section] header must come first") from None
+    except configparser.ParsingError as e:
+        lineno = e.errors[0][0] if e.errors else 0
+        raise ConfigError(f"{filename}:{lineno}: not a 'key = value' line") from None
+    if parser.defaults():
+        raise ConfigError(f"{filename}:{_line_of(lines, 'DEFAULT', None)}: [DEFAULT]: unknown section")
+    raw: Dict[str, Dict[str, str]] = {}
+    for section in parser.sections():
+        if section not in SCHEMA:
+            known = ", ".join(f"[{s}]" for s in SCHEMA)
+            raise ConfigError(
+                f"{filename}:{_line_of(lines, section, None)}: [{section}]: unknown section (expected one of {known})"
+            )
+        for key, value in parser.items(section, raw=True):
+            if key not in SCHEMA[section]:
+                raise ConfigError(
+                    f"{filename}:{_line_of(lines, section, key)}: [{section}] {key}: unknown key"
+                    f" (keys of [{section}]: {', '.join(SCHEMA[section])})"
+                )
+            raw.setdefault(section, {})[key] = value
+    return _build(raw, filename, lines)
+
+
+def _build(raw: Dict[str, Dict[str, str]], filename: str, lines) -> Config:
+    sections = {}
+    for section, keys in SCHEMA.items():
+        values = {}
+        for key, (convert, default) in keys.items():
+            text = raw.get(section, {}).get(key, default)
+            try:
+                values[key] = convert(text)
+            except ValueError as e:
+                line = _line_of(lines, section, key)
+                where = f"{filename}:{line}" if line else filename
+                raise ConfigError(f"{where}: [{section}] {key} = {text.strip()!r}: expected {e}") from None
+        sections[section] = _SECTION_CLASSES[section](**values)
+    config = Config(source=filename, **sections)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    if config.fetch.ca_file and not config.fetch.ca_file.startswith("/"):
+        raise ConfigError(f"{config.source}: [fetch] ca_file: expected an absolute path")
+    if config.cache.path and config.cache.path != ":memory:" and not config.cache.path.startswith("/"):
+        raise ConfigError(f"{config.source}: [cache] path: expected an absolute path or empty")
+
+
+def format_value(value: Any) -> str:
+    """A typed value written back in config-file form (for check-config)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    if value is None:
+        return ""
+    return str(value)

@@ -1,0 +1,68 @@
+import ipaddress
+
+import pytest
+
+from stsmilter import config
+
+
+def test_defaults_are_typed():
+    cfg = config.defaults()
+    assert cfg.milter.socket == "inet:8894@127.0.0.1"
+    assert cfg.milter.lookup_timeout == 5.0
+    assert cfg.milter.dry_run is False
+    assert cfg.milter.socket_mode == 0o660
+    assert cfg.scope.trusted_networks == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert cfg.scope.skip_mailers == ("local", "virtual", "lmtp", "error", "discard")
+    assert cfg.dns.nameservers == ()
+    assert cfg.fetch.port == 443
+    assert cfg.metrics.listen == config.Listen("inet", host="127.0.0.1", port=9464)
+    assert cfg.socketmap.listen == config.Listen("inet", host="127.0.0.1", port=8461)
+
+
+def test_values_are_converted_once():
+    cfg = config.loads(
+        "[dns]\nnameservers = 127.0.0.1, ::1\nport = 5353\n"
+        "[milter]\ndry_run = yes\non_violation = Reject\n"
+        "[scope]\nlocal_domains = Example.ORG.\n"
+        "[metrics]\nlisten =\n"
+        "[socketmap]\nlisten = unix:/run/stsmilter/socketmap.sock\n"
+    )
+    assert cfg.dns.nameservers == ("127.0.0.1", "::1")
+    assert cfg.dns.port == 5353
+    assert cfg.milter.dry_run is True
+    assert cfg.milter.on_violation == "reject"
+    assert cfg.scope.local_domains == ("example.org",)
+    assert cfg.metrics.listen is None
+    assert cfg.socketmap.listen == config.Listen("unix", path="/run/stsmilter/socketmap.sock")
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[bogus]\nx = 1\n", "t.conf:1: [bogus]: unknown section"),
+        ("[milter]\n\nsockett = inet:1@x\n", "t.conf:3: [milter] sockett: unknown key"),
+        ("[milter]\non_violation = bounce\n", "t.conf:2: [milter] on_violation = 'bounce': expected one of tempfail, reject, hold"),
+        ("[dns]\nport = 99999\n", "expected a whole number from 1 to 65535"),
+        ("[dns]\nnameservers = resolver.example\n", "expected a list of IP addresses"),
+        ("[milter]\nsocket = tcp:25\n", "expected inet:PORT@HOST"),
+        ("[milter]\ndry_run = maybe\n", "expected yes or no"),
+        ("[milter]\ndry_run = yes\ndry_run = no\n", "t.conf:3: [milter] dry_run: set twice"),
+        ("dry_run = yes\n", "t.conf:1: a [section] header must come first"),
+        ("[metrics]\nlisten = unix:/x\n", "expected HOST:PORT"),
+    ],
+)
+def test_bad_config_names_file_line_key_and_form(text, fragment):
+    with pytest.raises(config.ConfigError) as err:
+        config.loads(text, "t.conf")
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_default_file_means_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent.conf"))
+    assert config.load().milter.socket == "inet:8894@127.0.0.1"
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(str(tmp_path / "named.conf"))
