@@ -1,0 +1,48 @@
+"""Every Prometheus metric stsmilter exports, in one place.
+
+The objects live in prometheus-client's default registry, so the process and platform
+collectors come along on /metrics. No label carries a domain or an address: label
+values come from small fixed vocabularies (actions, modes, reasons, results).
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DECISIONS = Counter(
+    "stsmilter_decisions",
+    "Milter decisions per recipient, by action taken, policy mode and reason.",
+    ["action", "mode", "reason"],
+)
+POLICY_FETCHES = Counter(
+    "stsmilter_policy_fetches",
+    "HTTPS policy fetches, by result: ok or an RFC 8460 failure name.",
+    ["result"],
+)
+POLICY_FETCH_SECONDS = Histogram(
+    "stsmilter_policy_fetch_seconds",
+    "Duration of HTTPS policy fetches (address lookup included).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CACHE_ENTRIES = Gauge("stsmilter_cache_entries", "Policies held in the cache store.")
+CACHE_LOOKUPS = Counter(
+    "stsmilter_cache_lookups",
+    "Policy lookups by cache result: hit, negative, miss or stale.",
+    ["result"],
+)
+REFRESH_FAILING = Gauge(
+    "stsmilter_refresh_failing_policies",
+    "Cached policies with mode enforce or testing whose refresh keeps failing.",
+)
+SOCKETMAP_LOOKUPS = Counter(
+    "stsmilter_socketmap_lookups",
+    "Socketmap lookups, by answer: ok, notfound, temp or perm.",
+    ["result"],
+)
+SOCKETMAP_LOOKUP_SECONDS = Histogram(
+    "stsmilter_socketmap_lookup_seconds",
+    "Time from a socketmap request to its answer.",
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+
+
+def count_decision(action: str, mode: str, reason: str) -> None:
+    DECISIONS.labels(action=action, mode=mode or "", reason=reason).inc()
