@@ -1,0 +1,193 @@
+"""The engine's DNS layer: TXT, MX (with implicit MX) and address lookups over dnspython.
+
+Every dnspython failure becomes one of two typed errors: ``NoRecord`` (the name or the
+record type does not exist) or ``TempDnsError`` (no usable answer now: timeout,
+SERVFAIL, REFUSED, network error). Nothing from dnspython escapes.
+
+One ``Resolver`` is shared by all threads. That is safe because dnspython's
+``Resolver.resolve`` keeps all per-query state in a private ``_Resolution`` object and
+only reads the resolver's settings, which nothing changes after ``__init__``; and no
+dnspython cache is configured (the engine caches on its own).
+"""
+
+import dataclasses
+import re
+import time
+from typing import Tuple
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+EDNS_PAYLOAD = 1232  # DNS flag day 2020: avoids both fragmentation and most TCP fallbacks
+MIN_TRY_SECONDS = 0.5  # never give one server less than this for one try (unless the lifetime is shorter)
+DEFAULT_NEGATIVE_TTL = 300  # implicit MX TTL when the NODATA answer carries no SOA
+
+# Hostile-DNS caps. An _mta-sts name legitimately holds one TXT record; an RRset past these
+# limits is broken or hostile. We refuse it as a whole (NoRecord) rather than return a
+# prefix: which records came first is up to the server, so a prefix would make the result
+# flap and could hide a second STSv1 record that makes the set invalid (RFC 8461 §3.1).
+MAX_TXT_RECORDS = 50
+MAX_TXT_BYTES = 8192
+MAX_MX_HOSTS = 64
+MAX_ADDRESSES = 16
+
+_HOSTNAME = re.compile(r"[a-z0-9._-]+")
+
+
+class DnsError(Exception):
+    pass
+
+
+class NoRecord(DnsError):
+    """NXDOMAIN or NODATA: the answer is authoritative and empty."""
+
+
+class TempDnsError(DnsError):
+    """No answer now (timeout, SERVFAIL, REFUSED, network): retry later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MxSet:
+    hosts: Tuple[str, ...]  # by preference then name; () for null MX or if every name was unusable
+    ttl: int  # the MX RRset TTL (lowered by any CNAME on the way); implicit MX: the negative TTL
+    null_mx: bool = False  # RFC 7505: the domain accepts no mail
+
+
+class Resolver:
+    def __init__(self, nameservers=(), port=53, timeout=5.0):
+        self.timeout = timeout
+        try:
+            if nameservers:
+                resolver = dns.resolver.Resolver(configure=False)
+                resolver.port = port
+                resolver.nameservers = list(nameservers)
+            else:
+                resolver = dns.resolver.Resolver()  # /etc/resolv.conf
+        except (dns.exception.DNSException, OSError, ValueError) as e:
+            raise DnsError(f"no usable resolver configuration: {e}") from None
+        resolver.cache = None
+        resolver.use_search_by_default = False
+        resolver.retry_servfail = False  # a SERVFAIL is an answer; the engine decides when to ask again
+        resolver.use_edns(0, 0, EDNS_PAYLOAD)
+        resolver.lifetime = timeout
+        # Per-try timeout: every server gets two tries within the lifetime. dnspython sleeps
+        # (0.1 s, then 0.2 s, ...) between rounds over the server list, so two rounds bound
+        # the overrun of a lifetime to about 0.2 s.
+        servers = max(1, len(resolver.nameservers))
+        resolver.timeout = max(timeout / (2 * servers), min(timeout, MIN_TRY_SECONDS))
+        self._resolver = resolver
+
+    # -- public API -------------------------------------------------------------------
+
+    def txt(self, name, lifetime=None):
+        """One str per TXT record, its character-strings joined without separator.
+
+        Decoded as latin-1 so that every byte maps to one character: non-ASCII bytes stay
+        visibly non-ASCII for the policy parser, which rejects them. An RRset past the
+        hostile-DNS caps raises NoRecord (see MAX_TXT_RECORDS).
+        """
+        rrset = self._query(name, dns.rdatatype.TXT, lifetime).rrset
+        if rrset is None:
+            raise NoRecord("NODATA")
+        records = [b"".join(rdata.strings) for rdata in rrset]
+        if len(records) > MAX_TXT_RECORDS or sum(map(len, records)) > MAX_TXT_BYTES:
+            raise NoRecord("oversized TXT RRset")
+        return [record.decode("latin-1") for record in records]
+
+    def mx(self, domain, lifetime=None):
+        """The domain's MX hosts; implicit MX (RFC 5321 §5.1) if it has none; null MX (RFC 7505)."""
+        domain = domain.lower().rstrip(".")
+        answer = self._query(domain, dns.rdatatype.MX, lifetime)
+        rrset = answer.rrset
+        if rrset is None:
+            return MxSet(hosts=(domain,), ttl=_negative_ttl(answer.response))
+        ttl = answer.chaining_result.minimum_ttl  # CNAME TTLs included
+        if all(rdata.exchange == dns.name.root for rdata in rrset):
+            return MxSet(hosts=(), ttl=ttl, null_mx=True)
+        hosts = {}  # dict as an ordered set: a host listed twice keeps its best preference
+        for _preference, host in sorted((rdata.preference, _host_text(rdata.exchange)) for rdata in rrset):
+            # A "." mixed with real MX records is invalid (RFC 7505 §3) and unusable: skip it.
+            if host and _HOSTNAME.fullmatch(host):
+                hosts.setdefault(host)
+                if len(hosts) == MAX_MX_HOSTS:
+                    break
+        return MxSet(hosts=tuple(hosts), ttl=ttl)
+
+    def addresses(self, host, lifetime=None):
+        """A then AAAA addresses of host. One family failing is fine if the other answers.
+
+        The A query gets at most half of the lifetime so that a silent server cannot
+        starve the AAAA query; AAAA gets whatever is left.
+        """
+        lifetime = self.timeout if lifetime is None else lifetime
+        deadline = time.monotonic() + lifetime
+        found, temp_error = [], None
+        for rdtype, budget in ((dns.rdatatype.A, lifetime / 2), (dns.rdatatype.AAAA, None)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                temp_error = temp_error or TempDnsError("timeout")
+                break
+            try:
+                answer = self._query(host, rdtype, remaining if budget is None else min(budget, remaining))
+            except NoRecord:
+                continue
+            except TempDnsError as e:
+                temp_error = temp_error or e
+                continue
+            found.extend(rdata.address for rdata in answer.rrset or ())
+        if found:
+            return found[:MAX_ADDRESSES]
+        raise temp_error or NoRecord("no address")
+
+    # -- dnspython boundary -----------------------------------------------------------
+
+    def _query(self, name, rdtype, lifetime):
+        """dnspython's Answer (.rrset None for NODATA); NXDOMAIN -> NoRecord, failures -> TempDnsError."""
+        try:
+            qname = dns.name.from_text(name)  # absolute: a trailing dot is optional
+        except (dns.exception.DNSException, ValueError) as e:
+            # Too long, empty label, ...: such a name cannot exist in the DNS.
+            raise NoRecord(f"invalid name: {e}") from None
+        try:
+            answer = self._resolver.resolve(
+                qname,
+                rdtype,
+                raise_on_no_answer=False,
+                lifetime=self.timeout if lifetime is None else lifetime,
+                search=False,
+            )
+        except dns.resolver.NXDOMAIN:
+            raise NoRecord("NXDOMAIN") from None
+        except dns.resolver.NoAnswer:  # only if raise_on_no_answer were set; kept for safety
+            raise NoRecord("NODATA") from None
+        except dns.exception.Timeout:  # LifetimeTimeout is a subclass
+            raise TempDnsError("timeout") from None
+        except dns.resolver.NoNameservers as e:
+            raise TempDnsError(_nameserver_failure(e)) from None
+        except dns.exception.DNSException as e:
+            raise TempDnsError(type(e).__name__) from None
+        except (OSError, EOFError) as e:
+            raise TempDnsError(type(e).__name__) from None
+        return answer
+
+
+def _host_text(name):
+    """Lower-case, no trailing dot; '' for the root. Odd bytes come out \\-escaped and so fail _HOSTNAME."""
+    return name.to_text(omit_final_dot=True).lower() if name != dns.name.root else ""
+
+
+def _negative_ttl(response):
+    """RFC 2308 §5: the TTL of a NODATA answer is min(SOA TTL, SOA MINIMUM)."""
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return min(rrset.ttl, rrset[0].minimum)
+    return DEFAULT_NEGATIVE_TTL
+
+
+def _nameserver_failure(error):
+    """A short reason from dnspython's per-server error list: "SERVFAIL", "REFUSED", "ConnectionRefusedError"."""
+    for _server, _tcp, _port, reason, _response in error.kwargs.get("errors") or ():
+        return reason if isinstance(reason, str) else type(reason).__name__
+    return "no nameservers"
