@@ -1,0 +1,323 @@
+"""MTA-STS policy discovery (RFC 8461 §3.3, §5.1): cache, TXT id, fetch.
+
+Thread-safe; front ends call lookup() (may wait up to a deadline) or peek() (never
+waits). Concurrent requests for one domain share one job (single flight); jobs run on a
+bounded pool, so fetch concurrency is bounded; a caller that stops waiting gets
+"pending" while its job goes on and fills the cache.
+
+Rules, in the order the job applies them:
+- TXT record absent/invalid: an unexpired cached policy still applies (an attacker can
+  hide the record); with nothing cached the answer is "none", cached negative_ttl.
+- TXT lookup failed (timeout, SERVFAIL): cached policy if any, else "failed"/dns-error:
+  never "none", so a DNS outage cannot switch enforcement off.
+- TXT id equal to the cached policy's id: the cached policy, no fetch.
+- New id, or nothing cached: fetch; a failed fetch keeps the cached policy until it
+  expires and is not retried for this domain/id for failure_backoff.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+from cachetools import LRUCache
+
+from stsmilter import dns, metrics, policy
+from stsmilter.cache import PolicyCache
+from stsmilter.fetch import FetchError, Fetcher
+from stsmilter.policy import FAILED, NONE, PENDING, VALID, Result
+from stsmilter.store import Entry, make_entry
+
+log = logging.getLogger("stsmilter.discovery")
+
+# A forced re-check (before a permanent reject) accepts a policy fetched this recently.
+FORCE_FRESH_SECONDS = 60.0
+# Jobs waiting beyond this many are refused ("pending"): bounds memory under a flood of
+# new domains.
+MAX_QUEUED_JOBS = 10000
+
+_HIT = metrics.CACHE_LOOKUPS.labels(result="hit")
+_NEGATIVE = metrics.CACHE_LOOKUPS.labels(result="negative")
+_MISS = metrics.CACHE_LOOKUPS.labels(result="miss")
+_STALE = metrics.CACHE_LOOKUPS.labels(result="stale")
+
+
+def _block_signals() -> None:
+    # libmilter's own thread handles HUP/TERM/INT; the daemon waits for USR1.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    id_check_interval: float = 300.0
+    refresh_interval: float = 86400.0
+    mx_ttl: float = 300.0
+    max_concurrent: int = 32
+
+    @classmethod
+    def from_config(cls, config) -> "Settings":
+        return cls(
+            id_check_interval=config.cache.id_check_interval,
+            refresh_interval=config.cache.refresh_interval,
+            mx_ttl=config.cache.mx_ttl,
+            max_concurrent=config.fetch.max_concurrent,
+        )
+
+
+class Discovery:
+    def __init__(
+        self,
+        resolver: dns.Resolver,
+        fetcher: Fetcher,
+        cache: PolicyCache,
+        settings: Settings = Settings(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.resolver = resolver
+        self.fetcher = fetcher
+        self.cache = cache
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._jobs: Dict[Tuple[str, str], concurrent.futures.Future] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.max_concurrent, thread_name_prefix="sts-discovery", initializer=_block_signals
+        )
+        self._mx_cache: LRUCache = LRUCache(maxsize=max(1000, cache._policies.maxsize))
+        self._refresher: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+
+    def reconfigure(self, resolver: dns.Resolver, fetcher: Fetcher, settings: Settings) -> None:
+        """Config reload: new DNS/fetch settings for jobs started from now on; the cache
+        and the pool stay (the pool size is fixed until restart)."""
+        self.resolver, self.fetcher, self.settings = resolver, fetcher, settings
+
+    # --- front-end API
+
+    def peek(self, domain: str) -> Optional[Result]:
+        """A usable answer from memory, or None. Never blocks; when the cached policy's TXT
+        id is due for a re-check it still answers and starts the check in the background."""
+        now = self.clock()
+        entry = self.cache.peek(domain)
+        if entry is not None and entry.expires > now:
+            if now - entry.checked_at >= self.settings.id_check_interval:
+                self.submit(domain)
+                _STALE.inc()
+            else:
+                _HIT.inc()
+            return entry.result
+        negative = self.cache.negative(domain)
+        if negative is not None:
+            _NEGATIVE.inc()
+            return negative
+        _MISS.inc()
+        return None
+
+    def lookup(self, domain: str, timeout: Optional[float] = None, force: bool = False) -> Result:
+        """The policy that applies to domain (normalized A-label). With force, the TXT id is
+        re-checked and the policy refetched unless fetched within FORCE_FRESH_SECONDS;
+        such a result has source "fetched". Status "pending" if not done within timeout."""
+        now = self.clock()
+        entry = None
+        if not force:
+            entry = self.cache.get(domain)
+            if entry is not None and entry.expires > now and now - entry.checked_at < self.settings.id_check_interval:
+                _HIT.inc()
+                return entry.result
+            if entry is None:
+                negative = self.cache.negative(domain)
+                if negative is not None:
+                    _NEGATIVE.inc()
+                    return negative
+            (_STALE if entry is not None else _MISS).inc()
+        future = self.submit(domain, force=force)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if entry is not None and entry.expires > self.clock():
+                return entry.result  # the re-check is late; the cached policy still holds
+            return Result(domain, PENDING, reason="lookup-timeout")
+
+    def submit(self, domain: str, force: bool = False) -> concurrent.futures.Future:
+        """Start (or join) the discovery job for domain."""
+        return self._start(domain, "force" if force else "lookup", self._discover)
+
+    def mx(self, domain: str, timeout: Optional[float] = None) -> dns.MxSet:
+        """The domain's MX set (implicit MX applied), cached up to min(DNS TTL, mx_ttl)."""
+        now = self.clock()
+        with self._lock:
+            cached = self._mx_cache.get(domain)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        mx_set = self.resolver.mx(domain, lifetime=timeout)
+        ttl = min(float(mx_set.ttl), self.settings.mx_ttl)
+        if ttl > 0:
+            with self._lock:
+                self._mx_cache[domain] = (mx_set, now + ttl)
+        return mx_set
+
+    # --- jobs
+
+    def _start(self, domain: str, kind: str, work: Callable[..., Result]) -> concurrent.futures.Future:
+        key = (domain, kind)
+        with self._lock:
+            future = self._jobs.get(key)
+            if future is not None:
+                return future
+            if len(self._jobs) >= MAX_QUEUED_JOBS:
+                refused: concurrent.futures.Future = concurrent.futures.Future()
+                refused.set_result(Result(domain, PENDING, reason="overloaded"))
+                return refused
+            future = self._pool.submit(self._run, key, work, domain, kind == "force")
+            self._jobs[key] = future
+        return future
+
+    def _run(self, key, work, domain: str, force: bool) -> Result:
+        try:
+            return work(domain, force)
+        except Exception:
+            log.exception("discovery of %s failed unexpectedly", domain)
+            return Result(domain, FAILED, reason="internal-error")
+        finally:
+            with self._lock:
+                self._jobs.pop(key, None)
+
+    def _read_txt(self, domain: str) -> Tuple[Optional[policy.TxtRecord], Optional[str]]:
+        """(record, None) or (None, reason): no-txt-record, invalid-txt-record, dns-error."""
+        try:
+            strings = self.resolver.txt("_mta-sts." + domain)
+        except dns.NoRecord:
+            return None, "no-txt-record"
+        except dns.TempDnsError as e:
+            log.info("TXT lookup for _mta-sts.%s failed: %s", domain, e)
+            return None, "dns-error"
+        record = policy.parse_txt(strings)
+        if record is not None:
+            return record, None
+        return None, "invalid-txt-record" if policy.sts_record_texts(strings) else "no-txt-record"
+
+    def _discover(self, domain: str, force: bool) -> Result:
+        now = self.clock()
+        entry = self.cache.get(domain)
+        usable = entry if entry is not None and entry.expires > now else None
+        if force and usable is not None and now - usable.fetched_at < FORCE_FRESH_SECONDS:
+            return dataclasses.replace(usable.result, source="fetched")
+        if not force:
+            # A caller that missed the cache just before another job filled it lands here.
+            if usable is not None and now - usable.checked_at < self.settings.id_check_interval:
+                return usable.result
+            negative = self.cache.negative(domain) if entry is None else None
+            if negative is not None:
+                return negative
+        record, problem = self._read_txt(domain)
+        if record is None:
+            if usable is not None:
+                if problem != "dns-error":
+                    self.cache.put(dataclasses.replace(usable, checked_at=now))
+                return usable.result
+            result = Result(domain, FAILED if problem == "dns-error" else NONE, reason=problem)
+            if problem != "dns-error":
+                self.cache.put_negative(dataclasses.replace(result, source="cache"))
+            return result
+        if usable is not None and usable.policy_id == record.id and not force:
+            self.cache.put(dataclasses.replace(usable, checked_at=now))
+            return usable.result
+        failed = self.cache.backoff(domain, record.id)
+        if failed is not None:
+            if usable is not None:
+                return usable.result
+            return Result(domain, FAILED, reason=failed, source="cache", policy_id=record.id)
+        fetched = self._fetch(domain, record.id, now)
+        if isinstance(fetched, Entry):
+            return dataclasses.replace(fetched.result, source="fetched")
+        if usable is not None:
+            return usable.result
+        return Result(domain, FAILED, reason=fetched, policy_id=record.id)
+
+    def _fetch(self, domain: str, policy_id: str, now: float):
+        """Fetch, parse and cache; the new Entry, or the failure reason (backoff set)."""
+        started = time.monotonic()
+        try:
+            body = self.fetcher.fetch(domain)
+            new_policy = policy.parse_policy(body)
+        except (FetchError, policy.PolicyError) as e:
+            metrics.POLICY_FETCHES.labels(result=e.reason).inc()
+            metrics.POLICY_FETCH_SECONDS.observe(time.monotonic() - started)
+            log.warning("policy fetch for %s (id %s) failed: %s: %s", domain, policy_id, e.reason, e)
+            self.cache.set_backoff(domain, policy_id, e.reason)
+            return e.reason
+        metrics.POLICY_FETCHES.labels(result="ok").inc()
+        metrics.POLICY_FETCH_SECONDS.observe(time.monotonic() - started)
+        entry = make_entry(domain, policy_id, new_policy, fetched_at=now)
+        self.cache.put(entry)
+        return entry
+
+    # --- proactive refresh (RFC 8461 §10.2)
+
+    def refresh(self, domain: str) -> Result:
+        """Refetch a cached policy now (the refresher's job; also `stsmilter cache`)."""
+        return self._start(domain, "refresh", self._refresh).result()
+
+    def _refresh(self, domain: str, _force: bool) -> Result:
+        now = self.clock()
+        entry = self.cache.get(domain)
+        if entry is None:
+            return self._discover(domain, False)
+        record, _problem = self._read_txt(domain)
+        # A vanished TXT record does not end a cached policy; keep the id we know.
+        policy_id = record.id if record is not None else entry.policy_id
+        if self.cache.backoff(domain, policy_id) is not None:
+            return entry.result
+        fetched = self._fetch(domain, policy_id, now)
+        if isinstance(fetched, Entry):
+            return fetched.result
+        failing = dataclasses.replace(entry, refresh_failures=entry.refresh_failures + 1, last_error=fetched)
+        self.cache.put(failing)
+        return failing.result
+
+    def refresh_due(self) -> int:
+        """One refresher pass: refresh due policies, drop expired ones, update gauges."""
+        now = self.clock()
+        interval = self.settings.refresh_interval
+        due, failing, count = [], 0, 0
+        for entry in self.cache.entries():
+            if entry.expires <= now:
+                self.cache.delete(entry.domain)
+                continue
+            count += 1
+            if entry.refresh_failures and entry.policy.mode != "none":
+                failing += 1
+            # Due once a refresh_interval has passed, or when expiry is within one.
+            if now - entry.fetched_at >= interval or entry.expires - now <= interval:
+                if self.cache.backoff(entry.domain, entry.policy_id) is None:
+                    due.append(entry.domain)
+        metrics.CACHE_ENTRIES.set(count)
+        metrics.REFRESH_FAILING.set(failing)
+        for domain in due:
+            if self._stopping.is_set():
+                break
+            self._start(domain, "refresh", self._refresh)
+        return len(due)
+
+    def start_refresher(self, period: float = 60.0) -> None:
+        def loop() -> None:
+            _block_signals()
+            while not self._stopping.wait(period):
+                try:
+                    self.refresh_due()
+                except Exception:
+                    log.exception("refresher pass failed")
+
+        self._refresher = threading.Thread(target=loop, name="sts-refresher", daemon=True)
+        self._refresher.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)

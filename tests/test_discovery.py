@@ -1,0 +1,334 @@
+"""Discovery rules (RFC 8461 §3.3, §5.1) over fake DNS and fetch, with a fake clock.
+
+The same rules run against real DNS and HTTPS servers in test_engine_integration.py;
+here fakes keep every case fast and let the clock jump."""
+
+import threading
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from stsmilter import dns, metrics
+from stsmilter.cache import PolicyCache
+from stsmilter.discovery import Discovery, Settings
+from stsmilter.fetch import FetchError, WebPkiError
+from stsmilter.store import MemoryStore, SqliteStore
+
+ENFORCE = b"version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 86400\n"
+TESTING = b"version: STSv1\nmode: testing\nmx: *.example.com\nmax_age: 86400\n"
+NONE_POLICY = b"version: STSv1\nmode: none\nmax_age: 86400\n"
+
+
+class Clock:
+    def __init__(self, now=1_700_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class FakeResolver:
+    def __init__(self):
+        self.txt_records = {}  # name -> list[str] | exception
+        self.txt_queries = 0
+        self.delay = 0.0
+        self.lock = threading.Lock()
+
+    def txt(self, name, lifetime=None):
+        with self.lock:
+            self.txt_queries += 1
+        time.sleep(self.delay)
+        value = self.txt_records.get(name, dns.NoRecord("NXDOMAIN"))
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def mx(self, domain, lifetime=None):
+        return dns.MxSet(hosts=("mx." + domain,), ttl=300, null_mx=False)
+
+
+class FakeFetcher:
+    def __init__(self):
+        self.bodies = {}  # domain -> bytes | exception
+        self.fetches = 0
+        self.delay = 0.0
+        self.lock = threading.Lock()
+
+    def fetch(self, domain, deadline=None):
+        with self.lock:
+            self.fetches += 1
+        time.sleep(self.delay)
+        value = self.bodies.get(domain, FetchError("HTTP 404"))
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+@pytest.fixture
+def world():
+    clock = Clock()
+    resolver, fetcher = FakeResolver(), FakeFetcher()
+    cache = PolicyCache(MemoryStore(), 1000, negative_ttl=60, failure_backoff=300, clock=clock)
+    disc = Discovery(resolver, fetcher, cache, Settings(id_check_interval=300, refresh_interval=3600), clock=clock)
+    yield clock, resolver, fetcher, disc
+    disc.close()
+
+
+def publish(resolver, fetcher, domain, policy_id, body):
+    resolver.txt_records["_mta-sts." + domain] = [f"v=STSv1; id={policy_id}"]
+    fetcher.bodies[domain] = body
+
+
+def test_first_lookup_fetches_then_cache_answers_without_network(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    r = disc.lookup("example.com")
+    assert (r.status, r.source, r.policy_id, r.policy.mode) == ("valid", "fetched", "a1", "enforce")
+    assert r.expires == clock.now + 86400
+    clock.now += 100
+    r = disc.lookup("example.com")
+    assert (r.status, r.source) == ("valid", "cache")
+    assert (resolver.txt_queries, fetcher.fetches) == (1, 1)
+
+
+def test_unchanged_id_is_rechecked_without_fetching(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301  # id check due
+    r = disc.lookup("example.com")
+    assert (r.status, r.source, r.policy_id) == ("valid", "cache", "a1")
+    assert (resolver.txt_queries, fetcher.fetches) == (2, 1)
+
+
+def test_new_id_triggers_a_fetch(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301
+    publish(resolver, fetcher, "example.com", "a2", TESTING)
+    r = disc.lookup("example.com")
+    assert (r.source, r.policy_id, r.policy.mode) == ("fetched", "a2", "testing")
+    assert fetcher.fetches == 2
+
+
+def test_failed_fetch_keeps_cached_policy_until_it_expires(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301
+    publish(resolver, fetcher, "example.com", "a2", WebPkiError("certificate verify failed"))
+    r = disc.lookup("example.com")
+    assert (r.status, r.policy_id, r.policy.mode) == ("valid", "a1", "enforce")
+    clock.now = r.expires + 1  # expired, and the fetch still fails
+    r = disc.lookup("example.com")
+    assert (r.status, r.reason, r.policy) == ("failed", "sts-webpki-invalid", None)
+
+
+def test_cached_policy_survives_a_vanished_txt_record(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    del resolver.txt_records["_mta-sts.example.com"]
+    clock.now += 301
+    r = disc.lookup("example.com")
+    assert (r.status, r.policy_id, r.policy.mode) == ("valid", "a1", "enforce")
+
+
+def test_fetched_mode_none_replaces_the_cached_policy_at_once(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301
+    publish(resolver, fetcher, "example.com", "off", NONE_POLICY)
+    r = disc.lookup("example.com")
+    assert (r.status, r.policy_id, r.policy.mode) == ("valid", "off", "none")
+    assert disc.lookup("example.com").policy.mode == "none"
+
+
+@pytest.mark.parametrize(
+    "txt, reason",
+    [
+        (dns.NoRecord("NXDOMAIN"), "no-txt-record"),
+        (["v=STSv1; id=a", "v=STSv1; id=b"], "invalid-txt-record"),
+        (["v=STSv10; id=a"], "no-txt-record"),
+        (["v=STSv1; id=this-is-not-valid"], "invalid-txt-record"),
+    ],
+)
+def test_no_usable_record_is_none_and_negatively_cached(world, txt, reason):
+    clock, resolver, fetcher, disc = world
+    resolver.txt_records["_mta-sts.example.com"] = txt
+    r = disc.lookup("example.com")
+    assert (r.status, r.reason, r.source) == ("none", reason, None)
+    assert disc.lookup("example.com").source == "cache"
+    assert resolver.txt_queries == 1
+    clock.now += 61  # negative_ttl over
+    disc.lookup("example.com")
+    assert resolver.txt_queries == 2
+    assert fetcher.fetches == 0
+
+
+def test_dns_failure_is_failed_never_none_and_not_cached(world):
+    clock, resolver, fetcher, disc = world
+    resolver.txt_records["_mta-sts.example.com"] = dns.TempDnsError("SERVFAIL")
+    r = disc.lookup("example.com")
+    assert (r.status, r.reason) == ("failed", "dns-error")
+    disc.lookup("example.com")
+    assert resolver.txt_queries == 2
+
+
+def test_dns_failure_with_cached_policy_uses_the_cache(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301
+    resolver.txt_records["_mta-sts.example.com"] = dns.TempDnsError("timeout")
+    r = disc.lookup("example.com")
+    assert (r.status, r.policy.mode) == ("valid", "enforce")
+
+
+def test_failed_fetch_is_not_retried_for_the_same_id_within_backoff(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", FetchError("HTTP 500"))
+    assert disc.lookup("example.com").reason == "sts-policy-fetch-error"
+    clock.now += 299
+    r = disc.lookup("example.com")
+    assert (r.status, r.reason, fetcher.fetches) == ("failed", "sts-policy-fetch-error", 1)
+    publish(resolver, fetcher, "example.com", "a2", ENFORCE)  # a new id is fetched at once
+    assert disc.lookup("example.com").status == "valid"
+    assert fetcher.fetches == 2
+
+
+def test_backoff_ends_after_five_minutes(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", b"version: STSv1\nmode: enforce\nmax_age: 1\n")
+    assert disc.lookup("example.com").reason == "sts-policy-invalid"
+    clock.now += 301
+    fetcher.bodies["example.com"] = ENFORCE
+    assert disc.lookup("example.com").status == "valid"
+    assert fetcher.fetches == 2
+
+
+def test_single_flight_and_pending(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    fetcher.delay = 0.5
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(disc.lookup("example.com", timeout=5))) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {r.status for r in results} == {"valid"}
+    assert (resolver.txt_queries, fetcher.fetches) == (1, 1)
+
+
+def test_pending_past_the_deadline_and_the_job_fills_the_cache(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    fetcher.delay = 0.4
+    started = time.monotonic()
+    r = disc.lookup("example.com", timeout=0.05)
+    assert r.status == "pending"
+    assert time.monotonic() - started < 0.3
+    disc.submit("example.com").result(timeout=5)
+    assert disc.peek("example.com").policy.mode == "enforce"
+
+
+def test_force_refetches_unless_just_fetched(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    assert disc.lookup("example.com", force=True).source == "fetched"
+    assert fetcher.fetches == 1  # fetched under a minute ago counts as fresh
+    clock.now += 120
+    r = disc.lookup("example.com", force=True)
+    assert (r.source, fetcher.fetches) == ("fetched", 2)
+
+
+def test_force_with_failing_fetch_returns_the_cached_policy_as_cache(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 120
+    fetcher.bodies["example.com"] = FetchError("timeout")
+    assert disc.lookup("example.com", force=True).source == "cache"
+
+
+def test_peek_never_blocks_and_starts_a_background_recheck(world):
+    clock, resolver, fetcher, disc = world
+    assert disc.peek("example.com") is None
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301
+    publish(resolver, fetcher, "example.com", "a2", TESTING)
+    assert disc.peek("example.com").policy_id == "a1"  # still valid, answered at once
+    disc.submit("example.com").result(timeout=5)
+    assert disc.peek("example.com").policy_id == "a2"
+
+
+def _failing():
+    return REGISTRY.get_sample_value("stsmilter_refresh_failing_policies")
+
+
+def test_refresher_refreshes_due_policies_and_tracks_failures(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    publish(resolver, fetcher, "other.example", "b1", NONE_POLICY)
+    disc.lookup("example.com")
+    disc.lookup("other.example")
+    assert disc.refresh_due() == 0
+    clock.now += 3601
+    fetcher.bodies["example.com"] = FetchError("HTTP 503")
+    fetcher.bodies["other.example"] = FetchError("HTTP 503")
+    assert disc.refresh_due() == 2
+    deadline = time.monotonic() + 5
+    while disc.cache.get("example.com").refresh_failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    disc.refresh_due()
+    entry = disc.cache.get("example.com")
+    assert (entry.refresh_failures, entry.last_error) == (1, "sts-policy-fetch-error")
+    assert _failing() == 1  # the mode none policy does not count
+    clock.now += 301  # backoff over: the next pass refreshes again, successfully
+    fetcher.bodies["example.com"] = ENFORCE
+    disc.refresh_due()
+    deadline = time.monotonic() + 5
+    while disc.cache.get("example.com").refresh_failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    disc.refresh_due()
+    assert _failing() == 0
+    assert metrics.CACHE_ENTRIES._value.get() == 2
+
+
+def test_refresher_drops_expired_policies(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 86401
+    disc.refresh_due()
+    assert disc.cache.count() == 0
+
+
+def test_sqlite_store_survives_a_restart(tmp_path):
+    clock, resolver, fetcher = Clock(), FakeResolver(), FakeFetcher()
+    path = str(tmp_path / "cache.sqlite")
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    cache = PolicyCache(SqliteStore(path), 1000, 60, 300, clock=clock)
+    disc = Discovery(resolver, fetcher, cache, clock=clock)
+    disc.lookup("example.com")
+    disc.close()
+    cache.store.close()
+
+    # New process: DNS now hides the record and the policy host is gone.
+    resolver, fetcher = FakeResolver(), FakeFetcher()
+    clock.now += 3600
+    cache = PolicyCache(SqliteStore(path), 1000, 60, 300, clock=clock)
+    assert cache.load() == 1
+    disc = Discovery(resolver, fetcher, cache, clock=clock)
+    assert disc.peek("example.com").policy.mx == ("mx.example.com",)
+    r = disc.lookup("example.com")
+    assert (r.status, r.policy_id, r.policy.mode, r.source) == ("valid", "a1", "enforce", "cache")
+    disc.close()
+    cache.store.close()
