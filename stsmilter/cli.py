@@ -1,3 +1,253 @@
-"""Placeholder replaced by the real CLI."""
-def main(argv=None):
-    return 0
+"""The `stsmilter` command: run, query, check, check-config, cache list|purge.
+
+Exit status: 0 when the command could answer, 2 for usage and configuration errors
+(one line on stderr), 1 for anything else that went wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import List, Optional
+
+from stsmilter import __version__, config as config_mod
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _iso(epoch: Optional[float]) -> Optional[str]:
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_config(args) -> config_mod.Config:
+    return config_mod.load(args.config)
+
+
+def _engine(cfg: config_mod.Config, no_cache: bool = False):
+    from stsmilter import engine
+
+    if no_cache:
+        cfg = cfg.replace(cache={"path": ""})
+    return engine.open_engine(cfg)
+
+
+def result_as_dict(result) -> dict:
+    return {
+        "domain": result.domain,
+        "status": result.status,
+        "reason": result.reason,
+        "source": result.source,
+        "id": result.policy_id,
+        "policy": result.policy.as_dict() if result.policy is not None else None,
+        "fetched": _iso(result.fetched_at),
+        "expires": _iso(result.expires),
+    }
+
+
+def _print_result(data: dict) -> None:
+    print(f"domain:  {data['domain']}")
+    print(f"status:  {data['status']}" + (f" ({data['reason']})" if data["reason"] else ""))
+    if data["source"]:
+        print(f"source:  {data['source']}")
+    if data["id"]:
+        print(f"id:      {data['id']}")
+    pol = data["policy"]
+    if pol:
+        print(f"mode:    {pol['mode']}")
+        print(f"max_age: {pol['max_age']}")
+        for mx in pol["mx"]:
+            print(f"mx:      {mx}")
+        print(f"fetched: {data['fetched']}")
+        print(f"expires: {data['expires']}")
+
+
+def cmd_query(args) -> int:
+    from stsmilter import policy
+
+    cfg = _load_config(args)
+    try:
+        domain = policy.normalize_domain(args.domain)
+    except ValueError as e:
+        raise UsageError(f"stsmilter query: {args.domain!r}: {e}") from None
+    if domain is None:
+        raise UsageError(f"stsmilter query: {args.domain!r}: an address literal has no MTA-STS policy")
+    discovery = _engine(cfg, args.no_cache)
+    try:
+        data = result_as_dict(discovery.lookup(domain))
+    finally:
+        discovery.close()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_result(data)
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from stsmilter.decision import Decider
+
+    cfg = _load_config(args)
+    discovery = _engine(cfg, args.no_cache)
+    try:
+        decider = Decider(discovery, cfg.milter, cfg.scope)
+        decisions = [decider.decide(address) for address in args.addresses]
+    finally:
+        discovery.close()
+    if args.json:
+        print(json.dumps([d.as_dict() for d in decisions], indent=2))
+        return EXIT_OK
+    for d in decisions:
+        data = d.as_dict()
+        line = f"{d.recipient}: {d.action}"
+        if data["reply"]:
+            line += f" {data['reply']}"
+        line += f" (reason {d.reason}"
+        if d.mode:
+            line += f", mode {d.mode}, id {d.policy_id}"
+        if d.would != d.action:
+            line += f", would {d.would}"
+        line += ")"
+        print(line)
+        if d.mx:
+            print(f"    mx: {', '.join(d.mx)}")
+        if d.patterns:
+            print(f"    policy mx: {', '.join(d.patterns)}")
+    return EXIT_OK
+
+
+def cmd_check_config(args) -> int:
+    cfg = _load_config(args)
+    print(f"# effective configuration from {cfg.source}")
+    section = None
+    for name, key, value in cfg.items():
+        if name != section:
+            print(f"{'' if section is None else chr(10)}[{name}]")
+            section = name
+        text = f"{value:04o}" if key == "socket_mode" else config_mod.format_value(value)
+        print(f"{key} = {text}".rstrip())
+    return EXIT_OK
+
+
+def cmd_cache_list(args) -> int:
+    cfg = _load_config(args)
+    from stsmilter import engine
+
+    cache = engine.open_cache(cfg)
+    rows = [
+        {
+            "domain": e.domain,
+            "id": e.policy_id,
+            "mode": e.policy.mode,
+            "mx": list(e.policy.mx),
+            "fetched": _iso(e.fetched_at),
+            "expires": _iso(e.expires),
+            "refresh_failures": e.refresh_failures,
+            "last_error": e.last_error,
+        }
+        for e in cache.entries()
+    ]
+    cache.store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        failing = f" refresh failing x{row['refresh_failures']} ({row['last_error']})" if row["refresh_failures"] else ""
+        print(f"{row['domain']} id={row['id']} mode={row['mode']} expires={row['expires']}{failing}")
+    print(f"{len(rows)} cached {'policy' if len(rows) == 1 else 'policies'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cache_purge(args) -> int:
+    if bool(args.all) == bool(args.domains):
+        raise UsageError("stsmilter cache purge: name domains or --all (not both)")
+    cfg = _load_config(args)
+    from stsmilter import engine, policy
+
+    cache = engine.open_cache(cfg)
+    try:
+        domains = [e.domain for e in cache.entries()] if args.all else [policy.normalize_domain(d) for d in args.domains]
+        removed = sum(1 for d in domains if d and cache.delete(d))
+    except ValueError as e:
+        raise UsageError(f"stsmilter cache purge: {e}") from None
+    finally:
+        cache.store.close()
+    print(f"purged {removed} {'policy' if removed == 1 else 'policies'}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from stsmilter import daemon
+
+    return daemon.run(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stsmilter", description="MTA-STS (RFC 8461) milter and TLS-policy socketmap")
+    parser.add_argument("--version", action="version", version=f"stsmilter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "-c", "--config", metavar="FILE", help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH})"
+        )
+        p.set_defaults(func=func)
+        return p
+
+    command("run", cmd_run, "run the milter, the socketmap and the metrics endpoint in the foreground")
+    p = command("query", cmd_query, "show the MTA-STS policy that applies to a domain")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-cache", action="store_true", help="ignore the persistent cache (memory only)")
+    p.add_argument("domain", metavar="DOMAIN")
+    p = command("check", cmd_check, "show the milter's decision for recipients of an in-scope sender")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per recipient")
+    p.add_argument("--no-cache", action="store_true", help="ignore the persistent cache (memory only)")
+    p.add_argument("addresses", metavar="ADDRESS", nargs="+")
+    command("check-config", cmd_check_config, "validate a configuration file and print the effective values")
+    cache = sub.add_parser("cache", help="inspect or purge the policy cache", description="inspect or purge the policy cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
+    cache_sub.required = True
+    for name, func, help_text in (
+        ("list", cmd_cache_list, "list cached policies"),
+        ("purge", cmd_cache_purge, "remove cached policies"),
+    ):
+        p = cache_sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-c", "--config", metavar="FILE")
+        p.set_defaults(func=func)
+        if name == "list":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("--all", action="store_true", help="remove every cached policy")
+            p.add_argument("domains", metavar="DOMAIN", nargs="*")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except config_mod.ConfigError as e:
+        print(f"stsmilter: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"stsmilter: {e}", file=sys.stderr)
+        return EXIT_ERROR
