@@ -1,0 +1,272 @@
+import json
+import time
+
+import pytest
+
+from stsmilter import config, decision, dns
+from stsmilter.decision import Decider, Decision
+from stsmilter.policy import Policy, Result
+
+DOMAIN = "example.com"
+PATTERNS = ("mx.example.com", "*.mail.example.com")
+GOOD_MX = dns.MxSet(hosts=("mx.example.com",), ttl=300)
+OTHER_MX = dns.MxSet(hosts=("mx1.evil.example", "mx2.evil.example"), ttl=300)
+MISMATCH = (
+    "MTA-STS policy of example.com (id 20240101) allows no MX host of the domain:"
+    " mx1.evil.example, mx2.evil.example do not match mx.example.com, *.mail.example.com"
+)
+
+
+def valid(mode="enforce", patterns=PATTERNS, policy_id="20240101", source="cache", domain=DOMAIN):
+    return Result(domain, "valid", source=source, policy_id=policy_id, policy=Policy("STSv1", mode, 86400, patterns))
+
+
+PENDING = Result(DOMAIN, "pending", reason="lookup-timeout")
+
+
+class FakeDiscovery:
+    """Programmable engine: lookup()/mx() answers per domain, optional delays that honour
+    the timeout like the real engine, and a record of every call."""
+
+    def __init__(self, result=None, mx=GOOD_MX, forced=None, lookup_delay=0.0, mx_delay=0.0):
+        self.result = result if result is not None else valid()
+        self.forced = forced  # answer to lookup(force=True)
+        self.mx_answer = mx  # an MxSet or an exception instance
+        self.lookup_delay, self.mx_delay = lookup_delay, mx_delay
+        self.calls = []
+
+    def lookup(self, domain, timeout=None, force=False):
+        self.calls.append(("lookup", domain, timeout, force))
+        if self.lookup_delay > (timeout if timeout is not None else 60):
+            time.sleep(timeout)
+            return Result(domain, "pending", reason="lookup-timeout")
+        time.sleep(self.lookup_delay)
+        return self.forced if force else self.result
+
+    def mx(self, domain, timeout):
+        self.calls.append(("mx", domain, timeout, False))
+        if self.mx_delay > timeout:
+            time.sleep(timeout)
+            raise dns.TempDnsError("timeout")
+        time.sleep(self.mx_delay)
+        if isinstance(self.mx_answer, Exception):
+            raise self.mx_answer
+        return self.mx_answer
+
+    @property
+    def forced_calls(self):
+        return [c for c in self.calls if c[0] == "lookup" and c[3]]
+
+
+def make_decider(discovery, **milter):
+    scope = {"local_domains": ("local.example", "bücher.example")}
+    cfg = config.defaults().replace(milter=milter, scope=scope)
+    return Decider(discovery, cfg.milter, cfg.scope)
+
+
+def decide(recipient="<user@example.com>", discovery=None, **milter):
+    discovery = discovery or FakeDiscovery()
+    return make_decider(discovery, **milter).decide(recipient)
+
+
+R = "<u@example.com>"
+REJECT = dict(on_violation="reject")
+TEMPFAIL_PENDING = ("451", "4.7.5", "MTA-STS policy lookup for example.com in progress, try again later")
+TEMPFAIL_MX_DNS = ("451", "4.7.5", "MTA-STS policy of example.com: MX lookup failed, try again later")
+TEMPFAIL_MISMATCH = ("451", "4.7.5", MISMATCH)
+FRESH_TESTING = valid("testing", policy_id="2", source="fetched")
+FRESH_MATCH = valid(patterns=("*.evil.example",), policy_id="20250202", source="fetched")
+
+# (id, recipient, FakeDiscovery kwargs, [milter] settings, expected Decision fields)
+CASES = [
+    ("no-domain", "<postmaster>", {}, {}, dict(action="accept", reason="no-domain", domain=None)),
+    ("address-literal", "<u@[192.0.2.1]>", {}, {}, dict(action="accept", reason="address-literal", domain=None)),
+    ("bad-domain", "<u@exa mple..com>", {}, {}, dict(action="accept", reason="bad-domain", domain=None)),
+    ("local-domain", "<u@Local.Example.>", {}, {}, dict(action="accept", reason="local-domain")),
+    ("local-domain-idn", "<u@xn--bcher-kva.example>", {}, {}, dict(action="accept", reason="local-domain")),
+    ("pending-accept", R, dict(result=PENDING), {}, dict(action="accept", reason="pending")),
+    ("pending-tempfail", R, dict(result=PENDING), dict(on_pending="tempfail"),
+     dict(action="tempfail", would="tempfail", reason="pending", reply=TEMPFAIL_PENDING)),
+    ("no-policy", R, dict(result=Result(DOMAIN, "none")), {}, dict(action="accept", reason="no-policy")),
+    ("discovery-failed", R, dict(result=Result(DOMAIN, "failed", reason="sts-policy-fetch-error")), {},
+     dict(action="accept", reason="discovery-failed", mode=None)),
+    ("mode-none", R, dict(result=valid("none")), {}, dict(action="accept", reason="mode-none", mode="none")),
+    ("mx-match", "<U@Example.COM>", {}, {},
+     dict(action="accept", would="accept", reason="mx-match", mode="enforce", mx=GOOD_MX.hosts, patterns=PATTERNS)),
+    ("mx-match-wildcard", R, dict(mx=dns.MxSet(("mx9.evil.example", "a.mail.example.com"), 300)), {},
+     dict(action="accept", reason="mx-match")),
+    ("no-mx", R, dict(mx=dns.NoRecord("NXDOMAIN")), {}, dict(action="accept", reason="no-mx")),
+    ("null-mx", R, dict(mx=dns.MxSet((), 300, null_mx=True)), {}, dict(action="accept", reason="null-mx")),
+    ("mx-dns-error-enforce", R, dict(mx=dns.TempDnsError("SERVFAIL")), {},
+     dict(action="tempfail", reason="mx-dns-error", reply=TEMPFAIL_MX_DNS)),
+    ("mx-dns-error-testing", R, dict(result=valid("testing"), mx=dns.TempDnsError("SERVFAIL")), {},
+     dict(action="accept", would="tempfail", reason="mx-dns-error", mode="testing", reply=None)),
+    ("mismatch-testing", R, dict(result=valid("testing"), mx=OTHER_MX), REJECT,
+     dict(action="accept", would="reject", reason="mx-mismatch", mode="testing", reply=None)),
+    ("mismatch-tempfail", R, dict(mx=OTHER_MX), {},
+     dict(action="tempfail", would="tempfail", reason="mx-mismatch", mx=OTHER_MX.hosts, reply=TEMPFAIL_MISMATCH)),
+    ("mismatch-hold", R, dict(mx=OTHER_MX), dict(on_violation="hold"),
+     dict(action="hold", would="hold", reason="mx-mismatch", reply=None)),
+    ("reject-confirmed-by-fresh-fetch", R, dict(mx=OTHER_MX, forced=valid(source="fetched")), REJECT,
+     dict(action="reject", would="reject", reason="mx-mismatch", reply=("550", "5.7.5", MISMATCH))),
+    ("reject-recheck-pending", R, dict(mx=OTHER_MX, forced=PENDING), REJECT,
+     dict(action="tempfail", would="tempfail", reason="mx-mismatch", mode="enforce", policy_id="20240101")),
+    ("reject-recheck-from-cache", R, dict(mx=OTHER_MX, forced=valid(source="cache")), REJECT,
+     dict(action="tempfail", reason="mx-mismatch")),
+    ("reject-recheck-failed", R, dict(mx=OTHER_MX, forced=Result(DOMAIN, "failed")), REJECT,
+     dict(action="tempfail", reason="mx-mismatch")),
+    ("reject-fresh-policy-matches", R, dict(mx=OTHER_MX, forced=FRESH_MATCH), REJECT,
+     dict(action="accept", would="accept", reason="mx-match", policy_id="20250202", patterns=("*.evil.example",))),
+    ("reject-fresh-policy-testing", R, dict(mx=OTHER_MX, forced=FRESH_TESTING), REJECT,
+     dict(action="accept", would="reject", reason="mx-mismatch", mode="testing", policy_id="2")),
+    ("reject-fresh-policy-none", R, dict(mx=OTHER_MX, forced=valid("none", source="fetched")), REJECT,
+     dict(action="accept", would="accept", reason="mode-none", mode="none")),
+    ("dry-run-tempfail", R, dict(mx=OTHER_MX), dict(dry_run=True),
+     dict(action="accept", would="tempfail", reason="mx-mismatch", reply=None)),
+    ("dry-run-reject", R, dict(mx=OTHER_MX, forced=valid(source="fetched")), dict(dry_run=True, **REJECT),
+     dict(action="accept", would="reject", reason="mx-mismatch", reply=None)),
+    ("dry-run-hold", R, dict(mx=OTHER_MX), dict(dry_run=True, on_violation="hold"),
+     dict(action="accept", would="hold", reason="mx-mismatch")),
+    ("dry-run-pending", R, dict(result=PENDING), dict(dry_run=True, on_pending="tempfail"),
+     dict(action="accept", would="tempfail", reason="pending")),
+    ("dry-run-mx-dns-error", R, dict(mx=dns.TempDnsError("timeout")), dict(dry_run=True),
+     dict(action="accept", would="tempfail", reason="mx-dns-error")),
+]
+
+
+@pytest.mark.parametrize("recipient, fake, milter, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rules(recipient, fake, milter, expected):
+    d = decide(recipient, FakeDiscovery(**fake), **milter)
+    for field, value in expected.items():
+        assert getattr(d, field) == value, field
+    assert d.recipient == recipient
+    assert d.reason in decision.REASONS
+    # A reply exactly when the front end must send one, its first digit matching.
+    assert (d.reply is not None) == (d.action in ("tempfail", "reject"))
+    if d.reply:
+        assert d.reply[0][0] == d.reply[1][0] == ("4" if d.action == "tempfail" else "5")
+
+
+def test_recheck_text_says_policy_could_not_be_rechecked():
+    d = decide(discovery=FakeDiscovery(mx=OTHER_MX, forced=PENDING), on_violation="reject")
+    assert d.reply == (
+        "451",
+        "4.7.5",
+        "MTA-STS policy of example.com (id 20240101) allows no MX host of the domain (policy could not be"
+        " re-checked): mx1.evil.example, mx2.evil.example do not match mx.example.com, *.mail.example.com",
+    )
+
+
+def test_force_is_used_only_before_a_reject():
+    for on_violation in ("tempfail", "hold"):
+        fake = FakeDiscovery(mx=OTHER_MX)
+        decide(discovery=fake, on_violation=on_violation)
+        assert fake.forced_calls == []
+    fake = FakeDiscovery(result=valid("testing"), mx=OTHER_MX)
+    decide(discovery=fake, on_violation="reject")
+    assert fake.forced_calls == []  # testing never rejects: no refetch
+    fake = FakeDiscovery(mx=OTHER_MX, forced=valid(source="fetched"))
+    decide(discovery=fake, on_violation="reject")
+    assert [c[1] for c in fake.forced_calls] == ["example.com"]
+
+
+def test_no_lookup_for_skipped_recipients():
+    for recipient in ("<postmaster>", "<u@[192.0.2.1]>", "<u@local.example>", "<u@bad..domain>"):
+        fake = FakeDiscovery()
+        decide(recipient, fake)
+        assert fake.calls == []
+
+
+def test_local_domains_match_exactly():
+    fake = FakeDiscovery()
+    d = decide("<u@sub.local.example>", fake)
+    assert d.reason == "mx-match"
+    assert fake.calls[0][:2] == ("lookup", "sub.local.example")
+
+
+def test_lookup_and_mx_share_one_deadline():
+    # Discovery answers after 0.15 s of a 0.25 s budget; the MX lookup would need 1 s.
+    fake = FakeDiscovery(lookup_delay=0.15, mx_delay=1.0)
+    decider = make_decider(fake, lookup_timeout=0.25)
+    start = time.monotonic()
+    d = decider.decide("<u@example.com>")
+    elapsed = time.monotonic() - start
+    assert d.action == "tempfail" and d.reason == "mx-dns-error"
+    assert elapsed < 0.25 + 0.05
+    (_, _, lookup_timeout, _), (_, _, mx_timeout, _) = fake.calls
+    assert lookup_timeout <= 0.25 and mx_timeout <= 0.25 - 0.15 + 0.01
+
+
+def test_slow_discovery_is_pending_by_the_deadline():
+    fake = FakeDiscovery(lookup_delay=2.0)
+    start = time.monotonic()
+    d = make_decider(fake, lookup_timeout=0.2, on_pending="tempfail").decide("<u@example.com>")
+    assert time.monotonic() - start < 0.2 + 0.05
+    assert (d.action, d.reason) == ("tempfail", "pending")
+
+
+def test_explicit_deadline_in_the_past_still_answers():
+    fake = FakeDiscovery(mx=OTHER_MX, forced=valid(source="fetched"))
+    d = make_decider(fake, on_violation="reject").decide("<u@example.com>", deadline=time.monotonic() - 1)
+    assert all(c[2] == 0.0 for c in fake.calls)  # every engine call told it has no time left
+    assert d.action == "reject"  # the fake answers anyway; a real engine would say pending
+
+
+def test_recheck_gets_only_the_time_left():
+    fake = FakeDiscovery(mx=OTHER_MX, forced=valid(source="fetched"), lookup_delay=0.1)
+    start = time.monotonic()
+    d = make_decider(fake, lookup_timeout=0.15, on_violation="reject").decide("<u@example.com>")
+    assert time.monotonic() - start < 0.15 + 0.05
+    assert (d.action, d.reason) == ("tempfail", "mx-mismatch")  # the re-check ran out of time
+
+
+HOSTILE = ("mx%s.evil.example", "evil\r\n250 OK.example", "bücher.example", "a b\x00c\x7f", "x" * 300)
+
+
+def test_reply_text_is_sanitized():
+    fake = FakeDiscovery(
+        result=valid(patterns=("mx.%d.example", "*.ok.example\r\nX"), policy_id="id%;\r\n1"),
+        mx=dns.MxSet(HOSTILE, 300),
+    )
+    d = decide(discovery=fake)
+    code, xcode, text = d.reply
+    assert (code, xcode) == ("451", "4.7.5")
+    assert len(text) <= decision.MAX_TEXT
+    assert "%" not in text and "\r" not in text and "\n" not in text
+    assert text.isascii() and text.isprintable()
+    assert "mx?s.evil.example, evil??250?OK.example, b?cher.example, a?b?c?, xxx" in text
+    assert "(id id????1)" in text
+    # The Decision itself keeps the raw data for the caller; only texts are filtered.
+    assert d.mx == HOSTILE
+
+
+def test_name_lists_are_capped():
+    hosts = tuple(f"mx{i}.evil.example" for i in range(8))
+    d = decide(discovery=FakeDiscovery(mx=dns.MxSet(hosts, 300)))
+    assert "mx0.evil.example, mx1.evil.example, mx2.evil.example, mx3.evil.example, mx4.evil.example, ..." in d.reply[2]
+    assert "mx5" not in d.reply[2]
+
+
+def test_empty_usable_mx_set_is_a_mismatch():
+    d = decide(discovery=FakeDiscovery(mx=dns.MxSet((), 300)))
+    assert (d.action, d.reason) == ("tempfail", "mx-mismatch")
+    assert "domain: (none) do not match" in d.reply[2]
+
+
+def test_as_dict_json_shape():
+    d = decide(discovery=FakeDiscovery(mx=OTHER_MX))
+    data = json.loads(json.dumps(d.as_dict()))
+    assert data == {
+        "recipient": "<user@example.com>",
+        "domain": "example.com",
+        "action": "tempfail",
+        "reply": "451 4.7.5 " + MISMATCH,
+        "reason": "mx-mismatch",
+        "mode": "enforce",
+        "policy_id": "20240101",
+        "mx": ["mx1.evil.example", "mx2.evil.example"],
+        "patterns": ["mx.example.com", "*.mail.example.com"],
+        "would": "tempfail",
+    }
+    accepted = Decision("<postmaster>", None, "accept", "accept", "no-domain").as_dict()
+    assert accepted["reply"] is None and accepted["mx"] == [] and accepted["mode"] is None
