@@ -37,6 +37,7 @@ if [ -n "$need_apt" ]; then
     # Install Postfix without letting debconf configure it as a live mail system.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update -qq
+    # shellcheck disable=SC2086 # a list of package names, split on purpose
     apt-get install -y -qq --no-install-recommends $need_apt
 fi
 

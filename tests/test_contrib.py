@@ -1,0 +1,392 @@
+"""contrib/ files are valid for the tools that read them and match the code's defaults
+and metric names. Tools that are not installed are skipped, never installed."""
+
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from stsmilter import config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRIB = ROOT / "contrib"
+INIT = CONTRIB / "init.d" / "stsmilter"
+BOOTSTRAP = CONTRIB / "bootstrap.sh"
+UNIT = CONTRIB / "systemd" / "stsmilter.service"
+MAIN_CF = CONTRIB / "postfix" / "main.cf.snippet"
+MASTER_CF = CONTRIB / "postfix" / "master.cf.snippet"
+SENDMAIL_MC = CONTRIB / "sendmail" / "stsmilter.mc"
+RULES = CONTRIB / "prometheus" / "stsmilter-rules.yml"
+DASHBOARD = CONTRIB / "grafana" / "stsmilter-dashboard.json"
+
+DEFAULTS = config.defaults()
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def run(argv, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run(argv, capture_output=True, text=True, **kwargs)
+
+
+def metric_objects():
+    from stsmilter import metrics
+
+    return [obj for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)]
+
+
+def exposed_names():
+    names = set()
+    for m in metric_objects():
+        if m._type == "counter":
+            names |= {m._name + "_total", m._name + "_created"}
+        elif m._type == "histogram":
+            names |= {m._name, m._name + "_bucket", m._name + "_sum", m._name + "_count"}
+        else:
+            names.add(m._name)
+    return names
+
+
+def base_name(series: str) -> str:
+    for m in metric_objects():
+        if series == m._name or (series.startswith(m._name + "_") and series[len(m._name) + 1 :] in ("total", "bucket", "sum", "count", "created")):
+            return m._name
+    raise AssertionError(series)
+
+
+def metric_names_in(text: str):
+    return set(re.findall(r"\bstsmilter_[a-z_]+", text))
+
+
+# --- shell scripts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [INIT, BOOTSTRAP], ids=lambda p: p.name)
+def test_shell_syntax(script):
+    result = run(["sh", "-n", str(script)])
+    assert result.returncode == 0, result.stderr
+
+
+def test_shellcheck_init_script():
+    result = run([tool("shellcheck"), "--shell=sh", str(INIT)])
+    assert result.returncode == 0, result.stdout
+
+
+def test_shellcheck_bootstrap():
+    result = run([tool("shellcheck"), "--shell=sh", str(BOOTSTRAP)])
+    assert result.returncode == 0, result.stdout
+
+
+def test_init_script_lsb_header():
+    text = INIT.read_text()
+    header = re.search(r"^### BEGIN INIT INFO\n(.*?)^### END INIT INFO$", text, re.S | re.M)
+    assert header, "no LSB header"
+    fields = dict(re.findall(r"^# ([\w-]+):\s+(.*)$", header.group(1), re.M))
+    assert fields["Provides"] == "stsmilter"
+    assert set(fields["Required-Start"].split()) >= {"$network", "$remote_fs", "$syslog"}
+    assert set(fields["X-Start-Before"].split()) == {"postfix", "sendmail"}
+    assert fields["Default-Start"].split() == ["2", "3", "4", "5"]
+    assert os.access(INIT, os.X_OK)
+    assert f"PIDFILE={DEFAULTS.daemon.pidfile}" in text
+
+
+@pytest.fixture
+def init_sandbox(tmp_path):
+    """The init script wired to a fake daemon (a shell script named stsmilter that
+    behaves like the real one towards start-stop-daemon: writes its PID file, stops
+    on TERM, records USR1)."""
+    tool("start-stop-daemon")
+    if not Path("/lib/lsb/init-functions").exists():
+        pytest.skip("/lib/lsb/init-functions not installed")
+    tmp_path.chmod(0o755)
+    rundir, bindir = tmp_path / "run", tmp_path / "bin"
+    bindir.mkdir()
+    pidfile = rundir / "stsmilter.pid"
+    daemon = bindir / "stsmilter"
+    daemon.write_text(
+        f"""#!/bin/sh
+case "$1" in
+    check-config)
+        if [ -e {tmp_path}/bad-config ]; then
+            echo "stsmilter: configuration error: {tmp_path}/stsmilter.conf:3: bad" >&2
+            exit 2
+        fi
+        exit 0 ;;
+    run) ;;
+    *) exit 2 ;;
+esac
+trap 'echo usr1 >> {tmp_path}/signals' USR1
+trap 'rm -f {pidfile}; exit 0' TERM INT
+echo $$ > {pidfile}
+while :; do sleep 1 & wait $!; done
+"""
+    )
+    daemon.chmod(0o755)
+    defaults = tmp_path / "default"
+    defaults.write_text(
+        f"DAEMON={daemon}\nCONFIG={tmp_path}/stsmilter.conf\nPIDFILE={pidfile}\n"
+        f"RUNUSER={pwd.getpwuid(os.getuid()).pw_name}\nRUNGROUP={grp.getgrgid(os.getgid()).gr_name}\n"
+        f"STATEDIR={tmp_path}/state\n"
+    )
+    script = tmp_path / "stsmilter.init"
+    text = INIT.read_text()
+    assert text.count("/etc/default/$NAME") == 2
+    script.write_text(text.replace("/etc/default/$NAME", str(defaults)))
+
+    def action(name):
+        return run(["sh", str(script), name], timeout=60)
+
+    yield action, pidfile, tmp_path
+    if pidfile.exists():
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (ValueError, ProcessLookupError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_init_script_actions(init_sandbox):
+    action, pidfile, tmp_path = init_sandbox
+    assert action("start").returncode == 0
+    pid = int(pidfile.read_text())
+    assert _alive(pid)
+    assert (tmp_path / "state").is_dir()
+    assert action("status").returncode == 0
+    assert action("start").returncode == 0  # already running: still success
+    assert int(pidfile.read_text()) == pid
+
+    assert action("reload").returncode == 0
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "signals").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "signals").read_text().split() == ["usr1"]
+    assert _alive(pid)
+
+    assert action("restart").returncode == 0
+    new_pid = int(pidfile.read_text())
+    assert new_pid != pid and _alive(new_pid) and not _alive(pid)
+
+    assert action("stop").returncode == 0
+    assert not pidfile.exists()
+    deadline = time.monotonic() + 5
+    while _alive(new_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(new_pid)
+    assert action("status").returncode == 3
+    assert action("stop").returncode == 0  # not running: still success
+
+    (tmp_path / "bad-config").touch()
+    result = action("start")
+    assert result.returncode == 1
+    assert "configuration error" in result.stdout + result.stderr
+    assert not pidfile.exists()
+
+
+# --- systemd ----------------------------------------------------------------------------
+
+
+def unit_settings():
+    settings = {}
+    for line in UNIT.read_text().splitlines():
+        m = re.fullmatch(r"(\w+)=(.*)", line)
+        if m:
+            settings.setdefault(m.group(1), []).append(m.group(2))
+    return settings
+
+
+def test_unit_settings():
+    s = unit_settings()
+    assert s["ExecStart"] == [f"/usr/local/bin/stsmilter run -c {config.DEFAULT_CONFIG_PATH}"]
+    assert s["Type"] == ["simple"]
+    assert s["ExecReload"] == ["/bin/kill -USR1 $MAINPID"]
+    assert s["User"] == [DEFAULTS.daemon.user] and s["Group"] == [DEFAULTS.daemon.group]
+    assert s["RuntimeDirectory"] == [Path(DEFAULTS.daemon.pidfile).parent.name]
+    assert s["StateDirectory"] == [Path(DEFAULTS.cache.path).parent.name]
+    assert Path(DEFAULTS.daemon.pidfile).parent == Path("/run") / s["RuntimeDirectory"][0]
+    assert Path(DEFAULTS.cache.path).parent == Path("/var/lib") / s["StateDirectory"][0]
+    assert set(s["Before"][0].split()) == {"postfix.service", "sendmail.service"}
+    assert s["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
+                "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "RestrictNamespaces",
+                "LockPersonality", "MemoryDenyWriteExecute"):
+        assert s[key] == ["yes"], key
+    assert s["ProtectSystem"] == ["strict"]
+    assert s["SystemCallFilter"] == ["@system-service"]
+    assert s["Restart"] == ["on-failure"]
+
+
+def test_unit_verifies(tmp_path):
+    analyze = tool("systemd-analyze")
+    # ExecStart must name an existing binary for verify; point it at one.
+    binary = ROOT / ".venv" / "bin" / "stsmilter"
+    if not binary.exists():
+        binary = Path(sys.executable)
+    unit = tmp_path / "stsmilter.service"
+    unit.write_text(UNIT.read_text().replace("ExecStart=/usr/local/bin/stsmilter ", f"ExecStart={binary} "))
+    result = run([analyze, "verify", "--man=no", str(unit)])
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+# --- Postfix ----------------------------------------------------------------------------
+
+
+def _milter_as_postfix(socket: str) -> str:
+    port, host = socket.split(":", 1)[1].split("@")
+    return f"inet:{host}:{port}"
+
+
+def test_postfix_snippets_match_the_defaults():
+    main = MAIN_CF.read_text()
+    listen = DEFAULTS.socketmap.listen
+    assert f"smtpd_milters = {_milter_as_postfix(DEFAULTS.milter.socket)}\n" in main
+    assert f"smtp_tls_policy_maps = socketmap:inet:{listen.host}:{listen.port}:postfix\n" in main
+    assert "milter_default_action = tempfail\n" in main
+    assert "milter_protocol = 6\n" in main
+    assert "non_smtpd_milters = $smtpd_milters\n" in main
+    assert "-o milter_macro_daemon_name=ORIGINATING" in MASTER_CF.read_text()
+
+
+@pytest.fixture
+def postfix_config(tmp_path):
+    postconf = tool("postconf")
+    (tmp_path / "main.cf").write_text(MAIN_CF.read_text())
+    (tmp_path / "master.cf").write_text(MASTER_CF.read_text())
+    return postconf, tmp_path
+
+
+def test_postfix_main_cf_snippet_parses(postfix_config):
+    postconf, directory = postfix_config
+    result = run([postconf, "-c", str(directory), "-n"])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    values = dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
+    assert values["smtpd_milters"] == _milter_as_postfix(DEFAULTS.milter.socket)
+    assert values["smtp_tls_policy_maps"].startswith("socketmap:inet:")
+    # Postfix's own defaults send the macros stsmilter reads.
+    defaults = run([postconf, "-c", str(directory), "-d", "milter_connect_macros", "milter_mail_macros",
+                    "milter_rcpt_macros"]).stdout
+    for macro in ("{daemon_name}", "{auth_authen}", "{rcpt_mailer}"):
+        assert macro in defaults
+
+
+def test_postfix_master_cf_snippet_parses(postfix_config):
+    postconf, directory = postfix_config
+    result = run([postconf, "-c", str(directory), "-P"])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "submission/inet/milter_macro_daemon_name = ORIGINATING" in result.stdout.splitlines()
+    assert "submissions/inet/milter_macro_daemon_name = ORIGINATING" in result.stdout.splitlines()
+
+
+# --- Sendmail ---------------------------------------------------------------------------
+
+
+def test_sendmail_mc_lines():
+    lines = [line for line in SENDMAIL_MC.read_text().splitlines() if not line.startswith("dnl")]
+    assert lines == [
+        "INPUT_MAIL_FILTER(`stsmilter', `S=unix:/run/stsmilter/stsmilter.sock, F=T, T=S:30s;R:30s;E:1m')",
+        f"FEATURE(`sts', `socket -d10 -T<TMPF> inet:{DEFAULTS.socketmap.listen.port}@{DEFAULTS.socketmap.listen.host}')",
+    ]
+    timeout = float(re.search(r"-d(\d+)", lines[1]).group(1))
+    assert timeout > DEFAULTS.socketmap.lookup_timeout
+    assert 30 > DEFAULTS.milter.lookup_timeout  # R:30s
+
+
+def test_sendmail_mc_builds():
+    """With sendmail-cf's m4 files (/usr/share/sendmail/cf, or $SENDMAIL_CF_DIR)."""
+    m4 = tool("m4")
+    cf_dir = Path(os.environ.get("SENDMAIL_CF_DIR", "/usr/share/sendmail/cf"))
+    if not (cf_dir / "m4" / "cf.m4").exists() or not (cf_dir / "feature" / "sts.m4").exists():
+        pytest.skip("sendmail-cf (8.17+) not installed")
+    mc = (
+        f"include(`{cf_dir}/m4/cf.m4')dnl\nOSTYPE(`linux')dnl\n"
+        f"include(`{SENDMAIL_MC}')dnl\nMAILER(`local')dnl\nMAILER(`smtp')dnl\n"
+    )
+    result = run([m4, f"-D_CF_DIR_={cf_dir}/"], input=mc)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    cf = result.stdout.splitlines()
+    listen = DEFAULTS.socketmap.listen
+    assert f"Ksts socket -d10 -T<TMPF> inet:{listen.port}@{listen.host}" in cf
+    assert "O StrictTransportSecurity=true" in cf
+    assert "O InputMailFilters=stsmilter" in cf
+    assert "Xstsmilter, S=unix:/run/stsmilter/stsmilter.sock, F=T, T=S:30s;R:30s;E:1m" in cf
+
+
+# --- Prometheus -------------------------------------------------------------------------
+
+
+def load_rules():
+    """The rules file as data: PyYAML in this venv, else the system python3's, else skip."""
+    try:
+        import yaml
+    except ImportError:
+        system_python = "/usr/bin/python3"
+        if not os.path.exists(system_python):
+            pytest.skip("PyYAML not available")
+        result = run([system_python, "-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
+                     input=RULES.read_text())
+        if result.returncode != 0:
+            pytest.skip("PyYAML not available")
+        return json.loads(result.stdout)
+    return yaml.safe_load(RULES.read_text())
+
+
+def test_rules_structure():
+    data = load_rules()
+    rules = {rule["alert"]: rule for group in data["groups"] for rule in group["rules"]}
+    assert set(rules) == {"StsmilterDown", "StsmilterRefreshFailing", "StsmilterViolationSpike", "StsmilterFetchErrors"}
+    for name, rule in rules.items():
+        assert rule["expr"].strip() and rule["labels"]["severity"] and rule["annotations"]["summary"], name
+    assert rules["StsmilterDown"]["for"] == "5m"
+    assert rules["StsmilterRefreshFailing"]["for"] == "1h"
+    assert 'reason="mx-mismatch"' in rules["StsmilterViolationSpike"]["expr"]
+    assert 'result!="ok"' in rules["StsmilterFetchErrors"]["expr"]
+
+
+def test_rules_use_real_metric_names():
+    names = metric_names_in(RULES.read_text())
+    assert names, "no stsmilter metric in the rules"
+    assert names <= exposed_names(), names - exposed_names()
+
+
+def test_promtool_check_rules():
+    result = run([tool("promtool"), "check", "rules", str(RULES)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Grafana ----------------------------------------------------------------------------
+
+
+def test_dashboard_is_valid_and_covers_every_metric():
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    assert all(exprs)
+    names = set().union(*(metric_names_in(e) for e in exprs))
+    assert names <= exposed_names(), names - exposed_names()
+    assert {base_name(n) for n in names} == {m._name for m in metric_objects()}
+    # Every stsmilter name anywhere in the file (descriptions too) is real.
+    assert metric_names_in(DASHBOARD.read_text()) <= exposed_names()
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]

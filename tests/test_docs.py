@@ -1,0 +1,272 @@
+"""The documentation agrees with the code: config keys and defaults (config.SCHEMA),
+metrics (metrics.py), CLI options (cli.py) and the README's two set-up commands."""
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from stsmilter import config
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "etc" / "stsmilter.conf"
+MAN8 = ROOT / "man" / "stsmilter.8"
+MAN5 = ROOT / "man" / "stsmilter.conf.5"
+README = ROOT / "README.rst"
+CONTRIB = ROOT / "contrib"
+
+SCHEMA_KEYS = [(section, key) for section, keys in config.SCHEMA.items() for key in keys]
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def metric_objects():
+    from stsmilter import metrics
+
+    return [obj for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)]
+
+
+def documented_name(metric) -> str:
+    """The name an operator queries: counters get _total, histograms keep the base name."""
+    return metric._name + "_total" if metric._type == "counter" else metric._name
+
+
+def exposed_names():
+    """Every series name Prometheus can see for our metrics, plus histogram base names."""
+    names = set()
+    for m in metric_objects():
+        if m._type == "counter":
+            names |= {m._name + "_total", m._name + "_created"}
+        elif m._type == "histogram":
+            names |= {m._name, m._name + "_bucket", m._name + "_sum", m._name + "_count", m._name + "_created"}
+        else:
+            names.add(m._name)
+    return names
+
+
+_ALTERNATING = {".BR", ".RB", ".BI", ".IB", ".IR", ".RI"}
+
+
+def roff_text(path: Path) -> str:
+    """Plain text of a man page, good enough for searching (no hyphenation, no filling)."""
+    out = []
+    for line in path.read_text().splitlines():
+        if line.startswith('.\\"'):
+            continue
+        if line.startswith("."):
+            macro, _, rest = line.partition(" ")
+            try:
+                args = shlex.split(rest.replace("\\", "\\\\"), posix=True)
+            except ValueError:
+                args = rest.split()
+            args = [a.replace("\\\\", "\\") for a in args]
+            line = ("" if macro in _ALTERNATING else " ").join(args)
+        line = re.sub(r"\\f[BIRP]", "", line)
+        line = line.replace("\\-", "-").replace("\\&", "").replace("\\(aq", "'").replace("\\(ga", "`")
+        line = re.sub(r"\\\(..", " ", line)
+        out.append(line)
+    return "\n".join(out)
+
+
+def man_section(path: Path, name: str) -> list:
+    """Raw lines of one .SH section."""
+    lines, inside = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith(".SH"):
+            inside = line[3:].strip().strip('"') == name
+            continue
+        if inside:
+            lines.append(line)
+    return lines
+
+
+# --- etc/stsmilter.conf --------------------------------------------------------------
+
+
+def sample_entries():
+    """[(section, key, raw value, comment line above)] in file order."""
+    entries, section, previous = [], None, ""
+    for line in SAMPLE.read_text().splitlines():
+        m = re.fullmatch(r"\[(\w+)\]", line)
+        if m:
+            section = m.group(1)
+        else:
+            m = re.fullmatch(r"(\w+) =(.*)", line)
+            if m:
+                entries.append((section, m.group(1), m.group(2).strip(), previous))
+            else:
+                assert not line.strip() or line.startswith("#"), f"unexpected line in {SAMPLE.name}: {line!r}"
+        previous = line
+    return entries
+
+
+def test_sample_has_every_key_in_schema_order():
+    assert [(s, k) for s, k, _v, _c in sample_entries()] == SCHEMA_KEYS
+
+
+def test_sample_values_are_the_schema_defaults_verbatim():
+    for section, key, value, _comment in sample_entries():
+        assert value == config.SCHEMA[section][key][1], f"[{section}] {key}"
+
+
+def test_sample_has_a_comment_above_every_key():
+    for section, key, _value, comment in sample_entries():
+        assert comment.startswith("# ") and len(comment) > 10, f"[{section}] {key}: no comment line above"
+
+
+def test_sample_loads_to_the_defaults():
+    loaded = config.load(str(SAMPLE))
+    assert list(loaded.items()) == list(config.defaults().items())
+
+
+# --- stsmilter.conf(5) ---------------------------------------------------------------
+
+
+def man5_entries():
+    """[(section, key, default)] from '.SS [section]' and '.B "key = default"' tags."""
+    entries, section, after_tp = [], None, False
+    for line in man_section(MAN5, "KEYS"):
+        m = re.fullmatch(r"\.SS \"?\[(\w+)\]\"?", line)
+        if m:
+            section = m.group(1)
+        elif after_tp:
+            m = re.fullmatch(r'\.B "(\w+) =(.*)"', line)
+            assert m, f"stsmilter.conf(5): tag after .TP in [{section}] is not '.B \"key = default\"': {line!r}"
+            entries.append((section, m.group(1), m.group(2).strip()))
+        after_tp = line == ".TP"
+    return entries
+
+
+def test_man5_documents_every_key_and_only_real_keys():
+    assert [(s, k) for s, k, _d in man5_entries()] == SCHEMA_KEYS
+
+
+def test_man5_defaults_are_the_schema_defaults():
+    for section, key, default in man5_entries():
+        assert default == config.SCHEMA[section][key][1], f"[{section}] {key}"
+
+
+def test_key_references_in_docs_are_real_keys():
+    """'[section] key' mentioned anywhere in the man pages and contrib files exists."""
+    texts = {MAN8.name: roff_text(MAN8), MAN5.name: roff_text(MAN5)}
+    for path in sorted(CONTRIB.rglob("*")):
+        if path.is_file() and path.suffix not in (".json",):
+            texts[str(path.relative_to(ROOT))] = path.read_text()
+    found = 0
+    for name, text in texts.items():
+        for section, key in re.findall(r"\[(\w+)\][ \t]+([a-z_]+)", text):
+            if section not in config.SCHEMA:
+                continue
+            found += 1
+            assert key in config.SCHEMA[section], f"{name}: [{section}] {key} is not a configuration key"
+    assert found > 20
+
+
+def test_man5_lists_the_keys_that_need_a_restart():
+    daemon = pytest.importorskip("stsmilter.daemon")
+    restart_keys = getattr(daemon, "_RESTART_KEYS", None)
+    if restart_keys is None:
+        pytest.skip("stsmilter.daemon has no _RESTART_KEYS")
+    text = " ".join(roff_text(MAN5).split())
+    m = re.search(r"Keys read only at start need a restart: (.*?)\. ", text)
+    assert m, "stsmilter.conf(5) lacks the 'Keys read only at start need a restart:' list"
+    listed = set(re.findall(r"\[(\w+)\] (\w+)", m.group(1)))
+    assert listed == set(restart_keys)
+
+
+# --- stsmilter(8) --------------------------------------------------------------------
+
+
+def man8_metric_entries():
+    entries, after_tp = {}, False
+    for line in man_section(MAN8, "METRICS"):
+        if after_tp:
+            m = re.fullmatch(r"\.B (stsmilter_\w+)(?:\{([\w,]*)\})?", line)
+            if m:
+                entries[m.group(1)] = tuple(m.group(2).split(",")) if m.group(2) else ()
+        after_tp = line == ".TP"
+    return entries
+
+
+def test_man8_documents_every_metric_with_its_labels():
+    entries = man8_metric_entries()
+    expected = {documented_name(m): tuple(m._labelnames) for m in metric_objects()}
+    assert entries == expected
+
+
+def test_man8_lists_every_decision_reason():
+    decision = pytest.importorskip("stsmilter.decision")
+    if not hasattr(decision, "REASONS"):
+        pytest.skip("stsmilter.decision has no REASONS")
+    text = " ".join(roff_text(MAN8).split())
+    m = re.search(r"reason is one of (.*?)\. ", text)
+    assert m, "stsmilter(8) lacks the 'reason is one of' list"
+    assert sorted(r.strip() for r in m.group(1).split(",")) == sorted(decision.REASONS)
+
+
+def test_man8_mentions_only_real_metric_names():
+    for path in (MAN8, MAN5):
+        for name in set(re.findall(r"stsmilter_[a-z_]+", roff_text(path))):
+            assert name in exposed_names(), f"{path.name}: {name} is not an exposed metric name"
+
+
+def test_man8_synopsis_and_options_cover_the_cli():
+    cli = pytest.importorskip("stsmilter.cli")
+    if not hasattr(cli, "build_parser"):
+        pytest.skip("stsmilter.cli has no build_parser yet")
+    import argparse
+
+    synopsis = roff_text(MAN8).split("DESCRIPTION")[0]
+    text = roff_text(MAN8)
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, prefix + [name])
+            elif action.option_strings and not isinstance(action, argparse._HelpAction):
+                yield prefix, action.option_strings
+
+    commands = set()
+    for prefix, options in walk(cli.build_parser(), []):
+        if prefix:
+            commands.add(" ".join(prefix))
+        for option in options:
+            assert option in text, f"stsmilter(8) does not mention {option} ({' '.join(prefix) or 'global'})"
+    for command in commands:
+        assert f"stsmilter {command}" in synopsis, f"SYNOPSIS lacks 'stsmilter {command}'"
+
+
+def test_man8_has_the_required_sections():
+    headings = re.findall(r"^\.SH (.+)$", MAN8.read_text(), re.M)
+    for name in ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "OPTIONS", "SIGNALS", "EXIT STATUS",
+                 "METRICS", "FILES", "EXAMPLES", '"SEE ALSO"'):
+        assert name in headings or name.strip('"') in headings, name
+
+
+@pytest.mark.parametrize("page", [MAN8, MAN5], ids=lambda p: p.name)
+def test_man_page_renders_without_warnings(page):
+    groff = shutil.which("groff")
+    if groff is None:
+        pytest.skip("groff not installed")
+    run = subprocess.run([groff, "-man", "-ww", "-z", str(page)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    mandoc = shutil.which("mandoc")
+    if mandoc is not None:
+        lint = subprocess.run([mandoc, "-T", "lint", "-W", "warning", str(page)], capture_output=True, text=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+# --- README ------------------------------------------------------------------------
+
+
+def test_readme_has_exactly_the_two_setup_commands():
+    text = README.read_text()
+    assert text.count("sh contrib/bootstrap.sh") == 2
+    commands = re.findall(r"^\s+sh contrib/bootstrap\.sh (\S+)\s*$", text, re.M)
+    assert commands == ["run", "test"]
