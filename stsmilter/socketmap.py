@@ -1,0 +1,398 @@
+"""Postfix socketmap_table(5) TLS-policy server; also what Sendmail 8.17 FEATURE(`sts') asks.
+
+Requests are netstrings "NAME KEY" (NAME is the map name; any word is accepted); replies are
+netstrings "OK data", "NOTFOUND ", "TEMP reason" or "PERM reason". Postfix keeps connections
+open and may pipeline, so replies leave in request order.
+
+The event loop runs in its own thread (libmilter owns the main thread and the signals). A
+request that discovery.peek() can answer is answered inside data_received (no task, no
+await); any other waits for discovery.submit() at most lookup_timeout.
+"""
+
+import asyncio
+import collections
+import errno
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import threading
+import time
+from typing import Optional
+
+import idna
+
+from . import metrics, policy
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 300.0  # Postfix reconnects when we close an idle connection
+MAX_REQUEST = 1024  # keys are domain names
+MAX_LENGTH_DIGITS = 5
+MAX_PIPELINED = 64  # unanswered requests per connection before we stop reading more
+MAX_REPLY = 100000  # the Postfix socketmap client refuses longer replies
+CACHE_LIMIT = 10000  # request keys remembered by the fast path
+BLOCKED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+NOTFOUND = b"NOTFOUND "
+IN_PROGRESS = b"TEMP MTA-STS policy lookup in progress"
+INTERNAL_ERROR = b"TEMP internal error"
+MALFORMED = b"PERM malformed request"
+NO_MX = b"TEMP MTA-STS policy lists no mx"
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(r"(?:%s\.)*%s" % (_LABEL, _LABEL))
+_PATTERN = re.compile(r"(?:\*\.)?(?:%s\.)*%s" % (_LABEL, _LABEL), re.I)
+# Children bound once, keyed by the reply's first byte: .labels() per request costs a lock.
+_COUNTERS = {ord(r[0].upper()): metrics.SOCKETMAP_LOOKUPS.labels(result=r) for r in ("ok", "notfound", "temp", "perm")}
+_monotonic = time.monotonic
+_perf_counter = time.perf_counter
+
+
+def netstring(payload: bytes) -> bytes:
+    return b"%d:%s," % (len(payload), payload)
+
+
+NOTFOUND_REPLY = netstring(NOTFOUND)
+MALFORMED_REPLY = netstring(MALFORMED)
+INTERNAL_ERROR_REPLY = netstring(INTERNAL_ERROR)
+
+
+def normalize_key(key: bytes) -> Optional[str]:
+    """The domain a request key names (lower-case A-labels, no trailing dot), or None for
+    anything else: [host]:port, host:port, IP literals, ".parent" lookups, junk."""
+    try:
+        text = key.decode("ascii").lower()
+    except UnicodeDecodeError:
+        try:  # U-labels (SMTPUTF8 recipients): UTS 46 mapping, as Postfix does
+            text = idna.encode(key.decode("utf-8").rstrip("."), uts46=True).decode("ascii")
+        except (UnicodeError, idna.IDNAError, ValueError):
+            return None
+    if text.endswith("."):
+        text = text[:-1]
+    if len(text) > 253 or not _DOMAIN.fullmatch(text) or text.rpartition(".")[2].isdigit():
+        return None  # (an all-digit TLD is an IPv4 literal)
+    return text
+
+
+def on_timeout_answer(settings) -> bytes:
+    return NOTFOUND if settings.on_timeout == "notfound" else IN_PROGRESS
+
+
+def answer(result: policy.Result, settings) -> bytes:
+    """The reply payload (without netstring framing) for a discovery result."""
+    if result.status == policy.PENDING:
+        return on_timeout_answer(settings)
+    sts = result.policy
+    if result.status != policy.VALID or sts is None:
+        return NOTFOUND
+    if sts.mode != "enforce" and not (sts.mode == "testing" and settings.strict_testing):
+        return NOTFOUND
+    if not sts.mx:
+        return NO_MX  # enforced, yet no MX can satisfy it: defer rather than downgrade
+    # The parser validated these already; checked again because they become Postfix syntax.
+    if sts.version != "STSv1" or not _DOMAIN.fullmatch(result.domain) or not all(map(_PATTERN.fullmatch, sts.mx)):
+        raise ValueError("unsafe text in the policy of %r" % result.domain)  # -> TEMP internal error
+    # Postfix's ".example.com" also matches deeper names, RFC 8461's "*." one label only:
+    # a documented, accepted weakening (the certificate must still name the MX host).
+    secure = "OK secure match=%s servername=hostname" % ":".join(p[1:] if p[:2] == "*." else p for p in sts.mx)
+    if settings.tlsrpt:
+        # Postfix 3.10 TLSRPT attributes (TLSRPT_README); "{ name = value }" protects spaces.
+        lines = ["version: " + sts.version, "mode: " + sts.mode] + ["mx: " + p for p in sts.mx]
+        lines.append("max_age: %d" % sts.max_age)
+        attributes = ["policy_type=sts", "policy_domain=" + result.domain] + ["mx_host_pattern=" + p for p in sts.mx]
+        reported = " ".join([secure] + attributes + ["{ policy_string = %s }" % line for line in lines])
+        if len(reported) <= MAX_REPLY:
+            return reported.encode("ascii")
+    return secure.encode("ascii")
+
+
+class _Entry:
+    """Fast-path memory for one request key: the reply last built and what it was built from."""
+
+    __slots__ = ("domain", "result", "settings", "reply", "counter")
+
+    def __init__(self, domain: Optional[str]):
+        self.domain, self.result, self.settings = domain, None, None
+        self.reply, self.counter = NOTFOUND_REPLY, _COUNTERS[ord("N")]
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = ("server", "transport", "buffer", "queue", "tasks", "last_request", "idle_timer",
+                 "closing", "throttled", "write_paused")
+
+    def __init__(self, server: "SocketmapServer"):
+        self.server = server
+        self.transport = self.idle_timer = None
+        self.buffer = b""
+        self.queue = collections.deque()  # [reply or None] slots, oldest request first
+        self.tasks = set()
+        self.last_request = _monotonic()
+        self.closing = self.throttled = self.write_paused = False
+
+    def connection_made(self, transport):
+        server = self.server
+        if len(server.connections) >= server.state[1].max_connections:
+            transport.abort()
+            server.refused_connections += 1
+            if server.refused_connections & (server.refused_connections - 1) == 0:  # 1, 2, 4, 8...
+                log.warning("socketmap: max_connections reached; %d connections refused", server.refused_connections)
+            return
+        self.transport = transport
+        server.connections.add(self)
+        self.idle_timer = server.loop.call_later(server.idle_timeout, self._check_idle)
+
+    def connection_lost(self, exc):
+        self.server.connections.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        for task in self.tasks:
+            task.cancel()
+        self.queue.clear()
+
+    def pause_writing(self):  # the client does not read its replies: stop reading its requests
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.throttled and not self.closing:
+            self.transport.resume_reading()
+
+    def _check_idle(self):
+        # One self-re-arming timer per connection: cheaper than one timer per request.
+        left = self.server.idle_timeout - (_monotonic() - self.last_request)
+        if left <= 0 and not self.queue:
+            self.transport.close()
+        else:
+            self.idle_timer = self.server.loop.call_later(max(left, 0.1), self._check_idle)
+
+    def data_received(self, data):
+        if self.closing:
+            return
+        if self.buffer:
+            data, self.buffer = self.buffer + data, b""
+        self.last_request = _monotonic()
+        pos, end = 0, len(data)
+        while pos < end:
+            colon = data.find(b":", pos, pos + MAX_LENGTH_DIGITS + 1)
+            if colon < 0:
+                if end - pos > MAX_LENGTH_DIGITS or not data[pos:end].isdigit():
+                    return self._reject()
+                break  # the length is still arriving
+            digits = data[pos:colon]
+            length = int(digits) if digits.isdigit() else MAX_REQUEST + 1  # int() takes " 1_0"
+            if length > MAX_REQUEST:
+                return self._reject()
+            comma = colon + 1 + length
+            if comma >= end:
+                break  # so at most MAX_REQUEST + 7 bytes stay buffered
+            if data[comma] != 44:  # ","
+                return self._reject()
+            self._lookup(data[colon + 1:comma])
+            pos = comma + 1
+            if len(self.queue) >= MAX_PIPELINED:
+                self.throttled = True
+                self.transport.pause_reading()
+                break
+        if pos < end:
+            self.buffer = data[pos:]
+
+    def _lookup(self, request: bytes):
+        started = _perf_counter()
+        server = self.server
+        discovery, settings = server.state
+        key = request.partition(b" ")[2]
+        entry = server.cache.get(key)
+        try:
+            if entry is None:
+                if len(server.cache) >= CACHE_LIMIT:
+                    server.cache.clear()
+                entry = server.cache[key] = _Entry(normalize_key(key))
+            if entry.domain is None:
+                return self._send(NOTFOUND_REPLY, entry.counter, started)
+            result = discovery.peek(entry.domain)
+            if result is None or result.status == policy.PENDING:
+                slot = [None]  # holds our place in the reply order
+                self.queue.append(slot)
+                task = server.loop.create_task(self._discover(slot, entry.domain, discovery, settings, started))
+                self.tasks.add(task)
+                return task.add_done_callback(self.tasks.discard)
+            if result is not entry.result or settings is not entry.settings:
+                payload = answer(result, settings)
+                entry.reply, entry.counter = netstring(payload), _COUNTERS[payload[0]]
+                entry.result, entry.settings = result, settings
+            self._send(entry.reply, entry.counter, started)
+        except Exception:
+            log.exception("socketmap: lookup of %r failed", key)
+            self._send(INTERNAL_ERROR_REPLY, _COUNTERS[ord("T")], started)
+
+    def _send(self, reply: bytes, counter, started: float):
+        counter.inc()
+        metrics.SOCKETMAP_LOOKUP_SECONDS.observe(_perf_counter() - started)
+        if self.queue:
+            self.queue.append([reply])  # an earlier request is still being looked up
+        else:
+            self.transport.write(reply)
+
+    async def _discover(self, slot, domain, discovery, settings, started):
+        try:
+            engine_future = asyncio.wrap_future(discovery.submit(domain))
+            # shield: when we stop waiting, the fetch goes on and fills the cache for the retry
+            payload = answer(await asyncio.wait_for(asyncio.shield(engine_future), settings.lookup_timeout), settings)
+        except asyncio.TimeoutError:
+            payload = on_timeout_answer(settings)
+        except Exception:
+            log.exception("socketmap: discovery for %s failed", domain)
+            payload = INTERNAL_ERROR
+        log.debug("socketmap: %s -> %s", domain, payload)
+        _COUNTERS[payload[0]].inc()
+        metrics.SOCKETMAP_LOOKUP_SECONDS.observe(_perf_counter() - started)
+        slot[0] = netstring(payload)
+        self._flush()
+
+    def _flush(self):
+        queue, transport = self.queue, self.transport
+        while queue and queue[0][0] is not None:
+            transport.write(queue.popleft()[0])
+        if self.closing:
+            if not queue:
+                transport.close()
+        elif self.throttled and len(queue) < MAX_PIPELINED:
+            self.throttled = False
+            if not self.write_paused:
+                transport.resume_reading()
+            self.data_received(b"")  # the requests left in the buffer when we stopped
+
+    def _reject(self):
+        """Broken framing cannot be resynchronized: PERM (after earlier replies), then close."""
+        self.closing = True
+        self.buffer = b""
+        self.transport.pause_reading()
+        _COUNTERS[ord("P")].inc()
+        self.queue.append([MALFORMED_REPLY])
+        self._flush()
+
+
+class SocketmapServer:
+    """start() binds and serves from a thread of its own; stop() ends both."""
+
+    def __init__(self, discovery, settings, idle_timeout: float = IDLE_TIMEOUT):
+        self.state = (discovery, settings)  # one tuple, so update() swaps both at once
+        self.listen = settings.listen
+        self.idle_timeout = idle_timeout
+        self.connections = set()
+        self.cache = {}  # request key -> _Entry; used by the loop thread only
+        self.refused_connections = 0
+        self.loop = None
+        self._listener = self._thread = self._socket_id = self._startup_error = None
+
+    def update(self, discovery, settings) -> None:
+        """Engine and settings for the next request; a new listen needs a new server."""
+        self.state = (discovery, settings)
+
+    @property
+    def address(self):
+        """The bound (host, port), or the unix socket path."""
+        if self.listen.family == "unix":
+            return self.listen.path
+        return self._listener.sockets[0].getsockname()[:2]
+
+    def start(self) -> None:
+        """Bind and serve; returns once listening. OSError if the listen address is unusable."""
+        if self._thread is not None:
+            raise RuntimeError("socketmap server already started")
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="stsmilter-socketmap", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._startup_error is not None:
+            self._thread.join()
+            self._thread, error, self._startup_error = None, self._startup_error, None
+            raise error
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Close the listener and every connection, and join the thread."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("socketmap: the server thread did not stop within %.1f s", timeout)
+
+    def _run(self, ready: threading.Event) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)  # libmilter's to handle
+        self.loop = loop = asyncio.new_event_loop()
+        try:
+            try:
+                self._listener = loop.run_until_complete(self._bind())
+            except OSError as e:
+                message = "socketmap: cannot listen on %s: %s" % (self.listen, e.strerror or e)
+                self._startup_error = OSError(e.errno, message)
+                return
+            except Exception as e:
+                self._startup_error = e
+                return
+            finally:
+                ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+        finally:
+            loop.close()
+
+    async def _bind(self):
+        loop, factory = asyncio.get_running_loop(), lambda: _Connection(self)
+        if self.listen.family == "unix":
+            _remove_stale_socket(self.listen.path)
+            listener = await loop.create_unix_server(factory, self.listen.path, backlog=1024, start_serving=False)
+            os.chmod(self.listen.path, self.state[1].socket_mode)  # before the first accept
+            self._socket_id = _file_id(self.listen.path)
+        else:
+            listener = await loop.create_server(factory, self.listen.host, self.listen.port, backlog=1024,
+                                                start_serving=False)
+        await listener.start_serving()
+        log.info("socketmap: listening on %s", self.listen)
+        return listener
+
+    async def _shutdown(self):
+        self._listener.close()
+        for _ in range(3):
+            await asyncio.sleep(0)  # accepts already under way become connections
+        for connection in list(self.connections):
+            connection.transport.abort()  # connection_lost cancels its lookups
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        if tasks:
+            await asyncio.wait(tasks, timeout=0.5)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._socket_id is not None and _file_id(self.listen.path) == self._socket_id:
+            os.unlink(self.listen.path)  # ours, not a successor's
+
+
+def _file_id(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file that nobody listens on; refuse to touch anything else."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, "%s exists and is not a socket" % path)
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: left behind by a server that died
+            return
+    raise OSError(errno.EADDRINUSE, "another server is listening on %s" % path)
