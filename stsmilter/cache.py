@@ -37,6 +37,14 @@ class PolicyCache:
         self._backoff: TTLCache = TTLCache(maxsize=max_entries, ttl=max(failure_backoff, 1e-9), timer=clock)
         self._negative_enabled = negative_ttl > 0
         self._backoff_enabled = failure_backoff > 0
+        # Counted at scrape time: always true, and no bookkeeping on every put.
+        metrics.CACHE_ENTRIES.set_function(self._count_for_metrics)
+
+    def _count_for_metrics(self) -> float:
+        try:
+            return float(self.store.count())
+        except Exception:  # a closed store (shutdown) must not break /metrics
+            return float("nan")
 
     def load(self) -> int:
         """Fill memory from the store (newest first up to the bound); returns entries held."""
@@ -44,9 +52,7 @@ class PolicyCache:
         with self._lock:
             for entry in entries[-self._policies.maxsize :]:
                 self._policies[entry.domain] = entry
-            held = len(self._policies)
-        metrics.CACHE_ENTRIES.set(self.store.count())
-        return held
+            return len(self._policies)
 
     def peek(self, domain: str) -> Optional[Entry]:
         """Memory only: never touches the store (the socketmap's event loop calls this)."""

@@ -284,19 +284,17 @@ class Discovery:
         """One refresher pass: refresh due policies, drop expired ones, update gauges."""
         now = self.clock()
         interval = self.settings.refresh_interval
-        due, failing, count = [], 0, 0
+        due, failing = [], 0
         for entry in self.cache.entries():
             if entry.expires <= now:
                 self.cache.delete(entry.domain)
                 continue
-            count += 1
             if entry.refresh_failures and entry.policy.mode != "none":
                 failing += 1
             # Due once a refresh_interval has passed, or when expiry is within one.
             if now - entry.fetched_at >= interval or entry.expires - now <= interval:
                 if self.cache.backoff(entry.domain, entry.policy_id) is None:
                     due.append(entry.domain)
-        metrics.CACHE_ENTRIES.set(count)
         metrics.REFRESH_FAILING.set(failing)
         for domain in due:
             if self._stopping.is_set():

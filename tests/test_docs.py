@@ -155,7 +155,7 @@ def test_key_references_in_docs_are_real_keys():
     """'[section] key' mentioned anywhere in the man pages and contrib files exists."""
     texts = {MAN8.name: roff_text(MAN8), MAN5.name: roff_text(MAN5)}
     for path in sorted(CONTRIB.rglob("*")):
-        if path.is_file() and path.suffix not in (".json",):
+        if path.is_file() and path.suffix not in (".json", ".pyc") and "__pycache__" not in path.parts:
             texts[str(path.relative_to(ROOT))] = path.read_text()
     found = 0
     for name, text in texts.items():

@@ -93,12 +93,14 @@ class SmtpSink:
         self,
         *,
         host: str = LOOPBACK,
+        port: int = 0,
         tls_context: Optional[ssl.SSLContext] = None,
         hostname: str = "sink.stsmilter.test",
     ):
         if not host.startswith("127.") and host != "::1":
             raise ValueError(f"test peers listen on loopback only, not {host!r}")
         self.host = host
+        self._requested_port = port  # 0: any free port
         self.port: Optional[int] = None
         self.tls_context = tls_context
         # An explicit greeting name: aiosmtpd's default is socket.getfqdn(), a
@@ -138,7 +140,7 @@ class SmtpSink:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, 0))
+            sock.bind((self.host, self._requested_port))
             sock.listen(64)
             self.port = sock.getsockname()[1]
             self._controller = _PreboundController(

@@ -1,0 +1,328 @@
+"""`stsmilter run`: the long-running daemon.
+
+Start-up order matters:
+1. load the config (a bad one stops here with one line, exit 2);
+2. block HUP/TERM/INT/USR1 before any thread exists, so every helper thread inherits
+   the mask: libmilter's own signal thread waits for HUP/TERM/INT, ours for USR1;
+3. as root: create the runtime/state directories for the service user, drop privileges;
+4. pidfile, engine (cache loaded from the store), metrics, socketmap, then the milter,
+   which runs in the main thread until libmilter sees TERM or INT.
+USR1 reloads the configuration: new Milter.factory (each milter connection keeps the
+snapshot it started with), new DNS/fetch settings; the cache stays.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import logging.handlers
+import os
+import pwd
+import signal
+import sys
+import threading
+from typing import Optional
+
+from stsmilter import __version__, config as config_mod
+
+log = logging.getLogger("stsmilter")
+
+_BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+
+class StartupError(Exception):
+    """The daemon cannot start; str() is one line for the operator."""
+
+
+def setup_logging(daemon_cfg) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler
+    if daemon_cfg.log == "syslog" and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(logging.Formatter(f"stsmilter[{os.getpid()}]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s stsmilter[%(process)d] %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(daemon_cfg.log_level.upper())
+    if daemon_cfg.log == "syslog" and not os.path.exists("/dev/log"):
+        log.warning("no /dev/log: logging to stderr")
+
+
+def _service_ids(daemon_cfg):
+    """(uid, gid) to drop to, or None when not root or no user is configured."""
+    if os.geteuid() != 0 or not daemon_cfg.user:
+        return None
+    try:
+        user = pwd.getpwnam(daemon_cfg.user)
+    except KeyError:
+        raise StartupError(f"[daemon] user {daemon_cfg.user!r}: no such user") from None
+    gid = user.pw_gid
+    if daemon_cfg.group:
+        try:
+            gid = grp.getgrnam(daemon_cfg.group).gr_gid
+        except KeyError:
+            raise StartupError(f"[daemon] group {daemon_cfg.group!r}: no such group") from None
+    return user.pw_uid, gid, user.pw_name
+
+
+def _unix_socket_dirs(cfg) -> list:
+    dirs = []
+    if cfg.milter.socket.startswith(("unix:", "local:")):
+        dirs.append(os.path.dirname(cfg.milter.socket.split(":", 1)[1]))
+    if cfg.socketmap.listen is not None and cfg.socketmap.listen.family == "unix":
+        dirs.append(os.path.dirname(cfg.socketmap.listen.path))
+    return dirs
+
+
+def prepare_directories(cfg, ids) -> None:
+    """Create the pidfile, socket and cache directories; as root, hand them (and an
+    existing cache file) to the service user so it can write after the drop."""
+    dirs = _unix_socket_dirs(cfg)
+    if cfg.daemon.pidfile:
+        dirs.append(os.path.dirname(cfg.daemon.pidfile))
+    cache_files = []
+    if cfg.cache.path:
+        dirs.append(os.path.dirname(cfg.cache.path))
+        cache_files = [cfg.cache.path + suffix for suffix in ("", "-wal", "-shm")]
+    created = []
+    for directory in dict.fromkeys(d for d in dirs if d):
+        if not os.path.isdir(directory):
+            try:
+                os.makedirs(directory, mode=0o755)
+            except OSError as e:
+                raise StartupError(f"cannot create {directory}: {e.strerror}") from None
+            created.append(directory)
+    if ids is None:
+        return
+    uid, gid, _name = ids
+    # Directories that already exist are the administrator's (a socket directory shared
+    # with Postfix, a systemd RuntimeDirectory): left as they are. The cache is ours and
+    # must be writable after the drop, even if a root `stsmilter query` created it.
+    owned = created + cache_files
+    if cfg.cache.path:
+        owned.append(os.path.dirname(cfg.cache.path))
+    for path in dict.fromkeys(owned):
+        if os.path.exists(path) and path not in _SHARED_DIRS:
+            os.chown(path, uid, gid)
+
+
+_SHARED_DIRS = {"/", "/run", "/var/run", "/tmp", "/var/tmp", "/var/lib", "/var", "/etc"}
+
+
+def import_everything() -> None:
+    """Import every module the daemon will use before privileges are dropped: the
+    service user may not be able to read the Python installation or the checkout it
+    runs from (a venv under /root), and Python imports lazily (codecs included)."""
+    import codecs
+    import importlib
+
+    for name in (
+        "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap",
+        "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
+        "concurrent.futures.thread", "idna", "encodings.idna",
+    ):
+        importlib.import_module(name)
+    for codec in ("ascii", "latin-1", "utf-8", "idna"):
+        codecs.lookup(codec)
+
+
+def drop_privileges(ids) -> None:
+    if ids is None:
+        return
+    uid, gid, name = ids
+    os.setgroups([])
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+class Pidfile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        try:
+            with open(self.path) as f:
+                old = int(f.read().strip() or 0)
+            if old > 0 and old != os.getpid():
+                os.kill(old, 0)
+                raise StartupError(f"already running as pid {old} ({self.path})")
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            pass  # absent, garbage or stale: ours now
+        except PermissionError:
+            raise StartupError(f"pid in {self.path} belongs to another user's process") from None
+        tmp = f"{self.path}.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise StartupError(f"cannot write pidfile {self.path}: {e.strerror}") from None
+
+    def remove(self) -> None:
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+class Daemon:
+    def __init__(self, cfg, config_path: Optional[str]) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.discovery = None
+        self.socketmap = None
+        self.metrics_server = None
+        self.milter_started = False
+
+    def start_services(self) -> None:
+        from stsmilter import engine
+
+        self.discovery = engine.open_engine(self.cfg)
+        self.discovery.start_refresher()
+        listen = self.cfg.metrics.listen
+        if listen is not None:
+            import prometheus_client
+
+            try:
+                self.metrics_server, _thread = prometheus_client.start_http_server(listen.port, addr=listen.host)
+            except OSError as e:
+                raise StartupError(f"[metrics] listen {listen}: {e.strerror}") from None
+        if self.cfg.socketmap.listen is not None:
+            from stsmilter.socketmap import SocketmapServer
+
+            self.socketmap = SocketmapServer(self.discovery, self.cfg.socketmap)
+            try:
+                self.socketmap.start()
+            except OSError as e:
+                raise StartupError(f"[socketmap] listen {self.cfg.socketmap.listen}: {e}") from None
+
+    def install_milter(self, cfg) -> None:
+        import Milter
+
+        from stsmilter.decision import Decider
+        from stsmilter.milter import make_milter_class
+
+        Milter.factory = make_milter_class(Decider(self.discovery, cfg.milter, cfg.scope), cfg)
+
+    def reload(self) -> None:
+        from stsmilter import engine
+
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        restart_needed = [
+            f"[{section}] {key}"
+            for section, key, value in new.items()
+            if (section, key) in _RESTART_KEYS and value != getattr(getattr(self.cfg, section), key)
+        ]
+        setup_logging(new.daemon)
+        engine.reconfigure(self.discovery, new)
+        self.install_milter(new)
+        if self.socketmap is not None:
+            self.socketmap.update(self.discovery, new.socketmap)
+        self.cfg = new
+        log.info("configuration reloaded from %s", new.source)
+        if restart_needed:
+            log.warning("changes to %s take effect only after a restart", ", ".join(restart_needed))
+
+    def wait_for_reloads(self) -> None:
+        def loop() -> None:
+            while True:
+                signal.sigwait({signal.SIGUSR1})
+                try:
+                    self.reload()
+                except Exception:
+                    log.exception("reload failed")
+
+        threading.Thread(target=loop, name="sts-reload", daemon=True).start()
+
+    def serve_milter(self) -> None:
+        import Milter
+
+        from stsmilter.milter import MILTER_FLAGS
+
+        Milter.set_flags(MILTER_FLAGS)
+        milter_cfg = self.cfg.milter
+        # libmilter creates a unix socket under the process umask: make it socket_mode.
+        os.umask(0o777 & ~milter_cfg.socket_mode)
+        log.info("stsmilter %s: milter on %s", __version__, milter_cfg.socket)
+        self.milter_started = True
+        try:
+            Milter.runmilter("stsmilter", milter_cfg.socket, timeout=milter_cfg.timeout)
+        except Milter.milter.error as e:
+            raise StartupError(f"[milter] socket {milter_cfg.socket}: {e}") from None
+
+    def stop(self) -> None:
+        socket_spec = self.cfg.milter.socket
+        if self.milter_started and socket_spec.startswith(("unix:", "local:")):
+            try:  # libmilter leaves its socket file behind
+                os.unlink(socket_spec.split(":", 1)[1])
+            except OSError:
+                pass
+        if self.socketmap is not None:
+            self.socketmap.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        if self.discovery is not None:
+            self.discovery.close()
+            self.discovery.cache.store.close()
+
+
+# Keys read only at start-up.
+_RESTART_KEYS = {
+    ("daemon", "user"),
+    ("daemon", "group"),
+    ("daemon", "pidfile"),
+    ("milter", "socket"),
+    ("milter", "socket_mode"),
+    ("milter", "timeout"),
+    ("cache", "path"),
+    ("cache", "max_entries"),
+    ("cache", "negative_ttl"),
+    ("cache", "failure_backoff"),
+    ("fetch", "max_concurrent"),
+    ("socketmap", "listen"),
+    ("socketmap", "socket_mode"),
+    ("socketmap", "max_connections"),
+    ("metrics", "listen"),
+}
+
+
+def run(config_path: Optional[str]) -> int:
+    cfg = config_mod.load(config_path)  # ConfigError -> one line, exit 2 (cli)
+    setup_logging(cfg.daemon)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+    daemon = Daemon(cfg, config_path)
+    pidfile = Pidfile(cfg.daemon.pidfile)
+    started = False
+    try:
+        ids = _service_ids(cfg.daemon)
+        prepare_directories(cfg, ids)
+        import_everything()
+        drop_privileges(ids)
+        pidfile.write()
+        started = True
+        daemon.start_services()
+        daemon.install_milter(cfg)
+        daemon.wait_for_reloads()
+        daemon.serve_milter()
+        log.info("stopping")
+        return 0
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in logging.getLogger().handlers):
+            print(f"stsmilter: cannot start: {e}", file=sys.stderr)
+        return 2
+    finally:
+        daemon.stop()
+        if started:
+            pidfile.remove()

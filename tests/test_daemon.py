@@ -1,0 +1,113 @@
+"""`stsmilter run` started as a subprocess, as an init script or systemd would."""
+
+import os
+import pwd
+import shutil
+import signal
+import tempfile
+import time
+
+import pytest
+
+from world.daemon import DaemonProcess, free_port, scrape, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_starts_writes_pidfile_serves_metrics_and_stops_on_term(start_daemon):
+    daemon = start_daemon()
+    with open(daemon.pidfile) as f:
+        assert int(f.read()) == daemon.pid
+    text = scrape(daemon.metrics_port)
+    assert "stsmilter_cache_entries" in text and "process_resident_memory_bytes" in text
+    wait_for_port(daemon.socketmap_port)
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    # libmilter's listener looks at its stop flag every 5 s (MI_CHK_TIME).
+    assert time.monotonic() - started < 8
+    assert not os.path.exists(daemon.pidfile)
+
+
+def test_int_stops_too(start_daemon):
+    daemon = start_daemon()
+    daemon.signal(signal.SIGINT)
+    daemon.proc.wait(10)
+    assert daemon.proc.returncode == 0
+
+
+def test_usr1_reloads_and_bad_reload_keeps_running_config(start_daemon, sts_world):
+    daemon = start_daemon()
+    with open(daemon.config_path) as f:
+        text = f.read()
+    with open(daemon.config_path, "w") as f:
+        f.write(text.replace("[milter]\n", "[milter]\ndry_run = yes\n"))
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_log("configuration reloaded")
+    with open(daemon.config_path, "w") as f:
+        f.write(text + "[milter]\nbogus = 1\n")
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_log("reload refused")
+    assert daemon.proc.poll() is None
+    scrape(daemon.metrics_port)  # still serving
+    assert daemon.stop() == 0
+
+
+def test_bad_config_refuses_to_start_with_one_line(tmp_path):
+    conf = tmp_path / "bad.conf"
+    conf.write_text("[milter]\non_violation = bounce\n")
+    daemon = DaemonProcess(str(conf), str(tmp_path / "log")).start()
+    assert daemon.proc.wait(10) == 2
+    lines = daemon.log().strip().splitlines()
+    assert len(lines) == 1 and "on_violation" in lines[0] and "bad.conf:2" in lines[0]
+
+
+def test_busy_port_refuses_to_start(start_daemon, sts_world, tmp_path):
+    first = start_daemon()
+    conf = sts_world.write_config(
+        "second.conf",
+        milter={"socket": f"inet:{free_port()}@127.0.0.1"},
+        metrics={"listen": f"127.0.0.1:{first.metrics_port}"},
+        daemon={"pidfile": str(tmp_path / "second.pid"), "log": "stderr", "user": "", "group": ""},
+    )
+    second = DaemonProcess(conf, str(tmp_path / "second.log")).start()
+    assert second.proc.wait(15) == 2
+    assert "[metrics] listen" in second.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_root_drops_privileges_before_serving(sts_world):
+    nobody = pwd.getpwnam("nobody")
+    # Its own world-traversable directory: pytest's tmp_path is 0700 root.
+    rundir = tempfile.mkdtemp(prefix="stsmilter-priv-")
+    os.chmod(rundir, 0o755)
+    daemon = None
+    try:
+        metrics_port, milter_port = free_port(), free_port()
+        ca_file = os.path.join(rundir, "ca.pem")  # the service user must be able to read it
+        shutil.copyfile(sts_world.https.ca_file, ca_file)
+        os.chmod(ca_file, 0o644)
+        conf = sts_world.write_config(
+            "priv.conf",
+            fetch={"ca_file": ca_file},
+            cache_path=os.path.join(rundir, "state", "cache.sqlite"),
+            daemon={"user": "nobody", "group": "nogroup", "pidfile": os.path.join(rundir, "run", "s.pid"),
+                    "log": "stderr"},
+            milter={"socket": f"unix:{rundir}/run/milter.sock"},
+            metrics={"listen": f"127.0.0.1:{metrics_port}"},
+        )
+        daemon = DaemonProcess(conf, os.path.join(rundir, "log")).start(wait_port=metrics_port)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(f"{rundir}/run/milter.sock") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(f"/proc/{daemon.pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        assert status["Uid"].split()[:2] == [str(nobody.pw_uid)] * 2
+        assert os.stat(f"{rundir}/run/milter.sock").st_uid == nobody.pw_uid
+        assert os.stat(f"{rundir}/run/milter.sock").st_mode & 0o777 == 0o660
+        assert os.stat(f"{rundir}/state/cache.sqlite").st_uid == nobody.pw_uid
+        assert daemon.stop() == 0
+        assert not os.path.exists(f"{rundir}/run/s.pid")
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        shutil.rmtree(rundir, ignore_errors=True)

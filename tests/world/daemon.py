@@ -1,0 +1,104 @@
+"""`stsmilter run` as a subprocess, as an init script would start it."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc=None, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"stsmilter exited with {proc.returncode}: {proc.stderr_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+class DaemonProcess:
+    """Runs `python -m stsmilter run -c CONFIG`, stderr captured to a file."""
+
+    def __init__(self, config_path, log_path):
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self, wait_port=None):
+        env = dict(os.environ)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stsmilter", "run", "-c", self.config_path],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+        self.proc.stderr_text = self.log
+        if wait_port:
+            wait_for_port(wait_port, self.proc)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def wait_log(self, text, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not logged; log:\n{self.log()}")
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout=10.0):
+        """TERM, then KILL if it does not exit; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def sample(text, name, **labels):
+    """The value of one sample in Prometheus text format (0.0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        key, value = line.rsplit(" ", 1)
+        if "{" in key:
+            metric, rest = key.split("{", 1)
+            got = ",".join(sorted(rest.rstrip("}").split(",")))
+        else:
+            metric, got = key, ""
+        if metric == name and got == want:
+            return float(value)
+    return 0.0
