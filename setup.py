@@ -31,6 +31,8 @@ setup(
             "pytest-timeout>=2.1",
             "trustme>=1.0",
             "aiosmtpd>=1.4",
+            # README.rst and HACKING.rst must render (tests/test_docs.py)
+            "docutils>=0.18",
         ],
     },
     entry_points={"console_scripts": ["stsmilter = stsmilter.cli:main"]},

@@ -37,6 +37,10 @@ SOCKETMAP_LOOKUPS = Counter(
     "Socketmap lookups, by answer: ok, notfound, temp or perm.",
     ["result"],
 )
+SOCKETMAP_REFUSED_CONNECTIONS = Counter(
+    "stsmilter_socketmap_refused_connections",
+    "Socketmap connections closed at once because [socketmap] max_connections were open.",
+)
 SOCKETMAP_LOOKUP_SECONDS = Histogram(
     "stsmilter_socketmap_lookup_seconds",
     "Time from a socketmap request to its answer.",

@@ -137,6 +137,7 @@ class _Connection(asyncio.Protocol):
         if len(server.connections) >= server.state[1].max_connections:
             transport.abort()
             server.refused_connections += 1
+            metrics.SOCKETMAP_REFUSED_CONNECTIONS.inc()
             if server.refused_connections & (server.refused_connections - 1) == 0:  # 1, 2, 4, 8...
                 log.warning("socketmap: max_connections reached; %d connections refused", server.refused_connections)
             return
@@ -239,9 +240,8 @@ class _Connection(asyncio.Protocol):
 
     async def _discover(self, slot, domain, discovery, settings, started):
         try:
-            engine_future = asyncio.wrap_future(discovery.submit(domain))
-            # shield: when we stop waiting, the fetch goes on and fills the cache for the retry
-            payload = answer(await asyncio.wait_for(asyncio.shield(engine_future), settings.lookup_timeout), settings)
+            waiter = _follow(self.server.loop, discovery.submit(domain))
+            payload = answer(await asyncio.wait_for(waiter, settings.lookup_timeout), settings)
         except asyncio.TimeoutError:
             payload = on_timeout_answer(settings)
         except Exception:
@@ -287,7 +287,7 @@ class SocketmapServer:
         self.cache = {}  # request key -> _Entry; used by the loop thread only
         self.refused_connections = 0
         self.loop = None
-        self._listener = self._thread = self._socket_id = self._startup_error = None
+        self._listener = self._thread = self._startup_error = None
 
     def update(self, discovery, settings) -> None:
         """Engine and settings for the next request; a new listen needs a new server."""
@@ -329,11 +329,9 @@ class SocketmapServer:
         try:
             try:
                 self._listener = loop.run_until_complete(self._bind())
-            except OSError as e:
-                message = "socketmap: cannot listen on %s: %s" % (self.listen, e.strerror or e)
-                self._startup_error = OSError(e.errno, message)
-                return
             except Exception as e:
+                if isinstance(e, OSError):
+                    e = OSError(e.errno, "socketmap: cannot listen on %s: %s" % (self.listen, e.strerror or e))
                 self._startup_error = e
                 return
             finally:
@@ -349,7 +347,6 @@ class SocketmapServer:
             _remove_stale_socket(self.listen.path)
             listener = await loop.create_unix_server(factory, self.listen.path, backlog=1024, start_serving=False)
             os.chmod(self.listen.path, self.state[1].socket_mode)  # before the first accept
-            self._socket_id = _file_id(self.listen.path)
         else:
             listener = await loop.create_server(factory, self.listen.host, self.listen.port, backlog=1024,
                                                 start_serving=False)
@@ -359,6 +356,11 @@ class SocketmapServer:
 
     async def _shutdown(self):
         self._listener.close()
+        if self.listen.family == "unix":  # at once, so that no successor can have bound it yet
+            try:
+                os.unlink(self.listen.path)
+            except FileNotFoundError:
+                pass
         for _ in range(3):
             await asyncio.sleep(0)  # accepts already under way become connections
         for connection in list(self.connections):
@@ -369,16 +371,32 @@ class SocketmapServer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._socket_id is not None and _file_id(self.listen.path) == self._socket_id:
-            os.unlink(self.listen.path)  # ours, not a successor's
 
 
-def _file_id(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
+def _follow(loop, engine_future) -> asyncio.Future:
+    """An asyncio future with engine_future's outcome. Unlike wrap_future(), cancelling it
+    (our timeout) never cancels the fetch, which goes on and fills the cache for the retry;
+    an engine-side cancel becomes an error, and an outcome after the loop closed is dropped."""
+    waiter = loop.create_future()
+
+    def copy(done):
+        if waiter.done():
+            return
+        if done.cancelled():
+            waiter.set_exception(RuntimeError("discovery future cancelled"))
+        elif done.exception() is not None:
+            waiter.set_exception(done.exception())
+        else:
+            waiter.set_result(done.result())
+
+    def on_done(done):
+        try:
+            loop.call_soon_threadsafe(copy, done)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    engine_future.add_done_callback(on_done)
+    return waiter
 
 
 def _remove_stale_socket(path: str) -> None:

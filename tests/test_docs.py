@@ -270,3 +270,14 @@ def test_readme_has_exactly_the_two_setup_commands():
     assert text.count("sh contrib/bootstrap.sh") == 2
     commands = re.findall(r"^\s+sh contrib/bootstrap\.sh (\S+)\s*$", text, re.M)
     assert commands == ["run", "test"]
+
+
+@pytest.mark.parametrize("name", ["README.rst", "HACKING.rst", "bench/README.rst"])
+def test_rst_renders_without_warnings(name):
+    docutils_core = pytest.importorskip("docutils.core")
+    path = ROOT / name
+    if not path.exists():
+        pytest.skip(f"{name} not written yet")
+    docutils_core.publish_string(
+        path.read_text(), writer="null", settings_overrides={"halt_level": 2, "report_level": 2}
+    )
