@@ -1,0 +1,81 @@
+"""The operator commands that do not need the network: check-config and cache list/purge,
+run in-process through cli.main() (query and check are covered against real servers in
+test_engine_integration.py and test_milter_postfix.py)."""
+
+import json
+
+import pytest
+
+from stsmilter import cli, config
+from stsmilter.policy import Policy
+from stsmilter.store import SqliteStore, make_entry
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_conf(tmp_path, text):
+    path = tmp_path / "s.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_config_prints_every_effective_value(tmp_path, capsys):
+    conf = write_conf(tmp_path, "[milter]\non_violation = hold\nsocket_mode = 0640\n[metrics]\nlisten =\n")
+    code, out, err = run(capsys, "check-config", "-c", conf)
+    assert code == 0, err
+    assert f"# effective configuration from {conf}" in out
+    assert "on_violation = hold" in out and "socket_mode = 0640" in out
+    assert "trusted_networks = 127.0.0.0/8, ::1/128" in out
+    # The output is itself a valid configuration with the same values.
+    again = config.loads(out, "printed")
+    assert list(again.items()) == list(config.load(conf).items())
+
+
+def test_check_config_rejects_a_bad_file_with_one_line(tmp_path, capsys):
+    conf = write_conf(tmp_path, "[cache]\nmax_entries = lots\n")
+    code, out, err = run(capsys, "check-config", "-c", conf)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "max_entries" in err and "expected a whole number" in err
+
+
+@pytest.fixture
+def filled_cache(tmp_path):
+    path = str(tmp_path / "cache.sqlite")
+    store = SqliteStore(path)
+    policy = Policy("STSv1", "enforce", 86400, ("mx.a.example", "*.b.example"))
+    store.put(make_entry("a.example", "id1", policy, fetched_at=1_800_000_000.0))
+    store.put(make_entry("c.example", "id2", Policy("STSv1", "none", 600, ()), 1_800_000_000.0,
+                         refresh_failures=3, last_error="sts-webpki-invalid"))
+    store.close()
+    return write_conf(tmp_path, f"[cache]\npath = {path}\n")
+
+
+def test_cache_list(filled_cache, capsys):
+    code, out, err = run(capsys, "cache", "list", "--json", "-c", filled_cache)
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["domain"] for r in rows] == ["a.example", "c.example"]
+    assert rows[0]["mx"] == ["mx.a.example", "*.b.example"] and rows[0]["expires"] == "2027-01-16T08:00:00+00:00"
+    assert (rows[1]["refresh_failures"], rows[1]["last_error"]) == (3, "sts-webpki-invalid")
+    code, out, err = run(capsys, "cache", "list", "-c", filled_cache)
+    assert "c.example id=id2 mode=none" in out and "refresh failing x3 (sts-webpki-invalid)" in out
+    assert "2 cached policies" in err
+
+
+def test_cache_purge(filled_cache, capsys):
+    assert run(capsys, "cache", "purge", "-c", filled_cache, "A.Example.")[:2] == (0, "purged 1 policy\n")
+    code, out, _ = run(capsys, "cache", "list", "--json", "-c", filled_cache)
+    assert [r["domain"] for r in json.loads(out)] == ["c.example"]
+    assert run(capsys, "cache", "purge", "-c", filled_cache, "--all")[:2] == (0, "purged 1 policy\n")
+    code, _, err = run(capsys, "cache", "purge", "-c", filled_cache)
+    assert code == 2 and "--all" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["query"], ["cache"], ["check", "-c"]])
+def test_usage_errors_exit_2_with_one_line(capsys, argv):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.strip() and err.count("\n") == 1
