@@ -151,26 +151,6 @@ def why(row, fetch_failures):
     return text
 
 
-def processes_under(directory):
-    """PIDs of processes that belong to the world: a Postfix daemon (MAIL_CONFIG under
-    the directory) or anything whose command line names it (stsmilter run -c ...)."""
-    prefix = os.fsencode(str(directory))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:  # gone, or a zombie
-            continue
-        if any(v.startswith(b"MAIL_CONFIG=" + prefix) for v in environ) or prefix in cmdline:
-            found.append(int(entry))
-    return found
-
-
 def run(world_dir, cleanup):
     from world.daemon import DaemonProcess, free_port, scrape, wait_for_port
     from world.dns_server import DnsServer
@@ -408,6 +388,8 @@ def main():
         status, message = 130, "demo interrupted"
     except Exception as e:  # a bug or an environment problem: say it in one line
         status, message = 1, f"demo FAILED: {type(e).__name__}: {e}"
+    from world.postfix import processes_under
+
     leftovers = processes_under(world_dir) + ([str(world_dir)] if world_dir.exists() else [])
     if leftovers:
         say(f"cleanup INCOMPLETE: still there: {', '.join(map(str, leftovers))}")

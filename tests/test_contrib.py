@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.metrics import MetricWrapperBase
+
+from metric_names import base_name, exposed_names, metric_objects
 
 from stsmilter import config
 
@@ -42,31 +43,6 @@ def tool(name: str) -> str:
 def run(argv, **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("timeout", 120)
     return subprocess.run(argv, capture_output=True, text=True, **kwargs)
-
-
-def metric_objects():
-    from stsmilter import metrics
-
-    return [obj for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)]
-
-
-def exposed_names():
-    names = set()
-    for m in metric_objects():
-        if m._type == "counter":
-            names |= {m._name + "_total", m._name + "_created"}
-        elif m._type == "histogram":
-            names |= {m._name, m._name + "_bucket", m._name + "_sum", m._name + "_count"}
-        else:
-            names.add(m._name)
-    return names
-
-
-def base_name(series: str) -> str:
-    for m in metric_objects():
-        if series == m._name or (series.startswith(m._name + "_") and series[len(m._name) + 1 :] in ("total", "bucket", "sum", "count", "created")):
-            return m._name
-    raise AssertionError(series)
 
 
 def metric_names_in(text: str):

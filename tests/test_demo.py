@@ -9,32 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from world.postfix import processes_under
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "contrib" / "demo.py"
 VIOLATING = "user@bad.example"
 TIMEOUT = 180
-
-
-def processes_under(directory):
-    """PIDs whose environment has MAIL_CONFIG under directory (a Postfix of the demo) or
-    whose command line names it (`stsmilter run -c DIR/stsmilter.conf`)."""
-    prefix = os.fsencode(directory)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:  # gone, or a zombie
-            continue
-        if any(v.startswith(b"MAIL_CONFIG=" + prefix) for v in environ) or prefix in cmdline:
-            found.append(int(entry))
-    return found
 
 
 @pytest.mark.timeout(TIMEOUT)

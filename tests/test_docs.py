@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from prometheus_client.metrics import MetricWrapperBase
+
+from metric_names import documented_name, exposed_names, metric_objects
 
 from stsmilter import config
 
@@ -23,30 +24,6 @@ SCHEMA_KEYS = [(section, key) for section, keys in config.SCHEMA.items() for key
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def metric_objects():
-    from stsmilter import metrics
-
-    return [obj for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)]
-
-
-def documented_name(metric) -> str:
-    """The name an operator queries: counters get _total, histograms keep the base name."""
-    return metric._name + "_total" if metric._type == "counter" else metric._name
-
-
-def exposed_names():
-    """Every series name Prometheus can see for our metrics, plus histogram base names."""
-    names = set()
-    for m in metric_objects():
-        if m._type == "counter":
-            names |= {m._name + "_total", m._name + "_created"}
-        elif m._type == "histogram":
-            names |= {m._name, m._name + "_bucket", m._name + "_sum", m._name + "_count", m._name + "_created"}
-        else:
-            names.add(m._name)
-    return names
 
 
 _ALTERNATING = {".BR", ".RB", ".BI", ".IB", ".IR", ".RI"}

@@ -83,6 +83,27 @@ def _make_traversable(path: Path) -> None:
             os.chmod(directory, stat.S_IMODE(mode) | 0o011)
 
 
+
+def processes_under(directory) -> List[int]:
+    """PIDs of processes that belong to a throw-away world under directory: a Postfix
+    daemon (MAIL_CONFIG under it) or anything whose command line names it
+    (`stsmilter run -c DIR/stsmilter.conf`). Zombies (unreadable environ) are skipped."""
+    prefix = os.fsencode(str(directory))
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:  # gone, or a zombie
+            continue
+        if any(v.startswith(b"MAIL_CONFIG=" + prefix) for v in environ) or prefix in cmdline:
+            found.append(int(entry))
+    return found
+
 class PostfixInstance:
     """One private Postfix: construct (creates the temp root), start(), ..., stop().
 
