@@ -82,8 +82,21 @@ class PolicyCache:
                 del self._backoff[key]
         return self.store.delete(domain) or in_memory
 
+    @property
+    def max_entries(self) -> int:
+        return self._policies.maxsize
+
     def entries(self) -> Iterator[Entry]:
         return self.store.entries()
+
+    def purge_expired(self, now: float) -> int:
+        """Drop expired policies from the store and from memory."""
+        removed = self.store.purge_expired(now)
+        if removed:
+            with self._lock:
+                for domain in [d for d, e in self._policies.items() if e.expires <= now]:
+                    del self._policies[domain]
+        return removed
 
     def count(self) -> int:
         return self.store.count()

@@ -88,7 +88,7 @@ class Discovery:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrent, thread_name_prefix="sts-discovery", initializer=_block_signals
         )
-        self._mx_cache: LRUCache = LRUCache(maxsize=max(1000, cache._policies.maxsize))
+        self._mx_cache: LRUCache = LRUCache(maxsize=max(1000, cache.max_entries))
         self._refresher: Optional[threading.Thread] = None
         self._stopping = threading.Event()
 
@@ -281,21 +281,16 @@ class Discovery:
         return failing.result
 
     def refresh_due(self) -> int:
-        """One refresher pass: refresh due policies, drop expired ones, update gauges."""
+        """One refresher pass: drop expired policies, refresh due ones (a refresh_interval
+        since their fetch, or expiring within one), update the failing gauge."""
         now = self.clock()
-        interval = self.settings.refresh_interval
-        due, failing = [], 0
-        for entry in self.cache.entries():
-            if entry.expires <= now:
-                self.cache.delete(entry.domain)
-                continue
-            if entry.refresh_failures and entry.policy.mode != "none":
-                failing += 1
-            # Due once a refresh_interval has passed, or when expiry is within one.
-            if now - entry.fetched_at >= interval or entry.expires - now <= interval:
-                if self.cache.backoff(entry.domain, entry.policy_id) is None:
-                    due.append(entry.domain)
-        metrics.REFRESH_FAILING.set(failing)
+        self.cache.purge_expired(now)
+        due = [
+            e.domain
+            for e in self.cache.store.due(now, self.settings.refresh_interval)
+            if self.cache.backoff(e.domain, e.policy_id) is None
+        ]
+        metrics.REFRESH_FAILING.set(self.cache.store.count_failing(now))
         for domain in due:
             if self._stopping.is_set():
                 break

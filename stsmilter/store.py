@@ -93,6 +93,19 @@ class Store:
     def count(self) -> int:
         raise NotImplementedError
 
+    def due(self, now: float, interval: float) -> List[Entry]:
+        """Unexpired entries fetched at least interval ago, or expiring within interval."""
+        return [e for e in self.entries() if e.expires > now and (e.fetched_at <= now - interval or e.expires <= now + interval)]
+
+    def purge_expired(self, now: float) -> int:
+        """Remove expired entries; returns how many."""
+        expired = [e.domain for e in self.entries() if e.expires <= now]
+        return sum(1 for domain in expired if self.delete(domain))
+
+    def count_failing(self, now: float) -> int:
+        """Unexpired enforce/testing entries whose last refresh failed."""
+        return sum(1 for e in self.entries() if e.refresh_failures and e.policy.mode != "none" and e.expires > now)
+
     def close(self) -> None:
         pass
 
@@ -128,10 +141,14 @@ CREATE TABLE IF NOT EXISTS policies (
     policy_id TEXT NOT NULL,
     policy TEXT NOT NULL,          -- JSON: version, mode, max_age, mx
     fetched_at REAL NOT NULL,
+    expires REAL NOT NULL,         -- fetched_at + max_age: lets the refresher query
+    mode TEXT NOT NULL,            -- (both duplicated from policy for the refresher)
     checked_at REAL NOT NULL,
     refresh_failures INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
-)
+);
+CREATE INDEX IF NOT EXISTS policies_fetched ON policies (fetched_at);
+CREATE INDEX IF NOT EXISTS policies_expires ON policies (expires);
 """
 
 
@@ -149,7 +166,7 @@ class SqliteStore(Store):
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
+            self._db.executescript(_SCHEMA)
 
     def _row_to_entry(self, row) -> Optional[Entry]:
         domain, policy_id, text, fetched_at, checked_at, failures, last_error = row
@@ -176,7 +193,7 @@ class SqliteStore(Store):
         policy_json = json.dumps(entry.policy.as_dict(), separators=(",", ":"))
         with self._lock:
             self._db.execute(
-                f"INSERT OR REPLACE INTO policies ({self._COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO policies ({self._COLUMNS}, expires, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.domain,
                     entry.policy_id,
@@ -185,6 +202,8 @@ class SqliteStore(Store):
                     entry.checked_at,
                     entry.refresh_failures,
                     entry.last_error,
+                    entry.expires,
+                    entry.policy.mode,
                 ),
             )
 
@@ -200,6 +219,24 @@ class SqliteStore(Store):
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM policies").fetchone()[0]
+
+    def due(self, now: float, interval: float) -> List[Entry]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM policies WHERE expires > ? AND (fetched_at <= ? OR expires <= ?)",
+                (now, now - interval, now + interval),
+            ).fetchall()
+        return [e for e in map(self._row_to_entry, rows) if e is not None]
+
+    def purge_expired(self, now: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM policies WHERE expires <= ?", (now,)).rowcount
+
+    def count_failing(self, now: float) -> int:
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM policies WHERE refresh_failures > 0 AND mode != 'none' AND expires > ?", (now,)
+            ).fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
