@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -196,19 +195,7 @@ def run(world_dir, cleanup):
     daemon = DaemonProcess(config, str(world_dir / "stsmilter.log"))
 
     def stop_daemon():
-        proc = daemon.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            # libmilter looks at its stop flag when its listener wakes up: every 5 s, or
-            # at once when a connection comes in. Knock until the daemon is gone.
-            deadline = time.monotonic() + 10
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    proc.wait(0.1)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(OSError):
-                        socket.create_connection(("127.0.0.1", milter_port), timeout=0.5).close()
-        daemon.stop()  # SIGKILL if it is still there; closes the log file
+        daemon.stop()  # TERM (the daemon wakes libmilter itself), KILL after 10 s
         if getattr(daemon, "_log", None) is not None:
             daemon._log.close()
 

@@ -120,7 +120,7 @@ def import_everything() -> None:
     import importlib
 
     for name in (
-        "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap",
+        "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap", "stsmilter.milter_stop",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
     ):
@@ -180,6 +180,7 @@ class Daemon:
         self.socketmap = None
         self.metrics_server = None
         self.milter_started = False
+        self.reload_thread_id = 0
 
     def start_services(self) -> None:
         from stsmilter import engine
@@ -235,7 +236,11 @@ class Daemon:
             log.warning("changes to %s take effect only after a restart", ", ".join(restart_needed))
 
     def wait_for_reloads(self) -> None:
+        ready = threading.Event()
+
         def loop() -> None:
+            self.reload_thread_id = threading.get_native_id()
+            ready.set()
             while True:
                 signal.sigwait({signal.SIGUSR1})
                 try:
@@ -244,6 +249,7 @@ class Daemon:
                     log.exception("reload failed")
 
         threading.Thread(target=loop, name="sts-reload", daemon=True).start()
+        ready.wait(5)
 
     def serve_milter(self) -> None:
         import Milter
@@ -256,6 +262,9 @@ class Daemon:
         os.umask(0o777 & ~milter_cfg.socket_mode)
         log.info("stsmilter %s: milter on %s", __version__, milter_cfg.socket)
         self.milter_started = True
+        from stsmilter import milter_stop
+
+        milter_stop.start_watcher(milter_cfg.socket, ours={self.reload_thread_id})
         try:
             Milter.runmilter("stsmilter", milter_cfg.socket, timeout=milter_cfg.timeout)
         except Milter.milter.error as e:

@@ -30,7 +30,7 @@ from cachetools import LRUCache
 from stsmilter import dns, metrics, policy
 from stsmilter.cache import PolicyCache
 from stsmilter.fetch import FetchError, Fetcher
-from stsmilter.policy import FAILED, NONE, PENDING, VALID, Result
+from stsmilter.policy import FAILED, NONE, PENDING, Result
 from stsmilter.store import Entry, make_entry
 
 log = logging.getLogger("stsmilter.discovery")

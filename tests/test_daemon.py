@@ -23,16 +23,19 @@ def test_starts_writes_pidfile_serves_metrics_and_stops_on_term(start_daemon):
     wait_for_port(daemon.socketmap_port)
     started = time.monotonic()
     assert daemon.stop() == 0
-    # libmilter's listener looks at its stop flag every 5 s (MI_CHK_TIME).
-    assert time.monotonic() - started < 8
+    # libmilter's listener looks at its stop flag only every 5 s unless woken
+    # (milter_stop.py wakes it).
+    assert time.monotonic() - started < 2
     assert not os.path.exists(daemon.pidfile)
 
 
 def test_int_stops_too(start_daemon):
     daemon = start_daemon()
+    started = time.monotonic()
     daemon.signal(signal.SIGINT)
     daemon.proc.wait(10)
     assert daemon.proc.returncode == 0
+    assert time.monotonic() - started < 2
 
 
 def test_usr1_reloads_and_bad_reload_keeps_running_config(start_daemon, sts_world):
@@ -82,7 +85,7 @@ def test_root_drops_privileges_before_serving(sts_world):
     os.chmod(rundir, 0o755)
     daemon = None
     try:
-        metrics_port, milter_port = free_port(), free_port()
+        metrics_port = free_port()
         ca_file = os.path.join(rundir, "ca.pem")  # the service user must be able to read it
         shutil.copyfile(sts_world.https.ca_file, ca_file)
         os.chmod(ca_file, 0o644)
