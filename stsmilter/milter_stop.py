@@ -75,16 +75,18 @@ def poke(socket_spec: str) -> None:
 
 def start_watcher(socket_spec: str, ours: Collection[int]) -> threading.Thread:
     def watch() -> None:
-        tid = None
+        # Look for libmilter's signal thread every 5 ms at first: a signal it takes
+        # before we have seen it waiting would go unnoticed (libmilter's 5 s then apply).
+        tid, searched_until = None, time.monotonic() + 2
         while True:
-            if tid is None:
+            if tid is None and time.monotonic() < searched_until:
                 tid = find_signal_thread(ours)
             if stop_signal_pending() or (tid is not None and not _sleeping_in_sigwait(tid)):
                 log.debug("libmilter is stopping: waking its listener")
                 poke(socket_spec)
                 time.sleep(0.5)  # and again, until the process is gone, in case of a race
             else:
-                time.sleep(0.1)
+                time.sleep(0.1 if tid is not None or time.monotonic() >= searched_until else 0.005)
 
     thread = threading.Thread(target=watch, name="sts-milter-stop", daemon=True)
     thread.start()
