@@ -48,5 +48,18 @@ SOCKETMAP_LOOKUP_SECONDS = Histogram(
 )
 
 
+_DECISION_CHILDREN: dict = {}  # (action, mode, reason) -> bound counter; a small fixed vocabulary
+
+
+def decision_counter(action: str, mode: str, reason: str):
+    """The DECISIONS child for these labels. .labels() costs ~1.6 us per call on the
+    milter's hot path; a bound child from this dict ~0.4 us."""
+    key = (action, mode or "", reason)
+    child = _DECISION_CHILDREN.get(key)
+    if child is None:
+        child = _DECISION_CHILDREN[key] = DECISIONS.labels(*key)
+    return child
+
+
 def count_decision(action: str, mode: str, reason: str) -> None:
-    DECISIONS.labels(action=action, mode=mode or "", reason=reason).inc()
+    decision_counter(action, mode, reason).inc()

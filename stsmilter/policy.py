@@ -6,6 +6,7 @@ recipient domain normalization.
 """
 
 import dataclasses
+import functools
 import logging
 import re
 import unicodedata
@@ -269,6 +270,7 @@ def mx_matches(pattern: str, host: str) -> bool:
 # --- recipient domains
 
 
+@functools.lru_cache(maxsize=10000)  # the milter normalizes the same domains all day
 def normalize_domain(domain: str) -> Optional[str]:
     """Lower-case A-label domain without trailing dot; None for an address literal."""
     name = domain.strip()
@@ -315,7 +317,8 @@ def recipient_domain(address: str) -> Optional[str]:
         if not (len(text) >= 2 and text.startswith("<") and text.endswith(">")):
             raise ValueError(f"unbalanced angle brackets: {_quote(address)}")
         text = text[1:-1]
-    at = _last_unquoted_at(text)
+    # Without a quoted local part the domain simply follows the last "@".
+    at = text.rfind("@") if '"' not in text else _last_unquoted_at(text)
     if at < 0:
         return None
     return normalize_domain(text[at + 1 :])

@@ -344,3 +344,39 @@ def test_factory_snapshot(monkeypatch):
     assert issubclass(first, milter.StsMilter) and first is not second
     assert (first.dry_run, second.dry_run) == (False, True)
     assert first.decider is not second.decider
+
+
+def test_quiet_accepts_are_reused_per_domain_for_a_second(monkeypatch):
+    accept = Decision("<a@memo.example>", "memo.example", "accept", "accept", "mx-match", "enforce", "m1")
+    decider = FakeDecider({"<a@memo.example>": accept})
+    ctx = session(decider, monkeypatch).open("127.0.0.1")
+    ctx._envfrom("<s@here.example>")
+    before = count("accept", "enforce", "mx-match")
+    assert ctx.rcpt("<a@memo.example>") == Milter.CONTINUE
+    assert ctx.rcpt("<b@memo.example>") == Milter.CONTINUE  # same domain: not asked again
+    assert [r for r, _ in decider.asked] == ["<a@memo.example>"]
+    assert count("accept", "enforce", "mx-match") == before + 2  # but counted twice
+    clock = time.monotonic() + milter.ACCEPT_MEMO_SECONDS + 0.01
+    monkeypatch.setattr(milter.time, "monotonic", lambda: clock)
+    ctx.rcpt("<c@memo.example>")
+    assert len(decider.asked) == 2  # the memo lapsed
+
+
+def test_violations_are_decided_every_time(monkeypatch):
+    decider = FakeDecider({r: violation(r, "tempfail", ("451", "4.7.5", "no")) for r in ("<a@example.com>", "<b@example.com>")})
+    ctx = session(decider, monkeypatch).open("127.0.0.1")
+    ctx._envfrom("<s@here.example>")
+    assert ctx.rcpt("<a@example.com>") == Milter.TEMPFAIL
+    assert ctx.rcpt("<b@example.com>") == Milter.TEMPFAIL
+    assert len(decider.asked) == 2
+
+
+def test_a_reload_starts_with_an_empty_memo(monkeypatch):
+    decider = FakeDecider()
+    ctx = session(decider, monkeypatch).open("127.0.0.1")
+    ctx._envfrom("<s@here.example>")
+    ctx.rcpt("<a@fresh.example>")
+    ctx = session(decider, monkeypatch).open("127.0.0.1")  # a new class, as after USR1
+    ctx._envfrom("<s@here.example>")
+    ctx.rcpt("<b@fresh.example>")
+    assert len(decider.asked) == 2
