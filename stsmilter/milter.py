@@ -102,24 +102,9 @@ def _address_in(address: str, networks: tuple) -> bool:
     return any(ip in net for net in networks)
 
 
-class StsMilter(Milter.Base):
-    # Bound by make_milter_class().
-    decider: decision.Decider
-    lookup_timeout: float = 5.0
-    dry_run: bool = False
-    trusted_networks: tuple = ()
-    daemon_names: frozenset = frozenset()
-    skip_mailers: frozenset = frozenset()
-    accept_memo: dict = {}
-
-    def __init__(self) -> None:
-        self.client_in_scope = False  # trusted or address-less client, or a daemon_names daemon
-        self._reset()
-
-    def _reset(self) -> None:
-        self.in_scope = False
-        self.queue_id: Optional[str] = None
-        self.holds: List[decision.Decision] = []
+class NegotiatingMilter(Milter.Base):
+    """Milter.Base with pymilter 1.0.5's negotiation fixed; also the base of the no-op
+    baseline milter in bench/, so both negotiate exactly alike."""
 
     def negotiate(self, opts):
         rc = super().negotiate(opts)
@@ -138,6 +123,26 @@ class StsMilter(Milter.Base):
         # An MTA without SETSYMLIST just sends its configured macros: not an error.
         if self._actions & Milter.SETSYMLIST:
             self._ctx.setsymlist(stage, " ".join(macros))
+
+
+class StsMilter(NegotiatingMilter):
+    # Bound by make_milter_class().
+    decider: decision.Decider
+    lookup_timeout: float = 5.0
+    dry_run: bool = False
+    trusted_networks: tuple = ()
+    daemon_names: frozenset = frozenset()
+    skip_mailers: frozenset = frozenset()
+    accept_memo: dict = {}
+
+    def __init__(self) -> None:
+        self.client_in_scope = False  # trusted or address-less client, or a daemon_names daemon
+        self._reset()
+
+    def _reset(self) -> None:
+        self.in_scope = False
+        self.queue_id: Optional[str] = None
+        self.holds: List[decision.Decision] = []
 
     @Milter.noreply
     @Milter.symlist("{daemon_name}")

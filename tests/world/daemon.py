@@ -9,6 +9,30 @@ import time
 import urllib.request
 
 
+def terminate(proc, timeout=10.0):
+    """TERM a subprocess.Popen, KILL it if it is still there after timeout; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def poll_until(predicate, timeout, what, interval=0.05, detail=lambda: ""):
+    """Call predicate until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout}s for {what}{detail()}")
+        time.sleep(interval)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,15 +95,9 @@ class DaemonProcess:
         """TERM, then KILL if it does not exit; returns the exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        status = terminate(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return status
 
 
 def scrape(port):

@@ -322,14 +322,9 @@ class PostfixInstance:
 
     def wait_until(self, predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
         """Poll predicate until it returns something truthy; return that value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout}s for {what or predicate}; maillog tail:\n{self.log_tail()}")
-            time.sleep(0.05)
+        from world.daemon import poll_until
+
+        return poll_until(predicate, timeout, what or predicate, detail=lambda: f"; maillog tail:\n{self.log_tail()}")
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
         regex = re.compile(pattern)
