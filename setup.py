@@ -33,6 +33,8 @@ setup(
             "aiosmtpd>=1.4",
             # README.rst and HACKING.rst must render (tests/test_docs.py)
             "docutils>=0.18",
+            # contrib/prometheus/stsmilter-rules.yml must parse (tests/test_contrib.py)
+            "PyYAML>=6",
         ],
     },
     entry_points={"console_scripts": ["stsmilter = stsmilter.cli:main"]},

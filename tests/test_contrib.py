@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from metric_names import base_name, exposed_names, metric_objects
 
@@ -312,18 +313,6 @@ def test_sendmail_mc_builds():
 
 
 def load_rules():
-    """The rules file as data: PyYAML in this venv, else the system python3's, else skip."""
-    try:
-        import yaml
-    except ImportError:
-        system_python = "/usr/bin/python3"
-        if not os.path.exists(system_python):
-            pytest.skip("PyYAML not available")
-        result = run([system_python, "-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
-                     input=RULES.read_text())
-        if result.returncode != 0:
-            pytest.skip("PyYAML not available")
-        return json.loads(result.stdout)
     return yaml.safe_load(RULES.read_text())
 
 
