@@ -282,7 +282,7 @@ class Discovery:
 
     def refresh_due(self) -> int:
         """One refresher pass: drop expired policies, refresh due ones (a refresh_interval
-        since their fetch, or expiring within one), update the failing gauge."""
+        since their fetch, or past half their max_age), update the failing gauge."""
         now = self.clock()
         self.cache.purge_expired(now)
         due = [

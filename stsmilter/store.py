@@ -94,8 +94,14 @@ class Store:
         raise NotImplementedError
 
     def due(self, now: float, interval: float) -> List[Entry]:
-        """Unexpired entries fetched at least interval ago, or expiring within interval."""
-        return [e for e in self.entries() if e.expires > now and (e.fetched_at <= now - interval or e.expires <= now + interval)]
+        """Unexpired entries due for a refresh: fetched at least interval ago, or past half
+        their max_age (so a short-lived policy is renewed before it lapses, without being
+        refetched on every refresher pass)."""
+        return [
+            e
+            for e in self.entries()
+            if e.expires > now and (e.fetched_at <= now - interval or (now - e.fetched_at) * 2 >= e.expires - e.fetched_at)
+        ]
 
     def purge_expired(self, now: float) -> int:
         """Remove expired entries; returns how many."""
@@ -223,8 +229,9 @@ class SqliteStore(Store):
     def due(self, now: float, interval: float) -> List[Entry]:
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {self._COLUMNS} FROM policies WHERE expires > ? AND (fetched_at <= ? OR expires <= ?)",
-                (now, now - interval, now + interval),
+                f"SELECT {self._COLUMNS} FROM policies WHERE expires > ?"
+                " AND (fetched_at <= ? OR (? - fetched_at) * 2 >= expires - fetched_at)",
+                (now, now - interval, now),
             ).fetchall()
         return [e for e in map(self._row_to_entry, rows) if e is not None]
 

@@ -25,14 +25,15 @@ def put(store, domain, fetched_ago, max_age, mode="enforce", failures=0):
 def test_due_purge_and_failing(store):
     put(store, "fresh.example", fetched_ago=60, max_age=30 * DAY)
     put(store, "old.example", fetched_ago=2 * DAY, max_age=30 * DAY)  # a refresh_interval has passed
-    put(store, "expiring.example", fetched_ago=60, max_age=3600)  # expires within the interval
+    put(store, "expiring.example", fetched_ago=1900, max_age=3600)  # past half its max_age
+    put(store, "short.example", fetched_ago=60, max_age=3600)  # short-lived, but just fetched
     put(store, "expired.example", fetched_ago=2 * DAY, max_age=DAY, failures=4)
     put(store, "failing.example", fetched_ago=60, max_age=30 * DAY, failures=2)
     put(store, "failing-none.example", fetched_ago=60, max_age=30 * DAY, mode="none", failures=2)
     assert sorted(e.domain for e in store.due(NOW, DAY)) == ["expiring.example", "old.example"]
     assert store.count_failing(NOW) == 1
     assert store.purge_expired(NOW) == 1
-    assert store.get("expired.example") is None and store.count() == 5
+    assert store.get("expired.example") is None and store.count() == 6
 
 
 def test_round_trip_keeps_every_field(store):
