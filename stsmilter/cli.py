@@ -41,7 +41,7 @@ def _engine(cfg: config_mod.Config, no_cache: bool = False):
 
     if no_cache:
         cfg = cfg.replace(cache={"path": ""})
-    return engine.open_engine(cfg)
+    return engine.open_engine(cfg, one_shot=True)
 
 
 def result_as_dict(result) -> dict:

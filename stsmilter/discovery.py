@@ -58,6 +58,9 @@ class Settings:
     refresh_interval: float = 86400.0
     mx_ttl: float = 300.0
     max_concurrent: int = 32
+    # The daemon answers from an unexpired cached policy at once and re-checks its TXT
+    # id in the background; a one-shot command (query, check) waits for the re-check.
+    recheck_in_background: bool = True
 
     @classmethod
     def from_config(cls, config) -> "Settings":
@@ -126,9 +129,14 @@ class Discovery:
         entry = None
         if not force:
             entry = self.cache.get(domain)
-            if entry is not None and entry.expires > now and now - entry.checked_at < self.settings.id_check_interval:
-                _HIT.inc()
-                return entry.result
+            if entry is not None and entry.expires > now:
+                if now - entry.checked_at < self.settings.id_check_interval:
+                    _HIT.inc()
+                    return entry.result
+                if self.settings.recheck_in_background:
+                    _STALE.inc()
+                    self.submit(domain)
+                    return entry.result
             if entry is None:
                 negative = self.cache.negative(domain)
                 if negative is not None:

@@ -5,6 +5,7 @@ what the running daemon would."""
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 
 from stsmilter import dns
@@ -32,12 +33,14 @@ def open_cache(config) -> PolicyCache:
     return PolicyCache(open_store(c.path), c.max_entries, c.negative_ttl, c.failure_backoff)
 
 
-def open_engine(config) -> Discovery:
-    """A Discovery over the configured store, its memory filled from the store."""
+def open_engine(config, one_shot: bool = False) -> Discovery:
+    """A Discovery over the configured store, its memory filled from the store.
+    one_shot (the CLI): a due TXT id re-check is waited for, not left to the background."""
     resolver = make_resolver(config)
     cache = open_cache(config)
     cache.load()
-    return Discovery(resolver, make_fetcher(config, resolver), cache, Settings.from_config(config))
+    settings = dataclasses.replace(Settings.from_config(config), recheck_in_background=not one_shot)
+    return Discovery(resolver, make_fetcher(config, resolver), cache, settings)
 
 
 def reconfigure(discovery: Discovery, config) -> None:

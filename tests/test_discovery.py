@@ -70,7 +70,10 @@ def world():
     clock = Clock()
     resolver, fetcher = FakeResolver(), FakeFetcher()
     cache = PolicyCache(MemoryStore(), 1000, negative_ttl=60, failure_backoff=300, clock=clock)
-    disc = Discovery(resolver, fetcher, cache, Settings(id_check_interval=300, refresh_interval=3600), clock=clock)
+    # The rules are easiest to see with the re-check waited for (as the CLI does); the
+    # daemon's background re-check has its own test below.
+    settings = Settings(id_check_interval=300, refresh_interval=3600, recheck_in_background=False)
+    disc = Discovery(resolver, fetcher, cache, settings, clock=clock)
     yield clock, resolver, fetcher, disc
     disc.close()
 
@@ -332,3 +335,19 @@ def test_sqlite_store_survives_a_restart(tmp_path):
     assert (r.status, r.policy_id, r.policy.mode, r.source) == ("valid", "a1", "enforce", "cache")
     disc.close()
     cache.store.close()
+
+
+def test_daemon_answers_from_cache_and_rechecks_in_the_background(world):
+    clock, resolver, fetcher, disc = world
+    disc.settings = Settings(id_check_interval=300, refresh_interval=3600)  # the daemon's default
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301
+    publish(resolver, fetcher, "example.com", "a2", TESTING)
+    resolver.delay = 0.3  # a slow DNS must not hold the caller
+    started = time.monotonic()
+    r = disc.lookup("example.com", timeout=5)
+    assert (r.policy_id, r.source) == ("a1", "cache")
+    assert time.monotonic() - started < 0.2
+    disc.submit("example.com").result(timeout=5)
+    assert disc.lookup("example.com").policy_id == "a2"
