@@ -116,12 +116,11 @@ def test_postfix_enforces_tls_via_socketmap(sts_world, start_daemon, postfix_fac
         assert plain.tls  # no policy: opportunistic TLS, still used when offered
 
         # The stripping attack: the MX offers no STARTTLS. Postfix must defer, not deliver.
-        deferred = postfix.wait_until(
-            lambda: [m for m in postfix.queue() if m.get("queue_name") == "deferred"],
-            timeout=20, what="the stripped message deferred",
-        )
-        reasons = " ".join(r.get("delay_reason", "") for r in deferred[0]["recipients"])
-        assert "TLS" in reasons or "STARTTLS" in reasons, reasons
+        # (The log line is the evidence: with 1 s retry timers the message moves between
+        # the deferred and active queues too fast to catch it in one of them.)
+        postfix.wait_for_log(r"to=<bob@stripped\.example>.*status=deferred \(TLS is required", timeout=20)
+        queued = [r["address"] for m in postfix.queue() for r in m.get("recipients", [])]
+        assert "bob@stripped.example" in queued
         assert sinks["stripped.example"].messages == []
         assert "Verified TLS connection established" in postfix.log_text()
 
