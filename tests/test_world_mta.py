@@ -97,7 +97,10 @@ def test_unreachable_milter_tempfails_the_client(smtp_sink, postfix_factory):
 
 
 def test_deferred_message_shows_in_queue_then_hold_queue(postfix_factory):
-    postfix = postfix_factory(relay=("127.0.0.1", free_port()))  # nothing listens there
+    # Nothing listens at the relay. Long retry timers keep the deferred message in the
+    # deferred queue (with the 1 s test timers it moves back to active every second).
+    slow_retry = {"queue_run_delay": "300s", "minimal_backoff_time": "300s", "maximal_backoff_time": "300s"}
+    postfix = postfix_factory(relay=("127.0.0.1", free_port()), main_cf_extra=slow_retry)
     assert postfix.send(SENDER, ["bob@dest.test"]).accepted == ["bob@dest.test"]
 
     def deferred():
