@@ -114,3 +114,12 @@ def test_root_drops_privileges_before_serving(sts_world):
         if daemon is not None:
             daemon.stop()
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def test_hup_stops_like_term(start_daemon):
+    # libmilter treats HUP as TERM (documented in stsmilter(8)); USR1 is the reload.
+    daemon = start_daemon()
+    started = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    assert daemon.proc.wait(10) == 0
+    assert time.monotonic() - started < 2
