@@ -40,16 +40,8 @@ def test_int_stops_too(start_daemon):
 
 def test_usr1_reloads_and_bad_reload_keeps_running_config(start_daemon, sts_world):
     daemon = start_daemon()
-    with open(daemon.config_path) as f:
-        text = f.read()
-    with open(daemon.config_path, "w") as f:
-        f.write(text.replace("[milter]\n", "[milter]\ndry_run = yes\n"))
-    daemon.signal(signal.SIGUSR1)
-    daemon.wait_log("configuration reloaded")
-    with open(daemon.config_path, "w") as f:
-        f.write(text + "[milter]\nbogus = 1\n")
-    daemon.signal(signal.SIGUSR1)
-    daemon.wait_log("reload refused")
+    daemon.reload(lambda text: text.replace("[milter]\n", "[milter]\ndry_run = yes\n"))
+    daemon.reload(lambda text: text + "[milter]\nbogus = 1\n", expect="reload refused")
     assert daemon.proc.poll() is None
     scrape(daemon.metrics_port)  # still serving
     assert daemon.stop() == 0

@@ -153,18 +153,11 @@ def test_check_agrees_with_the_milter(sts_world, start_daemon):
 
 
 def test_usr1_reload_changes_decisions_for_new_connections(sts_world, start_daemon, postfix_factory, smtp_sink):
-    import signal
-
     publish_domains(sts_world)
     daemon = start_daemon()
     postfix = run_postfix(postfix_factory, smtp_sink, f"inet:127.0.0.1:{daemon.milter_port}")
     assert postfix.send(SENDER, ["c@bad.example"], "Subject: 1\n\nx\n").rcpt["c@bad.example"].code == 451
-    with open(daemon.config_path) as f:
-        text = f.read()
-    with open(daemon.config_path, "w") as f:
-        f.write(text.replace("[milter]\n", "[milter]\ndry_run = yes\n"))
-    daemon.signal(signal.SIGUSR1)
-    daemon.wait_log("configuration reloaded")
+    daemon.reload(lambda text: text.replace("[milter]\n", "[milter]\ndry_run = yes\n"))
     assert postfix.send(SENDER, ["c@bad.example"], "Subject: 2\n\nx\n").rcpt["c@bad.example"].code == 250
     m = scrape(daemon.metrics_port)
     assert decisions(m, "tempfail", "enforce", "mx-mismatch") == 1

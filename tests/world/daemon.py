@@ -91,6 +91,15 @@ class DaemonProcess:
     def signal(self, signum):
         self.proc.send_signal(signum)
 
+    def reload(self, edit, expect="configuration reloaded"):
+        """Rewrite the config file with edit(text) -> text, send USR1, wait for expect."""
+        with open(self.config_path) as f:
+            text = f.read()
+        with open(self.config_path, "w") as f:
+            f.write(edit(text))
+        self.signal(signal.SIGUSR1)
+        self.wait_log(expect)
+
     def stop(self, timeout=10.0):
         """TERM, then KILL if it does not exit; returns the exit status."""
         if self.proc is None:
