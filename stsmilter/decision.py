@@ -39,7 +39,6 @@ REASONS = (
     "mx-match", "mx-mismatch",
 )
 
-MATCH_MEMO_SIZE = 10000
 MAX_NAMES = 5  # MX hosts / patterns quoted in a reply text
 MAX_TEXT = 400  # SMTP reply lines stay well under RFC 5321's 512 octets
 
@@ -132,7 +131,6 @@ class Decider:
         self.dry_run = milter_settings.dry_run
         self.local_domains = frozenset(self._normalized(d) for d in scope_settings.local_domains)
         self.clock = clock
-        self._matched = {}  # domain -> (Policy, MxSet, any MX host matched)
 
     @staticmethod
     def _normalized(domain: str) -> str:
@@ -207,15 +205,7 @@ class Decider:
         # RFC 8461 §4.1: delivery may go only to matching MX hosts. One match is enough
         # here; the MTA may still try a non-matching host first, and the socketmap (TLS
         # policy lookup at delivery time) stops that one.
-        memo = self._matched.get(domain)
-        if memo is not None and memo[0] is result.policy and memo[1] is mx_set:
-            matched = memo[2]  # same policy object, same MX set object: same answer
-        else:
-            matched = any(result.policy.matches(host) for host in mx_set.hosts)
-            if len(self._matched) >= MATCH_MEMO_SIZE:
-                self._matched.clear()
-            self._matched[domain] = (result.policy, mx_set, matched)
-        if matched:
+        if any(result.policy.matches(host) for host in mx_set.hosts):
             return base
         violation = base._replace(reason="mx-mismatch", would=self.on_violation)
         if result.mode == "testing":
