@@ -170,7 +170,9 @@ class StsMilter(NegotiatingMilter):
             metrics.count_decision(ACCEPT, "", "skip-mailer")
             return Milter.CONTINUE
         now = time.monotonic()
-        memo = self.accept_memo.get(to.rpartition("@")[2])
+        # Keyed by the raw domain text: the same spelling gives the same decision.
+        memo_key = to.rpartition("@")[2]
+        memo = self.accept_memo.get(memo_key)
         if memo is not None and memo[0] > now:
             memo[1].inc()  # counted like the decision it repeats
             return Milter.CONTINUE
@@ -188,8 +190,7 @@ class StsMilter(NegotiatingMilter):
         if verdict.action == ACCEPT == verdict.would and verdict.reason in ACCEPT_MEMO_REASONS:
             if len(self.accept_memo) >= ACCEPT_MEMO_SIZE:
                 self.accept_memo.clear()
-            # Keyed by the raw domain text: the same spelling gives the same decision.
-            self.accept_memo[to.rpartition("@")[2]] = (now + ACCEPT_MEMO_SECONDS, counter)
+            self.accept_memo[memo_key] = (now + ACCEPT_MEMO_SECONDS, counter)
         self._log(verdict)
         if verdict.action in (TEMPFAIL, REJECT):
             code, xcode, text = verdict.reply
