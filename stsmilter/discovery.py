@@ -102,18 +102,27 @@ class Discovery:
 
     # --- front-end API
 
+    def _cached_answer(self, domain: str, entry: Optional[Entry], now: float, background: bool) -> Optional[Result]:
+        """An unexpired cached policy's answer: a hit, or (background) a stale one whose
+        TXT id re-check is started without waiting. None: nothing usable, or a due
+        re-check the caller waits for."""
+        if entry is None or entry.expires <= now:
+            return None
+        if now - entry.checked_at < self.settings.id_check_interval:
+            _HIT.inc()
+            return entry.result
+        if not background:
+            return None
+        _STALE.inc()
+        self.submit(domain)
+        return entry.result
+
     def peek(self, domain: str) -> Optional[Result]:
         """A usable answer from memory, or None. Never blocks; when the cached policy's TXT
         id is due for a re-check it still answers and starts the check in the background."""
-        now = self.clock()
-        entry = self.cache.peek(domain)
-        if entry is not None and entry.expires > now:
-            if now - entry.checked_at >= self.settings.id_check_interval:
-                self.submit(domain)
-                _STALE.inc()
-            else:
-                _HIT.inc()
-            return entry.result
+        cached = self._cached_answer(domain, self.cache.peek(domain), self.clock(), background=True)
+        if cached is not None:
+            return cached
         negative = self.cache.negative(domain)
         if negative is not None:
             _NEGATIVE.inc()
@@ -125,18 +134,12 @@ class Discovery:
         """The policy that applies to domain (normalized A-label). With force, the TXT id is
         re-checked and the policy refetched unless fetched within FORCE_FRESH_SECONDS;
         such a result has source "fetched". Status "pending" if not done within timeout."""
-        now = self.clock()
         entry = None
         if not force:
             entry = self.cache.get(domain)
-            if entry is not None and entry.expires > now:
-                if now - entry.checked_at < self.settings.id_check_interval:
-                    _HIT.inc()
-                    return entry.result
-                if self.settings.recheck_in_background:
-                    _STALE.inc()
-                    self.submit(domain)
-                    return entry.result
+            cached = self._cached_answer(domain, entry, self.clock(), self.settings.recheck_in_background)
+            if cached is not None:
+                return cached
             if entry is None:
                 negative = self.cache.negative(domain)
                 if negative is not None:
