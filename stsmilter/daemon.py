@@ -121,6 +121,7 @@ def import_everything() -> None:
 
     for name in (
         "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap", "stsmilter.milter_stop",
+        "stsmilter.milter_wake",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
     ):
@@ -262,9 +263,10 @@ class Daemon:
         os.umask(0o777 & ~milter_cfg.socket_mode)
         log.info("stsmilter %s: milter on %s", __version__, milter_cfg.socket)
         self.milter_started = True
-        from stsmilter import milter_stop
+        from stsmilter import milter_stop, milter_wake
 
         milter_stop.start_watcher(milter_cfg.socket, ours={self.reload_thread_id})
+        milter_wake.start_waker(milter_cfg.socket)
         try:
             Milter.runmilter("stsmilter", milter_cfg.socket, timeout=milter_cfg.timeout)
         except Milter.milter.error as e:
