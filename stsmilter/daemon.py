@@ -121,7 +121,7 @@ def import_everything() -> None:
 
     for name in (
         "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap", "stsmilter.milter_stop",
-        "stsmilter.milter_wake",
+        "stsmilter.milter_wake", "stsmilter.metrics_server",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
     ):
@@ -190,12 +190,14 @@ class Daemon:
         self.discovery.start_refresher()
         listen = self.cfg.metrics.listen
         if listen is not None:
-            import prometheus_client
+            from stsmilter.metrics_server import MetricsServer
 
+            self.metrics_server = MetricsServer(listen.host, listen.port)
             try:
-                self.metrics_server, _thread = prometheus_client.start_http_server(listen.port, addr=listen.host)
+                self.metrics_server.start()
             except OSError as e:
-                raise StartupError(f"[metrics] listen {listen}: {e.strerror}") from None
+                self.metrics_server = None
+                raise StartupError(f"[metrics] listen {listen}: {e.strerror or e}") from None
         if self.cfg.socketmap.listen is not None:
             from stsmilter.socketmap import SocketmapServer
 
@@ -282,7 +284,7 @@ class Daemon:
         if self.socketmap is not None:
             self.socketmap.stop()
         if self.metrics_server is not None:
-            self.metrics_server.shutdown()
+            self.metrics_server.stop()
         if self.discovery is not None:
             self.discovery.close()
             self.discovery.cache.store.close()
