@@ -222,6 +222,7 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "strict_testing": (_bool, "no"),
         "tlsrpt": (_bool, "no"),
         "max_connections": (_int(1, 100_000), "1000"),
+        "request_timeout": (_seconds(0.1, 3600), "10"),
     },
     "metrics": {
         "listen": (_http_listen, "127.0.0.1:9464"),

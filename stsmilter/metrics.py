@@ -37,9 +37,11 @@ SOCKETMAP_LOOKUPS = Counter(
     "Socketmap lookups, by answer: ok, notfound, temp or perm.",
     ["result"],
 )
-SOCKETMAP_REFUSED_CONNECTIONS = Counter(
-    "stsmilter_socketmap_refused_connections",
-    "Socketmap connections closed at once because [socketmap] max_connections were open.",
+SOCKETMAP_EVICTED_CONNECTIONS = Counter(
+    "stsmilter_socketmap_evicted_connections",
+    "Socketmap connections closed by stsmilter, by reason: max_connections (the longest-idle,"
+    " to admit a new one) or request_timeout (a request not complete in time).",
+    ["reason"],
 )
 SOCKETMAP_LOOKUP_SECONDS = Histogram(
     "stsmilter_socketmap_lookup_seconds",

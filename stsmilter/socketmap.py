@@ -7,6 +7,10 @@ open and may pipeline, so replies leave in request order.
 The event loop runs in its own thread (libmilter owns the main thread and the signals). A
 request that discovery.peek() can answer is answered inside data_received (no task, no
 await); any other waits for discovery.submit() at most lookup_timeout.
+
+No local client can lock the others out: at the connection limit a new connection
+closes the longest-idle one (Postfix reconnects on its next lookup), and a request
+that has begun must be complete within request_timeout or its connection is closed.
 """
 
 import asyncio
@@ -29,6 +33,7 @@ from . import metrics, policy
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 300.0  # Postfix reconnects when we close an idle connection
+EVICTION_SCAN = 64  # at the limit, look this far into the longest-idle for one without a request
 MAX_REQUEST = 1024  # keys are domain names
 MAX_LENGTH_DIGITS = 5
 MAX_PIPELINED = 64  # unanswered requests per connection before we stop reading more
@@ -121,7 +126,7 @@ class _Entry:
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "buffer", "queue", "tasks", "last_request", "idle_timer",
-                 "closing", "throttled", "write_paused")
+                 "closing", "throttled", "write_paused", "request_started")
 
     def __init__(self, server: "SocketmapServer"):
         self.server = server
@@ -130,23 +135,20 @@ class _Connection(asyncio.Protocol):
         self.queue = collections.deque()  # [reply or None] slots, oldest request first
         self.tasks = set()
         self.last_request = _monotonic()
+        self.request_started = None  # when the first byte of an incomplete request arrived
         self.closing = self.throttled = self.write_paused = False
 
     def connection_made(self, transport):
         server = self.server
-        if len(server.connections) >= server.state[1].max_connections:
-            transport.abort()
-            server.refused_connections += 1
-            metrics.SOCKETMAP_REFUSED_CONNECTIONS.inc()
-            if server.refused_connections & (server.refused_connections - 1) == 0:  # 1, 2, 4, 8...
-                log.warning("socketmap: max_connections reached; %d connections refused", server.refused_connections)
-            return
+        if len(server.connections) >= server.connection_limit:
+            server.evict_idlest()
         self.transport = transport
-        server.connections.add(self)
+        server.connections[self] = None  # newest last: the order is least recently active first
         self.idle_timer = server.loop.call_later(server.idle_timeout, self._check_idle)
 
     def connection_lost(self, exc):
-        self.server.connections.discard(self)
+        self.server.connections.pop(self, None)
+        self.server.begun.discard(self)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         for task in self.tasks:
@@ -175,7 +177,9 @@ class _Connection(asyncio.Protocol):
             return
         if self.buffer:
             data, self.buffer = self.buffer + data, b""
-        self.last_request = _monotonic()
+        self.last_request = now = _monotonic()
+        if data:
+            self.server.connections.move_to_end(self)
         pos, end = 0, len(data)
         while pos < end:
             colon = data.find(b":", pos, pos + MAX_LENGTH_DIGITS + 1)
@@ -200,6 +204,13 @@ class _Connection(asyncio.Protocol):
                 break
         if pos < end:
             self.buffer = data[pos:]
+        if pos < end and not self.throttled:  # an incomplete request: its clock runs
+            if self.request_started is None or pos > 0:
+                self.request_started = now
+                self.server.begun.add(self)
+        elif self.request_started is not None:
+            self.request_started = None
+            self.server.begun.discard(self)
 
     def _lookup(self, request: bytes):
         started = _perf_counter()
@@ -270,6 +281,8 @@ class _Connection(asyncio.Protocol):
         """Broken framing cannot be resynchronized: PERM (after earlier replies), then close."""
         self.closing = True
         self.buffer = b""
+        self.request_started = None
+        self.server.begun.discard(self)
         self.transport.pause_reading()
         _COUNTERS[ord("P")].inc()
         self.queue.append([MALFORMED_REPLY])
@@ -283,11 +296,54 @@ class SocketmapServer:
         self.state = (discovery, settings)  # one tuple, so update() swaps both at once
         self.listen = settings.listen
         self.idle_timeout = idle_timeout
-        self.connections = set()
+        # At most this many connections; the daemon may set it below max_connections
+        # to keep file descriptors for the milter (daemon.open_files_budget).
+        self.connection_limit = settings.max_connections
+        self.connections = collections.OrderedDict()  # _Connection -> None, least recently active first
+        self.begun = set()  # connections holding an incomplete request
         self.cache = {}  # request key -> _Entry; used by the loop thread only
-        self.refused_connections = 0
+        self.evicted_connections = collections.Counter()  # reason -> count
         self.loop = None
         self._listener = self._thread = self._startup_error = None
+
+    def evict_idlest(self) -> None:
+        """Close the connection idle the longest, preferring one with no request under
+        way, to admit a new one: one client holding every connection locks no one out."""
+        victim = None
+        for scanned, connection in enumerate(self.connections):
+            if victim is None:
+                victim = connection
+            if not connection.queue and not connection.buffer:
+                victim = connection
+                break
+            if scanned >= EVICTION_SCAN:
+                break
+        if victim is not None:
+            self._evict(victim, "max_connections")
+
+    def _expire_requests(self) -> None:
+        """Close connections whose incomplete request is older than request_timeout."""
+        timeout = self.state[1].request_timeout
+        now = _monotonic()
+        for connection in [c for c in self.begun if now - c.request_started >= timeout]:
+            self._evict(connection, "request_timeout")
+        self.loop.call_later(min(1.0, timeout / 4), self._expire_requests)
+
+    def _evict(self, connection, reason: str) -> None:
+        self.connections.pop(connection, None)
+        self.begun.discard(connection)
+        connection.closing = True
+        connection.transport.abort()  # connection_lost cancels its lookups
+        self.evicted_connections[reason] += 1
+        metrics.SOCKETMAP_EVICTED_CONNECTIONS.labels(reason=reason).inc()
+        count = self.evicted_connections[reason]
+        if count & (count - 1) == 0:  # 1, 2, 4, 8...: a flood logs a handful of lines
+            if reason == "max_connections":
+                log.warning("socketmap: %d connections open; closed the longest-idle to admit a new one"
+                            " (%d so far)", self.connection_limit, count)
+            else:
+                log.warning("socketmap: a request was not complete within [socketmap] request_timeout;"
+                            " connection closed (%d so far)", count)
 
     def update(self, discovery, settings) -> None:
         """Engine and settings for the next request; a new listen needs a new server."""
@@ -336,6 +392,7 @@ class SocketmapServer:
                 return
             finally:
                 ready.set()
+            loop.call_soon(self._expire_requests)
             loop.run_forever()
             loop.run_until_complete(self._shutdown())
         finally:

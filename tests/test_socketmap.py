@@ -500,22 +500,97 @@ def test_bind_failure_raises_a_clear_oserror(serve, discovery):
     second.stop()  # harmless when start() failed
 
 
-def test_max_connections(serve, clients, discovery):
+def evicted(reason):
+    return REGISTRY.get_sample_value("stsmilter_socketmap_evicted_connections_total", {"reason": reason}) or 0.0
+
+
+def test_at_max_connections_the_longest_idle_connection_makes_room(serve, clients, discovery):
     discovery.cached["example.com"] = valid()
-    server = serve(max_connections=2)
-    first, second = clients(server), clients(server)
-    assert ask(first, b"example.com") == SECURE
-    assert ask(second, b"example.com") == SECURE
-    before = REGISTRY.get_sample_value("stsmilter_socketmap_refused_connections_total") or 0
-    refused = clients(server)
-    assert_closed(refused)
-    assert server.refused_connections == 1
-    assert REGISTRY.get_sample_value("stsmilter_socketmap_refused_connections_total") == before + 1
-    first.close()
-    deadline = time.monotonic() + 3
-    while len(server.connections) > 1 and time.monotonic() < deadline:
+    server = serve(max_connections=3)
+    oldest, middle, busy = clients(server), clients(server), clients(server)
+    for sock in (oldest, middle, busy):
+        assert ask(sock, b"example.com") == SECURE
+    assert ask(oldest, b"example.com") == SECURE  # now `middle` has been idle the longest
+    before = evicted("max_connections")
+    newcomer = clients(server)
+    assert ask(newcomer, b"example.com") == SECURE
+    assert_closed(middle)
+    assert evicted("max_connections") == before + 1
+    assert server.evicted_connections["max_connections"] == 1
+    for sock in (oldest, busy, newcomer):  # the others are served as before
+        assert ask(sock, b"example.com") == SECURE
+    assert len(server.connections) == 3
+
+
+def test_a_connection_with_a_lookup_under_way_is_evicted_last(serve, clients, discovery):
+    discovery.cached["example.com"] = valid()
+    discovery.fetched["slow.example"] = valid("slow.example")
+    discovery.delays["slow.example"] = 1.0
+    server = serve(max_connections=2, lookup_timeout=5)
+    waiting, idle = clients(server), clients(server)
+    waiting.sendall(request(b"slow.example"))  # the longest idle, but it waits for an answer
+    time.sleep(0.1)
+    assert ask(idle, b"example.com") == SECURE
+    newcomer = clients(server)
+    assert ask(newcomer, b"example.com") == SECURE
+    assert_closed(idle)
+    assert read_replies(waiting, 1) == [SECURE]  # answered, not evicted
+
+
+def test_one_client_holding_every_connection_locks_no_one_out(serve, clients, discovery):
+    discovery.cached["example.com"] = valid()
+    server = serve(max_connections=50)
+    held = [clients(server) for _ in range(50)]
+    poll = time.monotonic() + 5
+    while len(server.connections) < 50 and time.monotonic() < poll:
         time.sleep(0.01)
-    assert ask(clients(server), b"example.com") == SECURE
+    for _ in range(5):  # Postfix, reconnecting for every lookup, is always answered
+        assert ask(clients(server), b"example.com") == SECURE
+    assert len(server.connections) <= 50
+    for sock in held[:5]:
+        assert_closed(sock, within=1)
+
+
+def test_an_incomplete_request_must_complete_within_request_timeout(serve, clients, discovery):
+    discovery.cached["example.com"] = valid()
+    server = serve(request_timeout=0.5)
+    slow = clients(server)
+    before = evicted("request_timeout")
+    started = time.monotonic()
+    for byte in request(b"example.com")[:-1]:  # one byte every 0.1 s never finishes in time
+        try:
+            slow.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(0.1)
+    assert_closed(slow)
+    assert 0.5 <= time.monotonic() - started < 3
+    assert evicted("request_timeout") == before + 1
+    steady = clients(server)  # complete requests, however far apart, are not affected
+    for _ in range(3):
+        assert ask(steady, b"example.com") == SECURE
+        time.sleep(0.3)
+    assert ask(steady, b"example.com") == SECURE
+
+
+def test_postmap_is_answered_while_a_client_holds_the_limit(serve, clients, discovery):
+    postmap = shutil.which("postmap") or shutil.which("postmap", path="/usr/sbin:/usr/local/sbin")
+    if postmap is None:
+        pytest.skip("Postfix postmap(1) not installed")
+    discovery.cached["example.com"] = valid()
+    server = serve(max_connections=20)
+    held = [clients(server) for _ in range(20)]
+    config_dir = tempfile.mkdtemp(prefix="stsmilter-postfix-")
+    try:
+        open(os.path.join(config_dir, "main.cf"), "w").close()
+        table = "socketmap:inet:127.0.0.1:%d:postfix" % server.address[1]
+        run = subprocess.run([postmap, "-q", "example.com", table], env=dict(os.environ, MAIL_CONFIG=config_dir),
+                             capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == SECURE.decode()[3:]
+    finally:
+        shutil.rmtree(config_dir)
+    assert len(held) == 20
 
 
 def test_stop_closes_live_connections(discovery, clients):
