@@ -121,7 +121,7 @@ def import_everything() -> None:
 
     for name in (
         "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap", "stsmilter.milter_stop",
-        "stsmilter.milter_wake", "stsmilter.metrics_server",
+        "stsmilter.milter_wake", "stsmilter.metrics_server", "stsmilter.open_files", "resource",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
     ):
@@ -184,8 +184,9 @@ class Daemon:
         self.reload_thread_id = 0
 
     def start_services(self) -> None:
-        from stsmilter import engine
+        from stsmilter import engine, open_files
 
+        socketmap_room = open_files.ensure(self.cfg)  # before anything opens descriptors
         self.discovery = engine.open_engine(self.cfg)
         self.discovery.start_refresher()
         listen = self.cfg.metrics.listen
@@ -202,6 +203,7 @@ class Daemon:
             from stsmilter.socketmap import SocketmapServer
 
             self.socketmap = SocketmapServer(self.discovery, self.cfg.socketmap)
+            self.socketmap.connection_limit = socketmap_room
             try:
                 self.socketmap.start()
             except OSError as e:

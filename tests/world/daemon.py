@@ -60,12 +60,12 @@ class DaemonProcess:
         self.log_path = log_path
         self.proc = None
 
-    def start(self, wait_port=None):
+    def start(self, wait_port=None, preexec_fn=None):
         env = dict(os.environ)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stsmilter", "run", "-c", self.config_path],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn,
         )
         self.proc.stderr_text = self.log
         if wait_port:

@@ -12,10 +12,10 @@ class RunningDaemon(DaemonProcess):
 
 @pytest.fixture
 def start_daemon(sts_world, tmp_path):
-    """start_daemon(unix_socket=None, **config_sections) -> RunningDaemon (listening)."""
+    """start_daemon(unix_socket=None, preexec_fn=None, **config_sections) -> RunningDaemon (listening)."""
     started = []
 
-    def start(unix_socket=None, name="stsmilter", **sections):
+    def start(unix_socket=None, name="stsmilter", preexec_fn=None, **sections):
         milter_port, metrics_port, socketmap_port = free_port(), free_port(), free_port()
         milter_socket = f"unix:{unix_socket}" if unix_socket else f"inet:{milter_port}@127.0.0.1"
         merged = {
@@ -33,7 +33,7 @@ def start_daemon(sts_world, tmp_path):
         daemon.milter_socket = milter_socket
         daemon.pidfile = merged["daemon"]["pidfile"]
         started.append(daemon)
-        daemon.start(wait_port=metrics_port)
+        daemon.start(wait_port=metrics_port, preexec_fn=preexec_fn)
         if not unix_socket:
             from world.daemon import wait_for_port
             wait_for_port(milter_port, daemon.proc)

@@ -1,0 +1,74 @@
+"""The open-files budget: socketmap clients cannot starve the milter of descriptors
+(issue 9, item 5), with the real daemon under a real RLIMIT_NOFILE."""
+
+import os
+import resource
+import socket
+
+import pytest
+
+from stsmilter import config, open_files
+from world import milter_client
+from world.daemon import poll_until
+
+pytestmark = pytest.mark.integration
+
+
+def limit_open_files(soft, hard):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_files_limit(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3]), int(line.split()[4])
+    raise AssertionError("no Max open files line")
+
+
+def test_needed_counts_the_socketmap_the_metrics_and_a_reserve():
+    cfg = config.defaults()
+    assert open_files.needed(cfg) == open_files.RESERVE + 2 * 32 + 1000 + 32
+    assert open_files.needed(cfg.replace(socketmap={"listen": None}, metrics={"listen": None})) == (
+        open_files.RESERVE + 64)
+
+
+def test_the_daemon_raises_its_soft_limit_as_far_as_it_needs(start_daemon):
+    daemon = start_daemon(preexec_fn=limit_open_files(256, 4096))
+    need = open_files.RESERVE + 2 * 32 + 1000 + 32
+    assert open_files_limit(daemon.pid) == (need, 4096)
+    daemon.wait_log(f"open files limit raised from 256 to {need}")
+
+
+def test_a_low_hard_limit_serves_fewer_socketmap_connections_and_the_milter_still_answers(start_daemon):
+    hard = 700
+    daemon = start_daemon(preexec_fn=limit_open_files(hard, hard))
+    need = open_files.RESERVE + 2 * 32 + 1000 + 32
+    allowed = 1000 - (need - hard)
+    daemon.wait_log(f"serving at most {allowed} socketmap connections")
+    held = []
+    try:
+        for _ in range(1000):  # one local client tries to take every descriptor
+            held.append(socket.create_connection(("127.0.0.1", daemon.socketmap_port), timeout=5))
+        poll_until(lambda: len(os.listdir(f"/proc/{daemon.pid}/fd")) <= hard - open_files.RESERVE + 64, 10,
+                   "the daemon to close the connections over its budget")
+        with socket.create_connection(("127.0.0.1", daemon.socketmap_port), timeout=5) as sock:
+            sock.sendall(b"19:postfix example.test,")
+            assert sock.recv(100).endswith(b",")
+        for _ in range(5):
+            assert milter_client.negotiation_seconds(daemon.milter_socket, timeout=5) < 5
+    finally:
+        for sock in held:
+            sock.close()
+    assert daemon.proc.poll() is None
+
+
+def test_the_unit_and_the_init_script_allow_what_the_defaults_need():
+    root = os.path.join(os.path.dirname(__file__), "..", "contrib")
+    with open(os.path.join(root, "systemd", "stsmilter.service")) as f:
+        unit = [int(line.split("=", 1)[1]) for line in f if line.startswith("LimitNOFILE=")]
+    with open(os.path.join(root, "init.d", "stsmilter")) as f:
+        text = f.read()
+    init = [int(line.split("=", 1)[1].split()[0]) for line in text.splitlines() if line.startswith("OPEN_FILES=")]
+    assert 'ulimit -n "$OPEN_FILES"' in text
+    assert unit == init and unit[0] >= open_files.needed(config.defaults())
