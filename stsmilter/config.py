@@ -186,6 +186,7 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "on_pending": (_choice("accept", "tempfail"), "accept"),
         "on_violation": (_choice("tempfail", "reject", "hold"), "tempfail"),
         "dry_run": (_bool, "no"),
+        "non_smtp": (_choice("accept", "hold"), "accept"),
     },
     "scope": {
         "trusted_networks": (_networks, "127.0.0.0/8, ::1/128"),

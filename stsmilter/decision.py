@@ -12,6 +12,8 @@ Decision.reason is a metrics label, so its vocabulary is fixed:
   local-domain      domain in [scope] local_domains
   skip-mailer       {rcpt_mailer} in [scope] skip_mailers (milter only)
   out-of-scope      sender not in scope (milter only)
+  non-smtp          a refusal turned into [milter] non_smtp's accept or hold: the MTA
+                    cannot refuse one recipient of non-SMTP mail (milter only)
   pending           discovery not done within the deadline ([milter] on_pending applies)
   no-policy         the domain publishes no MTA-STS policy
   discovery-failed  a policy may exist but none could be obtained and none is cached
@@ -37,6 +39,7 @@ REASONS = (
     "no-domain", "address-literal", "bad-domain", "local-domain", "skip-mailer", "out-of-scope",
     "pending", "no-policy", "discovery-failed", "mode-none", "no-mx", "null-mx", "mx-dns-error",
     "mx-match", "mx-mismatch",
+    "non-smtp",
 )
 
 MAX_NAMES = 5  # MX hosts / patterns quoted in a reply text

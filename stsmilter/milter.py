@@ -11,10 +11,22 @@ SETSYMLIST for the @symlist macro lists), and libmilter uses set_flags for MTAs 
 not negotiate.
 
 Scope (per transaction): mail from a SASL-authenticated sender ({auth_authen}), from a
-client in [scope] trusted_networks or without a network address (local submission), or
-received by a [scope] daemon_names MTA daemon ({daemon_name}) is checked; anything else
-(inbound mail) is accepted untouched. Recipients routed to a [scope] skip_mailers
-transport ({rcpt_mailer}) are not looked up.
+client in [scope] trusted_networks or without a network address (local submission),
+non-SMTP mail (below), or mail received by a [scope] daemon_names MTA daemon
+({daemon_name}) is checked; anything else (inbound mail) is accepted untouched.
+Recipients routed to a [scope] skip_mailers transport ({rcpt_mailer}) are not looked up.
+
+Non-SMTP mail: Postfix's cleanup(8) runs non_smtpd_milters on mail from sendmail(1),
+postdrop and qmqpd(8) with an emulated session whose connect event is "localhost",
+AF_INET 127.0.0.1, port 0. No TCP client has port 0 (smtpd(8) passes the real one, and a
+client over a unix socket or stdin arrives without an inet address), so port 0 is the
+signal. Postfix cannot refuse one recipient of such mail: a 4xx or 5xx for a recipient
+makes it log "can't reject recipient in non-smtpd(8) submission" and keep the whole
+message in the maildrop queue, retried forever. So a recipient the milter would refuse is
+accepted there ([milter] non_smtp = accept) or the whole message is quarantined at end of
+message (non_smtp = hold), counted and logged with reason "non-smtp". Sendmail runs
+milters in SMTP sessions only (its sendmail(1) relays over SMTP through the MSP), where
+per-recipient replies work.
 
 Only connect, envfrom, envrcpt, data and eom are implemented, so negotiation tells the
 MTA to skip HELO, headers, end of headers, body and unknown commands (P_NOHELO,
@@ -36,7 +48,7 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import Milter
 
@@ -54,6 +66,17 @@ QUIET_REASONS = frozenset(
 )
 
 NO_QUEUE_ID = "NOQUEUE"  # what Postfix logs before the queue file exists (first RCPT)
+
+INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+REFUSALS = frozenset({TEMPFAIL, REJECT})
+NON_SMTP = "non-smtp"  # decision reason: a refusal turned into non_smtp's action
+
+# What a held message waits for, by the reason its recipient would have been refused.
+HOLD_CAUSES = {
+    "mx-mismatch": "no MX host matches the policy of ",
+    "pending": "policy lookup not finished for ",
+    "mx-dns-error": "MX lookup failed for ",
+}
 
 # A quiet accept (compliant MX, mode none, no policy) is reused for the same domain for
 # this long: mail to one domain comes in bursts, and a full decision per recipient was
@@ -74,6 +97,7 @@ def make_milter_class(decider: decision.Decider, config) -> type:
             "decider": decider,
             "lookup_timeout": config.milter.lookup_timeout,
             "dry_run": config.milter.dry_run,
+            "non_smtp_action": config.milter.non_smtp,
             "trusted_networks": tuple(scope.trusted_networks),
             "daemon_names": frozenset(scope.daemon_names),
             "skip_mailers": frozenset(scope.skip_mailers),
@@ -83,9 +107,15 @@ def make_milter_class(decider: decision.Decider, config) -> type:
     )
 
 
+def non_smtp_session(family, hostaddr) -> bool:
+    """True for Postfix's emulated connection for non-SMTP mail: an inet address with
+    port 0, which no TCP client has (see the module docstring)."""
+    return family in INET_FAMILIES and isinstance(hostaddr, tuple) and len(hostaddr) > 1 and hostaddr[1] == 0
+
+
 def client_trusted(family, hostaddr, networks) -> bool:
-    """True for a client in networks, or without a network address (unix socket, or a
-    non-SMTP submission: Postfix's non_smtpd_milters pass no address): local submission."""
+    """True for a client in networks, or without a network address (a unix socket, or
+    smtpd(8) on stdin): local submission."""
     if family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(hostaddr, tuple) or not hostaddr:
         return True
     return _address_in(hostaddr[0], networks)
@@ -130,6 +160,7 @@ class StsMilter(NegotiatingMilter):
     decider: decision.Decider
     lookup_timeout: float = 5.0
     dry_run: bool = False
+    non_smtp_action: str = ACCEPT
     trusted_networks: tuple = ()
     daemon_names: frozenset = frozenset()
     skip_mailers: frozenset = frozenset()
@@ -137,19 +168,24 @@ class StsMilter(NegotiatingMilter):
 
     def __init__(self) -> None:
         self.client_in_scope = False  # trusted or address-less client, or a daemon_names daemon
+        self.non_smtp = False  # Postfix non_smtpd_milters session: no recipient can be refused
         self._reset()
 
     def _reset(self) -> None:
         self.in_scope = False
         self.queue_id: Optional[str] = None
-        self.holds: List[decision.Decision] = []
+        self.holds: List[Tuple[decision.Decision, str]] = []  # (verdict, why it is held)
 
     @Milter.noreply
     @Milter.symlist("{daemon_name}")
     def connect(self, hostname, family, hostaddr):
         daemon = self.getsymval("{daemon_name}")
-        self.client_in_scope = client_trusted(family, hostaddr, self.trusted_networks) or (
-            daemon is not None and daemon in self.daemon_names
+        self.non_smtp = non_smtp_session(family, hostaddr)
+        # Non-SMTP mail is local submission: in scope whatever trusted_networks says.
+        self.client_in_scope = (
+            self.non_smtp
+            or client_trusted(family, hostaddr, self.trusted_networks)
+            or (daemon is not None and daemon in self.daemon_names)
         )
         return Milter.CONTINUE
 
@@ -181,23 +217,26 @@ class StsMilter(NegotiatingMilter):
             verdict = self.decider.decide(to, now + self.lookup_timeout)
         except Exception:
             log.exception("queue_id=%s MTA-STS decision failed for a recipient", self._queue_id())
-            if self.dry_run:
+            if self.dry_run or self.non_smtp:  # non-SMTP: a tempfail would strand the message
                 return Milter.CONTINUE
             self.setreply("451", "4.3.0", "MTA-STS check failed, try again later")
             return Milter.TEMPFAIL
+        cause = verdict.reason
+        if verdict.action in REFUSALS and self.non_smtp:
+            verdict = verdict._replace(action=self.non_smtp_action, reason=NON_SMTP, reply=None)
         counter = metrics.decision_counter(verdict.action, verdict.mode or "", verdict.reason)
         counter.inc()
         if verdict.action == ACCEPT == verdict.would and verdict.reason in ACCEPT_MEMO_REASONS:
             if len(self.accept_memo) >= ACCEPT_MEMO_SIZE:
                 self.accept_memo.clear()
             self.accept_memo[memo_key] = (now + ACCEPT_MEMO_SECONDS, counter)
-        self._log(verdict)
-        if verdict.action in (TEMPFAIL, REJECT):
+        self._log(verdict, cause)
+        if verdict.action in REFUSALS:
             code, xcode, text = verdict.reply
             self.setreply(code, xcode, text.replace("%", "%%"))  # libmilter formats it
             return Milter.TEMPFAIL if verdict.action == TEMPFAIL else Milter.REJECT
         if verdict.action == HOLD:
-            self.holds.append(verdict)
+            self.holds.append((verdict, cause))
         return Milter.CONTINUE
 
     def data(self):
@@ -208,17 +247,33 @@ class StsMilter(NegotiatingMilter):
         if not self.holds:
             return Milter.CONTINUE
         queue_id = self._queue_id()
-        domains = sorted({d.domain for d in self.holds})
-        reason = decision.cap_text("MTA-STS: no MX host matches the policy of " + decision.safe_names(domains))
+        reasons = ",".join(sorted({verdict.reason for verdict, _ in self.holds}))
+        text = self._hold_text()
         try:
-            self.quarantine(reason)
+            self.quarantine(text)
         except (Milter.DisabledAction, Milter.error) as e:
+            if self.non_smtp:
+                # A tempfail would keep the message in the maildrop queue for ever; the
+                # socketmap still checks its delivery.
+                log.warning("queue_id=%s action=accept reason=%s quarantine unavailable: %s", queue_id, reasons, e)
+                return Milter.CONTINUE
             # The MTA cannot hold mail: tempfail it rather than let the violation through.
-            log.warning("queue_id=%s action=tempfail reason=mx-mismatch quarantine unavailable: %s", queue_id, e)
-            self.setreply("451", "4.7.5", reason.replace("%", "%%"))
+            log.warning("queue_id=%s action=tempfail reason=%s quarantine unavailable: %s", queue_id, reasons, e)
+            self.setreply("451", "4.7.5", text.replace("%", "%%"))
             return Milter.TEMPFAIL
-        log.warning("queue_id=%s action=hold reason=mx-mismatch quarantined: %s", queue_id, reason)
+        log.warning("queue_id=%s action=hold reason=%s quarantined: %s", queue_id, reasons, text)
         return Milter.CONTINUE
+
+    def _hold_text(self) -> str:
+        """'MTA-STS: no MX host matches the policy of a.example, b.example; ...'"""
+        domains_by_cause = {}
+        for verdict, cause in self.holds:
+            domains_by_cause.setdefault(cause, set()).add(verdict.domain or "-")
+        parts = [
+            HOLD_CAUSES.get(cause, cause + ": ") + decision.safe_names(sorted(domains))
+            for cause, domains in sorted(domains_by_cause.items())
+        ]
+        return decision.cap_text("MTA-STS: " + "; ".join(parts))
 
     def abort(self):
         self._reset()
@@ -234,7 +289,8 @@ class StsMilter(NegotiatingMilter):
         self.queue_id = self.getsymval("i") or self.queue_id
         return self.queue_id or NO_QUEUE_ID
 
-    def _log(self, verdict: decision.Decision) -> None:
+    def _log(self, verdict: decision.Decision, cause: str) -> None:
+        """cause: the decision's own reason when verdict.reason replaced it (non-smtp)."""
         if verdict.action == ACCEPT and verdict.would == ACCEPT and verdict.reason in QUIET_REASONS:
             return
         line = (
@@ -244,5 +300,7 @@ class StsMilter(NegotiatingMilter):
         )
         if verdict.would != verdict.action:
             line += f" would={verdict.would}"
+        if cause != verdict.reason:
+            line += f" cause={cause}"
         refused = verdict.action != ACCEPT or verdict.would != ACCEPT
         log.log(logging.WARNING if refused else logging.INFO, line)

@@ -45,6 +45,7 @@ def test_values_are_converted_once():
         ("[bogus]\nx = 1\n", "t.conf:1: [bogus]: unknown section"),
         ("[milter]\n\nsockett = inet:1@x\n", "t.conf:3: [milter] sockett: unknown key"),
         ("[milter]\non_violation = bounce\n", "t.conf:2: [milter] on_violation = 'bounce': expected one of tempfail, reject, hold"),
+        ("[milter]\nnon_smtp = tempfail\n", "t.conf:2: [milter] non_smtp = 'tempfail': expected one of accept, hold"),
         ("[dns]\nport = 99999\n", "expected a whole number from 1 to 65535"),
         ("[dns]\nnameservers = resolver.example\n", "expected a list of IP addresses"),
         ("[milter]\nsocket = tcp:25\n", "expected inet:PORT@HOST"),

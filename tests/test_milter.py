@@ -33,21 +33,29 @@ class Ctx(testctx.TestCtx):
             raise TypeError("setsymlist(int, str)")
         return super().setsymlist(stage, macros)
 
-    def open(self, ip="192.0.2.1", family=None):
+    def open(self, ip="192.0.2.1", family=None, port=40000, hostname="client.example"):
         assert self._negotiate() == Milter.CONTINUE
         if family is None:
             family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        hostaddr = (ip, 40000) if family == socket.AF_INET else (ip, 40000, 0, 0)
+        hostaddr = (ip, port) if family == socket.AF_INET else (ip, port, 0, 0)
         if family not in (socket.AF_INET, socket.AF_INET6):
             hostaddr = ip
         self._stage = Milter.M_CONNECT
-        rc = Milter.connect_callback(self, "client.example", family, hostaddr)
+        rc = Milter.connect_callback(self, hostname, family, hostaddr)
         self._stage = None
         assert rc == Milter.NOREPLY
         return self
 
+    def open_non_smtp(self):
+        """The connection Postfix's cleanup(8) emulates for non_smtpd_milters (measured
+        with Postfix 3.7: sendmail(1), sendmail -bs, QMQP)."""
+        return self.open("127.0.0.1", socket.AF_INET, port=0, hostname="localhost")
+
     def rcpt(self, address, mailer="smtp"):
-        self._macros["{rcpt_mailer}"] = mailer
+        if mailer is None:
+            self._macros.pop("{rcpt_mailer}", None)
+        else:
+            self._macros["{rcpt_mailer}"] = mailer
         self._reply = None
         return self._envrcpt(address)
 
@@ -380,3 +388,139 @@ def test_a_reload_starts_with_an_empty_memo(monkeypatch):
     ctx._envfrom("<s@here.example>")
     ctx.rcpt("<b@fresh.example>")
     assert len(decider.asked) == 2
+
+
+# --- non-SMTP mail (Postfix non_smtpd_milters) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hostname, family, hostaddr, non_smtp",
+    [
+        ("localhost", socket.AF_INET, ("127.0.0.1", 0), True),  # cleanup(8): sendmail(1), QMQP
+        ("localhost", socket.AF_INET6, ("::1", 0, 0, 0), True),
+        ("localhost", socket.AF_INET, ("127.0.0.1", 48123), False),  # smtpd, peer name looked up
+        ("[127.0.0.1]", socket.AF_INET, ("127.0.0.1", 48123), False),  # smtpd, no peer name lookup
+        ("[::1]", socket.AF_INET6, ("::1", 48123, 0, 0), False),
+        ("localhost", socket.AF_UNIX, "/run/smtpd.sock", False),
+        ("localhost", socket.AF_UNSPEC, None, False),  # smtpd on stdin / a unix socket
+        ("localhost", socket.AF_INET, ("127.0.0.1",), False),
+    ],
+)
+def test_non_smtp_session_is_port_zero_on_an_inet_address(hostname, family, hostaddr, non_smtp):
+    assert milter.non_smtp_session(family, hostaddr) is non_smtp
+
+
+def non_smtp_violation_session(monkeypatch, **settings):
+    cfg = config.defaults().replace(milter={k: v for k, v in settings.items() if k in config.SCHEMA["milter"]})
+    decider = Decider(FakeDiscovery(mx=OTHER_MX, forced=valid(source="fetched")), cfg.milter, cfg.scope)
+    ctx = session(decider, monkeypatch, **settings).open_non_smtp()
+    del ctx._macros["i"]
+    ctx._envfrom("cron@here.example")  # Postfix sends non-SMTP addresses without <>
+    ctx._macros["i"] = "4QX1yZ2abc"  # the queue id exists from MAIL on
+    return ctx
+
+
+@pytest.mark.parametrize("on_violation, would", [("tempfail", "tempfail"), ("reject", "reject")])
+def test_non_smtp_accept_never_refuses_a_recipient(monkeypatch, caplog, on_violation, would):
+    ctx = non_smtp_violation_session(monkeypatch, on_violation=on_violation, trusted_networks=())
+    before = count("accept", "enforce", "non-smtp"), count(would, "enforce", "mx-mismatch")
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx.rcpt("u@example.com", mailer=None) == Milter.CONTINUE and ctx._reply is None
+    assert ctx._data() == Milter.CONTINUE
+    assert ctx._eom() == Milter.CONTINUE and ctx.quarantined == []
+    assert (count("accept", "enforce", "non-smtp"), count(would, "enforce", "mx-mismatch")) == (
+        before[0] + 1, before[1])
+    assert [r.getMessage() for r in caplog.records] == [
+        "queue_id=4QX1yZ2abc domain=example.com policy_id=20240101 mode=enforce action=accept reason=non-smtp"
+        f" mx=mx1.evil.example,mx2.evil.example would={would} cause=mx-mismatch"
+    ]
+    assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_non_smtp_hold_quarantines_the_whole_message(monkeypatch, caplog):
+    ctx = non_smtp_violation_session(monkeypatch, non_smtp="hold")
+    before = count("hold", "enforce", "non-smtp")
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx.rcpt("u@example.com", mailer=None) == Milter.CONTINUE and ctx._reply is None
+        assert ctx._eom() == Milter.CONTINUE
+    assert ctx.quarantined == ["MTA-STS: no MX host matches the policy of example.com"]
+    assert count("hold", "enforce", "non-smtp") == before + 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "queue_id=4QX1yZ2abc domain=example.com policy_id=20240101 mode=enforce action=hold reason=non-smtp"
+        " mx=mx1.evil.example,mx2.evil.example would=tempfail cause=mx-mismatch",
+        "queue_id=4QX1yZ2abc action=hold reason=non-smtp quarantined:"
+        " MTA-STS: no MX host matches the policy of example.com",
+    ]
+
+
+def test_non_smtp_hold_says_what_each_domain_waits_for(monkeypatch):
+    pending = Decision("a@slow.example", "slow.example", "tempfail", "tempfail", "pending",
+                       reply=("451", "4.7.5", "pending"))
+    dns_error = Decision("b@dns.example", "dns.example", "tempfail", "tempfail", "mx-dns-error", "enforce", "d1",
+                         reply=("451", "4.7.5", "dns"))
+    decider = FakeDecider({"a@slow.example": pending, "b@dns.example": dns_error,
+                           "c@example.com": violation("c@example.com", "hold")})  # on_violation = hold
+    ctx = session(decider, monkeypatch, non_smtp="hold").open_non_smtp()
+    ctx._envfrom("cron@here.example")
+    for rcpt in ("a@slow.example", "b@dns.example", "c@example.com", "d@fine.example"):
+        assert ctx.rcpt(rcpt, mailer=None) == Milter.CONTINUE and ctx._reply is None
+    assert ctx._eom() == Milter.CONTINUE
+    assert ctx.quarantined == [
+        "MTA-STS: MX lookup failed for dns.example; no MX host matches the policy of example.com;"
+        " policy lookup not finished for slow.example"
+    ]
+
+
+def test_non_smtp_without_quarantine_accepts_rather_than_strand_the_message(monkeypatch, caplog):
+    offer(monkeypatch, Milter.CURR_ACTS & ~Milter.QUARANTINE)
+    ctx = non_smtp_violation_session(monkeypatch, non_smtp="hold")
+    assert ctx.rcpt("u@example.com", mailer=None) == Milter.CONTINUE
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx._eom() == Milter.CONTINUE
+    assert ctx._reply is None and ctx.quarantined == []
+    assert "action=accept reason=non-smtp quarantine unavailable" in caplog.records[-1].getMessage()
+
+
+def test_non_smtp_decider_crash_accepts(monkeypatch, caplog):
+    class Broken:
+        def decide(self, recipient, deadline=None):
+            raise RuntimeError("bug")
+
+    ctx = session(Broken(), monkeypatch).open_non_smtp()
+    ctx._envfrom("cron@here.example")
+    with caplog.at_level(logging.ERROR, logger="stsmilter"):
+        assert ctx.rcpt("u@example.com", mailer=None) == Milter.CONTINUE
+    assert ctx._reply is None and "RuntimeError" in caplog.text
+
+
+def test_non_smtp_mail_is_in_scope_whatever_trusted_networks_says(monkeypatch):
+    decider = FakeDecider()
+    ctx = session(decider, monkeypatch, trusted_networks=()).open_non_smtp()
+    ctx._envfrom("cron@here.example")
+    ctx.rcpt("a@example.net", mailer=None)
+    assert [r for r, _ in decider.asked] == ["a@example.net"]
+
+
+def test_non_smtp_accepts_and_holds_pass_through(monkeypatch, caplog):
+    """Only refusals change: a compliant recipient stays a quiet mx-match accept, and
+    on_violation = hold still holds with its own reason."""
+    decider = FakeDecider({"u@example.com": violation("u@example.com", "hold")})
+    ctx = session(decider, monkeypatch, non_smtp="accept").open_non_smtp()
+    ctx._envfrom("cron@here.example")
+    before = count("hold", "enforce", "mx-mismatch"), count("accept", "", "no-policy")
+    assert ctx.rcpt("a@example.net", mailer=None) == Milter.CONTINUE
+    assert ctx.rcpt("u@example.com", mailer=None) == Milter.CONTINUE
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx._eom() == Milter.CONTINUE
+    assert ctx.quarantined == ["MTA-STS: no MX host matches the policy of example.com"]
+    assert (count("hold", "enforce", "mx-mismatch"), count("accept", "", "no-policy")) == (
+        before[0] + 1, before[1] + 1)
+    assert "action=hold reason=mx-mismatch quarantined" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize("hostname, port", [("localhost", 48123), ("[127.0.0.1]", 48123)])
+def test_smtp_from_loopback_is_not_mistaken_for_non_smtp(monkeypatch, hostname, port):
+    ctx = session(FakeDecider({"<u@example.com>": violation("<u@example.com>", "tempfail", ("451", "4.7.5", "x"))}),
+                  monkeypatch, non_smtp="accept").open("127.0.0.1", socket.AF_INET, port=port, hostname=hostname)
+    ctx._envfrom("<s@here.example>")
+    assert ctx.rcpt("<u@example.com>") == Milter.TEMPFAIL and ctx._reply == ("451", "4.7.5", "x")
