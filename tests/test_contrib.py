@@ -203,7 +203,7 @@ def test_unit_settings():
     assert s["StateDirectory"] == [Path(DEFAULTS.cache.path).parent.name]
     assert Path(DEFAULTS.daemon.pidfile).parent == Path("/run") / s["RuntimeDirectory"][0]
     assert Path(DEFAULTS.cache.path).parent == Path("/var/lib") / s["StateDirectory"][0]
-    assert set(s["Before"][0].split()) == {"postfix.service", "sendmail.service"}
+    assert set(s["Before"][0].split()) == {"postfix@-.service", "postfix.service", "sendmail.service"}
     assert s["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
                 "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "RestrictNamespaces",
@@ -212,6 +212,19 @@ def test_unit_settings():
     assert s["ProtectSystem"] == ["strict"]
     assert s["SystemCallFilter"] == ["@system-service"]
     assert s["Restart"] == ["on-failure"]
+
+
+def test_unit_starts_before_the_unit_that_runs_the_postfix_master():
+    """Debian 12's postfix.service is a placeholder; the master runs in postfix@-.service.
+    Read from the units Debian's postfix package installs."""
+    units = Path("/lib/systemd/system")
+    if not (units / "postfix@.service").exists():
+        pytest.skip("Debian's postfix systemd units not installed")
+    template = (units / "postfix@.service").read_text()
+    assert re.search(r"^ExecStart=/usr/sbin/postmulti -i %i -p start$", template, re.M)
+    assert re.search(r"^Before=postfix\.service$", template, re.M)  # so ordering on postfix.service is too late
+    assert re.search(r"^ExecStart=/bin/true$", (units / "postfix.service").read_text(), re.M)
+    assert "postfix@-.service" in unit_settings()["Before"][0].split()
 
 
 def test_unit_verifies(tmp_path):
@@ -234,15 +247,29 @@ def _milter_as_postfix(socket: str) -> str:
     return f"inet:{host}:{port}"
 
 
+STSMILTER_MILTER = f"{{ {_milter_as_postfix(DEFAULTS.milter.socket)}, default_action = accept }}"
+
+
+def settings_in(text: str) -> list:
+    """The uncommented 'name = value' lines of a main.cf text."""
+    return re.findall(r"^([a-z_]+) = (.*)$", text, re.M)
+
+
 def test_postfix_snippets_match_the_defaults():
-    main = MAIN_CF.read_text()
+    main = dict(settings_in(MAIN_CF.read_text()))
     listen = DEFAULTS.socketmap.listen
-    assert f"smtpd_milters = {_milter_as_postfix(DEFAULTS.milter.socket)}\n" in main
-    assert f"smtp_tls_policy_maps = socketmap:inet:{listen.host}:{listen.port}:postfix\n" in main
-    assert "milter_default_action = tempfail\n" in main
-    assert "milter_protocol = 6\n" in main
-    assert "non_smtpd_milters = $smtpd_milters\n" in main
-    assert "-o milter_macro_daemon_name=ORIGINATING" in MASTER_CF.read_text()
+    assert main["stsmilter_milter"] == STSMILTER_MILTER
+    assert main["smtp_tls_policy_maps"] == f"socketmap:inet:{listen.host}:{listen.port}:postfix"
+    assert main["non_smtpd_milters"] == "$stsmilter_milter"
+    # Nothing that changes other milters or puts stsmilter on port 25 (inbound mail).
+    for global_setting in ("smtpd_milters", "milter_default_action", "milter_protocol", "milter_connect_macros",
+                           "milter_mail_macros", "milter_rcpt_macros"):
+        assert global_setting not in main
+    master = MASTER_CF.read_text()
+    for service in ("submission", "submissions"):
+        entry = re.search(rf"^{service} inet .*?(?=^\S|\Z)", master, re.M | re.S).group(0)
+        assert "-o smtpd_milters=$stsmilter_milter\n" in entry
+        assert "-o milter_macro_daemon_name=ORIGINATING\n" in entry
 
 
 @pytest.fixture
@@ -255,10 +282,13 @@ def postfix_config(tmp_path):
 
 def test_postfix_main_cf_snippet_parses(postfix_config):
     postconf, directory = postfix_config
-    result = run([postconf, "-c", str(directory), "-n"])
+    # -x expands $stsmilter_milter; with master.cf present, postconf would also warn
+    # about a parameter nothing uses.
+    result = run([postconf, "-c", str(directory), "-n", "-x"])
     assert result.returncode == 0 and result.stderr == "", result.stderr
     values = dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
-    assert values["smtpd_milters"] == _milter_as_postfix(DEFAULTS.milter.socket)
+    assert values["non_smtpd_milters"] == STSMILTER_MILTER
+    assert "smtpd_milters" not in values and "milter_default_action" not in values
     assert values["smtp_tls_policy_maps"].startswith("socketmap:inet:")
     # Postfix's own defaults send the macros stsmilter reads.
     defaults = run([postconf, "-c", str(directory), "-d", "milter_connect_macros", "milter_mail_macros",
@@ -269,10 +299,12 @@ def test_postfix_main_cf_snippet_parses(postfix_config):
 
 def test_postfix_master_cf_snippet_parses(postfix_config):
     postconf, directory = postfix_config
-    result = run([postconf, "-c", str(directory), "-P"])
+    result = run([postconf, "-c", str(directory), "-P", "-x"])
     assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert "submission/inet/milter_macro_daemon_name = ORIGINATING" in result.stdout.splitlines()
-    assert "submissions/inet/milter_macro_daemon_name = ORIGINATING" in result.stdout.splitlines()
+    lines = result.stdout.splitlines()
+    for service in ("submission", "submissions"):
+        assert f"{service}/inet/milter_macro_daemon_name = ORIGINATING" in lines
+        assert f"{service}/inet/smtpd_milters = {STSMILTER_MILTER}" in lines
 
 
 # --- Sendmail ---------------------------------------------------------------------------
@@ -281,7 +313,7 @@ def test_postfix_master_cf_snippet_parses(postfix_config):
 def test_sendmail_mc_lines():
     lines = [line for line in SENDMAIL_MC.read_text().splitlines() if not line.startswith("dnl")]
     assert lines == [
-        "INPUT_MAIL_FILTER(`stsmilter', `S=unix:/run/stsmilter/stsmilter.sock, F=T, T=S:30s;R:30s;E:1m')",
+        "INPUT_MAIL_FILTER(`stsmilter', `S=unix:/run/stsmilter/stsmilter.sock, T=C:10s;S:30s;R:30s;E:1m')",
         f"FEATURE(`sts', `socket -d10 -T<TMPF> inet:{DEFAULTS.socketmap.listen.port}@{DEFAULTS.socketmap.listen.host}')",
     ]
     timeout = float(re.search(r"-d(\d+)", lines[1]).group(1))
@@ -306,7 +338,7 @@ def test_sendmail_mc_builds():
     assert f"Ksts socket -d10 -T<TMPF> inet:{listen.port}@{listen.host}" in cf
     assert "O StrictTransportSecurity=true" in cf
     assert "O InputMailFilters=stsmilter" in cf
-    assert "Xstsmilter, S=unix:/run/stsmilter/stsmilter.sock, F=T, T=S:30s;R:30s;E:1m" in cf
+    assert "Xstsmilter, S=unix:/run/stsmilter/stsmilter.sock, T=C:10s;S:30s;R:30s;E:1m" in cf
 
 
 # --- Prometheus -------------------------------------------------------------------------
