@@ -24,8 +24,10 @@ pkgs="libmilter-dev gcc python3-dev python3-venv"
 if [ "$mode" = test ]; then
     # postfix: the integration tests start private Postfix instances on loopback;
     # the shell scripts are linted with shellcheck; sendmail-cf (m4 files only, no Sendmail)
-    # builds contrib/sendmail/stsmilter.mc; mandoc lints the man pages.
-    pkgs="$pkgs postfix shellcheck sendmail-cf mandoc"
+    # builds contrib/sendmail/stsmilter.mc; mandoc lints the man pages; sasl2-bin
+    # (saslpasswd2) and libsasl2-modules (PLAIN) give the shipped submission services'
+    # test a private Cyrus SASL user.
+    pkgs="$pkgs postfix shellcheck sendmail-cf mandoc sasl2-bin libsasl2-modules"
 fi
 for p in $pkgs; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_apt="$need_apt $p"

@@ -247,7 +247,7 @@ def _milter_as_postfix(socket: str) -> str:
     return f"inet:{host}:{port}"
 
 
-STSMILTER_MILTER = f"{{ {_milter_as_postfix(DEFAULTS.milter.socket)}, default_action = accept }}"
+STSMILTER_MILTER = f"{{ {_milter_as_postfix(DEFAULTS.milter.socket)}, default_action=accept }}"
 
 
 def settings_in(text: str) -> list:

@@ -1,20 +1,13 @@
 """Delivery-time enforcement with a real Postfix asking `stsmilter run`'s socketmap.
 
-How Postfix finds the MX peers without DNS leaving loopback: DNS is disabled in
-Postfix (smtp_dns_support_level = disabled, smtp_host_lookup = native), so it looks up
-the recipient domain itself as a host name through the C library, i.e. /etc/hosts.
-Postfix is started inside a private mount namespace (unshare --mount) in which
-/etc/hosts is a bind-mounted file mapping each test domain to its own loopback address
-(127.0.0.2, .3, ...), and /etc/resolv.conf points at 127.0.0.1 so nothing can leak.
-Every peer listens on the same port on its own address; smtp_tcp_port names that port.
-The TLS policy lookup key is then the plain recipient domain, as in production.
+Postfix routes by recipient domain through a private /etc/hosts (world/mx_routing.py):
+each test domain maps to its own loopback address, where an SMTP sink plays its MX.
 stsmilter itself resolves through the loopback DNS test server.
 """
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 
@@ -22,11 +15,12 @@ import pytest
 import trustme
 
 from world.daemon import sample, scrape
+from world.mx_routing import can_unshare, common_free_port, private_hosts
 from world.smtp_peers import SmtpSink, tls_server_context
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare"),
+    pytest.mark.skipif(not can_unshare(), reason="needs root and unshare"),
 ]
 
 PEERS = {  # domain -> (loopback address, offers STARTTLS)
@@ -36,48 +30,13 @@ PEERS = {  # domain -> (loopback address, offers STARTTLS)
 }
 
 
-def common_free_port(addresses):
-    """A port free on every one of addresses."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((addresses[0], 0))
-            port = s.getsockname()[1]
-        try:
-            probes = []
-            for address in addresses:
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind((address, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-    raise RuntimeError("no common free port")
-
-
 @pytest.fixture
-def namespace_files():
-    directory = tempfile.mkdtemp(prefix="stsmilter-ns-")
-    os.chmod(directory, 0o755)
-    try:
-        hosts = os.path.join(directory, "hosts")
-        with open(hosts, "w") as f:
-            f.write("127.0.0.1 localhost\n")
-            for domain, (address, _tls) in PEERS.items():
-                f.write(f"{address} {domain}\n")
-        resolv = os.path.join(directory, "resolv.conf")
-        with open(resolv, "w") as f:
-            f.write("nameserver 127.0.0.1\n")
-        os.chmod(hosts, 0o644)
-        os.chmod(resolv, 0o644)
-        yield hosts, resolv
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def namespace_wrapper():
+    with private_hosts({domain: address for domain, (address, _tls) in PEERS.items()}) as wrapper:
+        yield wrapper
 
 
-def test_postfix_enforces_tls_via_socketmap(sts_world, start_daemon, postfix_factory, namespace_files):
+def test_postfix_enforces_tls_via_socketmap(sts_world, start_daemon, postfix_factory, namespace_wrapper):
     mx_ca = trustme.CA()
     port = common_free_port([address for address, _ in PEERS.values()])
     sinks = {}
@@ -88,20 +47,12 @@ def test_postfix_enforces_tls_via_socketmap(sts_world, start_daemon, postfix_fac
         for domain in ("good.example", "stripped.example"):
             sts_world.publish(domain, "p1")  # enforce, mx: mx.<domain>
         daemon = start_daemon()
-        hosts, resolv = namespace_files
-        ca_pem = os.path.join(os.path.dirname(hosts), "mx-ca.pem")
-        mx_ca.cert_pem.write_to_path(ca_pem)
-        wrapper = [
-            "unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"',
-            "sh", hosts, resolv,
-        ]
         postfix = postfix_factory(
-            wrapper=wrapper,
+            wrapper=namespace_wrapper,
+            tls_ca_pem=mx_ca.cert_pem.bytes(),
             main_cf_extra={
                 "smtp_tcp_port": str(port),
                 "smtp_tls_policy_maps": f"socketmap:inet:127.0.0.1:{daemon.socketmap_port}:postfix",
-                "smtp_tls_CAfile": ca_pem,
                 "smtp_tls_security_level": "may",
                 "smtp_tls_loglevel": "1",
             },

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import smtplib
+import ssl
 import stat
 import subprocess
 import tempfile
@@ -27,6 +28,7 @@ from world.smtp_peers import LOOPBACK, free_port
 
 T = TypeVar("T")
 CLIENT_HELO = "client.stsmilter.test"
+CONTRIB_POSTFIX = Path(__file__).resolve().parents[2] / "contrib" / "postfix"
 
 # Our own minimal master.cf rather than Debian's: the stock file chroots most services
 # into $queue_directory, which a private queue directory does not have set up. The
@@ -50,6 +52,7 @@ error     unix  - - n -     - error
 retry     unix  - - n -     - error
 discard   unix  - - n -     - discard
 local     unix  - n n -     - local
+virtual   unix  - n n -     - virtual
 anvil     unix  - - n -     1 anvil
 scache    unix  - - n -     1 scache
 postlog   unix-dgram n - n - 1 postlogd
@@ -120,6 +123,7 @@ class PostfixInstance:
         milter: Optional[str] = None,
         non_smtpd_milter: bool = False,
         main_cf_extra: Optional[Dict[str, Optional[str]]] = None,
+        main_cf_text: str = "",
         master_cf_extra: str = "",
         tls_ca_pem: Optional[bytes] = None,
         wrapper: Sequence[str] = (),
@@ -140,6 +144,7 @@ class PostfixInstance:
         self.milter = milter
         self.non_smtpd_milter = non_smtpd_milter
         self.main_cf_extra = dict(main_cf_extra or {})
+        self.main_cf_text = main_cf_text  # appended verbatim (a shipped snippet): it wins
         self.master_cf_extra = master_cf_extra
         self.tls_ca_pem = tls_ca_pem
         # Command prefix for `postfix start` only; master and every daemon inherit it.
@@ -201,7 +206,7 @@ class PostfixInstance:
         return {key: value for key, value in settings.items() if value is not None}
 
     def write_config(self) -> None:
-        main_cf = "".join(f"{key} = {value}\n" for key, value in self.main_cf().items())
+        main_cf = "".join(f"{key} = {value}\n" for key, value in self.main_cf().items()) + self.main_cf_text
         (self.config_dir / "main.cf").write_text(main_cf)
         smtpd = f"{LOOPBACK}:{self.smtpd_port} inet n - n - - smtpd\n"
         (self.config_dir / "master.cf").write_text(smtpd + MASTER_CF_SERVICES + self.master_cf_extra)
@@ -211,8 +216,9 @@ class PostfixInstance:
         # it is that old (a guard against half-written files): backdating saves ~2 s.
         backdated = time.time() - 60
         for path in self.config_dir.iterdir():
-            os.chmod(path, 0o644)
-            os.utime(path, (backdated, backdated))
+            if path.is_file():
+                os.chmod(path, 0o644)
+                os.utime(path, (backdated, backdated))
 
     # -- commands ------------------------------------------------------------------
     def _run(self, argv: Sequence[str], stdin: bytes = b"", timeout: float = 30.0) -> str:
@@ -339,11 +345,17 @@ class PostfixInstance:
         *,
         headers: Optional[Dict[str, str]] = None,
         timeout: float = 30.0,
+        port: Optional[int] = None,
+        tls: Optional[ssl.SSLContext] = None,
+        implicit_tls: bool = False,
+        login: Optional[Tuple[str, str]] = None,
     ) -> SendResult:
         """One SMTP transaction to smtpd, recording the reply to every command.
 
         RCPT replies are kept per recipient (smtplib.sendmail() hides them); DATA is
-        sent only when at least one recipient was accepted.
+        sent only when at least one recipient was accepted. port: another smtpd service
+        (default the port-25 one); tls: STARTTLS with this client context, or with
+        implicit_tls TLS from the first byte (submissions); login: SASL user, password.
         """
         rcpts = list(rcpts)
         fields = {"From": f"<{from_addr}>", "To": ", ".join(f"<{r}>" for r in rcpts), "Subject": "stsmilter test"}
@@ -352,8 +364,18 @@ class PostfixInstance:
         rcpt_replies: Dict[str, Reply] = {}
         data = None
         # local_hostname: smtplib's default is socket.getfqdn(), a resolver lookup.
-        with smtplib.SMTP(LOOPBACK, self.smtpd_port, local_hostname=CLIENT_HELO, timeout=timeout) as client:
+        port = port or self.smtpd_port
+        if implicit_tls:
+            client = smtplib.SMTP_SSL(LOOPBACK, port, local_hostname=CLIENT_HELO, timeout=timeout, context=tls)
+        else:
+            client = smtplib.SMTP(LOOPBACK, port, local_hostname=CLIENT_HELO, timeout=timeout)
+        with client:
             client.ehlo()
+            if tls is not None and not implicit_tls:
+                client.starttls(context=tls)
+                client.ehlo()
+            if login is not None:
+                client.login(*login)
             mail = _reply(*client.mail(from_addr))
             if mail.code < 400:
                 for rcpt in rcpts:
@@ -368,3 +390,75 @@ class PostfixInstance:
     def sendmail(self, from_addr: str, rcpts: Iterable[str], message: bytes) -> None:
         """Submit through sendmail(1) -> postdrop -> pickup: the path non_smtpd_milters see."""
         self._run(["sendmail", "-C", str(self.config_dir), "-f", from_addr, "--", *rcpts], stdin=message)
+
+
+# -- the shipped contrib/postfix snippets ------------------------------------------------
+
+
+def _substitute(text: str, old: str, new: str) -> str:
+    assert old in text, f"{old!r} not in the shipped snippet"
+    return text.replace(old, new)
+
+
+def shipped_main_cf(milter_port: int, socketmap_port: int, paths: Optional[Dict[str, str]] = None) -> str:
+    """contrib/postfix/main.cf.snippet with only stsmilter's ports (8894, 8461) and the
+    given file paths replaced (for PostfixInstance(main_cf_text=...))."""
+    text = (CONTRIB_POSTFIX / "main.cf.snippet").read_text()
+    text = _substitute(text, "inet:127.0.0.1:8894,", f"inet:127.0.0.1:{milter_port},")
+    text = _substitute(text, "socketmap:inet:127.0.0.1:8461:", f"socketmap:inet:127.0.0.1:{socketmap_port}:")
+    for old, new in (paths or {}).items():
+        text = _substitute(text, old, new)
+    return text
+
+
+def shipped_master_cf(ports: Dict[str, int]) -> str:
+    """contrib/postfix/master.cf.snippet with each service (submission, submissions)
+    listening on 127.0.0.1:PORT instead of its well-known port, and the chroot column
+    "n": the snippet's "y" means Debian's jail in /var/spool/postfix, which a private
+    queue directory is not. Nothing else changes."""
+    lines = (CONTRIB_POSTFIX / "master.cf.snippet").read_text().splitlines(keepends=True)
+    replaced = set()
+    for number, line in enumerate(lines):
+        fields = line.split()
+        if fields and fields[0] in ports and fields[1] == "inet":
+            assert fields[4] == "y", line
+            fields[0], fields[4] = f"{LOOPBACK}:{ports[fields[0]]}", "n"
+            lines[number] = " ".join(fields) + "\n"
+            replaced.add(line.split()[0])
+    assert replaced == set(ports), f"services not in the snippet: {set(ports) - replaced}"
+    return "".join(lines)
+
+
+def enable_submission_auth(instance: PostfixInstance, ca, users: Dict[str, str]) -> None:
+    """What the shipped submission services expect main.cf to provide: a server
+    certificate (from a trustme CA) and SASL. SASL is Cyrus with a private sasldb
+    (saslpasswd2 from sasl2-bin). Its smtpd.conf goes to $config_directory/sasl:
+    Debian's Postfix looks only there (debian/patches/07_sasl_config.diff) and ignores
+    cyrus_sasl_config_path, which is set too for other builds. Call before start()."""
+    saslpasswd2 = shutil.which("saslpasswd2") or "/usr/sbin/saslpasswd2"
+    sasl_dir = instance.config_dir / "sasl"
+    sasl_dir.mkdir()
+    os.chmod(sasl_dir, 0o755)
+    sasldb = instance.root / "sasldb2"  # outside config_dir, which must be root's
+    for user, password in users.items():
+        subprocess.run([saslpasswd2, "-f", str(sasldb), "-p", "-c", "-u", instance.hostname, user],
+                       input=password.encode(), check=True, timeout=30, capture_output=True)
+    shutil.chown(sasldb, user="postfix")  # smtpd reads it as user postfix
+    os.chmod(sasldb, 0o600)
+    (sasl_dir / "smtpd.conf").write_text(
+        f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\nsasldb_path: {sasldb}\n"
+    )
+    os.chmod(sasl_dir / "smtpd.conf", 0o644)
+    cert = ca.issue_cert(instance.hostname, LOOPBACK)  # clients connect to the address
+    cert_file, key_file = sasl_dir / "smtpd-cert.pem", sasl_dir / "smtpd-key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    os.chmod(key_file, 0o600)  # smtpd reads it as root, before it drops privileges
+    instance.main_cf_extra.update({
+        "smtpd_tls_cert_file": str(cert_file),
+        "smtpd_tls_key_file": str(key_file),
+        "smtpd_sasl_type": "cyrus",
+        "smtpd_sasl_path": "smtpd",
+        "cyrus_sasl_config_path": str(sasl_dir),
+        "smtpd_sasl_local_domain": "$myhostname",
+    })
