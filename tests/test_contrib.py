@@ -247,7 +247,7 @@ def _milter_as_postfix(socket: str) -> str:
     return f"inet:{host}:{port}"
 
 
-STSMILTER_MILTER = f"{{ {_milter_as_postfix(DEFAULTS.milter.socket)}, default_action=accept }}"
+MTA_STS_MILTER = f"{{ {_milter_as_postfix(DEFAULTS.milter.socket)}, default_action=accept }}"
 
 
 def settings_in(text: str) -> list:
@@ -258,9 +258,9 @@ def settings_in(text: str) -> list:
 def test_postfix_snippets_match_the_defaults():
     main = dict(settings_in(MAIN_CF.read_text()))
     listen = DEFAULTS.socketmap.listen
-    assert main["stsmilter_milter"] == STSMILTER_MILTER
+    assert main["mta_sts_milter"] == MTA_STS_MILTER
     assert main["smtp_tls_policy_maps"] == f"socketmap:inet:{listen.host}:{listen.port}:postfix"
-    assert main["non_smtpd_milters"] == "$stsmilter_milter"
+    assert main["non_smtpd_milters"] == "$mta_sts_milter"
     # Nothing that changes other milters or puts stsmilter on port 25 (inbound mail).
     for global_setting in ("smtpd_milters", "milter_default_action", "milter_protocol", "milter_connect_macros",
                            "milter_mail_macros", "milter_rcpt_macros"):
@@ -268,7 +268,7 @@ def test_postfix_snippets_match_the_defaults():
     master = MASTER_CF.read_text()
     for service in ("submission", "submissions"):
         entry = re.search(rf"^{service} inet .*?(?=^\S|\Z)", master, re.M | re.S).group(0)
-        assert "-o smtpd_milters=$stsmilter_milter\n" in entry
+        assert "-o smtpd_milters=$mta_sts_milter\n" in entry
         assert "-o milter_macro_daemon_name=ORIGINATING\n" in entry
 
 
@@ -282,12 +282,12 @@ def postfix_config(tmp_path):
 
 def test_postfix_main_cf_snippet_parses(postfix_config):
     postconf, directory = postfix_config
-    # -x expands $stsmilter_milter; with master.cf present, postconf would also warn
+    # -x expands $mta_sts_milter; with master.cf present, postconf would also warn
     # about a parameter nothing uses.
     result = run([postconf, "-c", str(directory), "-n", "-x"])
     assert result.returncode == 0 and result.stderr == "", result.stderr
     values = dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
-    assert values["non_smtpd_milters"] == STSMILTER_MILTER
+    assert values["non_smtpd_milters"] == MTA_STS_MILTER
     assert "smtpd_milters" not in values and "milter_default_action" not in values
     assert values["smtp_tls_policy_maps"].startswith("socketmap:inet:")
     # Postfix's own defaults send the macros stsmilter reads.
@@ -304,7 +304,7 @@ def test_postfix_master_cf_snippet_parses(postfix_config):
     lines = result.stdout.splitlines()
     for service in ("submission", "submissions"):
         assert f"{service}/inet/milter_macro_daemon_name = ORIGINATING" in lines
-        assert f"{service}/inet/smtpd_milters = {STSMILTER_MILTER}" in lines
+        assert f"{service}/inet/smtpd_milters = {MTA_STS_MILTER}" in lines
 
 
 # --- Sendmail ---------------------------------------------------------------------------
