@@ -110,7 +110,12 @@ def make_milter_class(decider: decision.Decider, config) -> type:
 def non_smtp_session(family, hostaddr) -> bool:
     """True for Postfix's emulated connection for non-SMTP mail: an inet address with
     port 0, which no TCP client has (see the module docstring)."""
-    return family in INET_FAMILIES and isinstance(hostaddr, tuple) and len(hostaddr) > 1 and hostaddr[1] == 0
+    if family in INET_FAMILIES:
+        try:  # cheaper than checking the shape first; pymilter gives (address, port, ...)
+            return hostaddr[1] == 0
+        except (TypeError, IndexError, KeyError):
+            pass
+    return False
 
 
 def client_trusted(family, hostaddr, networks) -> bool:

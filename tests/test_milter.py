@@ -404,6 +404,7 @@ def test_a_reload_starts_with_an_empty_memo(monkeypatch):
         ("localhost", socket.AF_UNIX, "/run/smtpd.sock", False),
         ("localhost", socket.AF_UNSPEC, None, False),  # smtpd on stdin / a unix socket
         ("localhost", socket.AF_INET, ("127.0.0.1",), False),
+        ("localhost", socket.AF_INET, None, False),
     ],
 )
 def test_non_smtp_session_is_port_zero_on_an_inet_address(hostname, family, hostaddr, non_smtp):
