@@ -341,6 +341,17 @@ def test_sendmail_mc_builds():
     assert "Xstsmilter, S=unix:/run/stsmilter/stsmilter.sock, T=C:10s;S:30s;R:30s;E:1m" in cf
 
 
+def test_sendmail_command_line_mail_reaches_the_milter_over_smtp():
+    """The premise of stsmilter.mc's "Command-line mail" note, read from Debian's own
+    MSP configuration: sendmail(1) relays to the MTA on [127.0.0.1] port 25 over SMTP,
+    so stsmilter answers per recipient there and [milter] non_smtp has no Sendmail part."""
+    submit = Path(os.environ.get("SENDMAIL_CF_DIR", "/usr/share/sendmail/cf")) / "debian" / "submit.mc"
+    if not submit.exists():
+        pytest.skip("Debian's sendmail-cf not installed")
+    assert re.search(r"^FEATURE\(`msp', `\[127\.0\.0\.1\]', `25'\)", submit.read_text(), re.M)
+    assert "[127.0.0.1] port 25" in SENDMAIL_MC.read_text()
+
+
 # --- Prometheus -------------------------------------------------------------------------
 
 
