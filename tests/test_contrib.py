@@ -155,10 +155,12 @@ def test_init_script_actions(init_sandbox):
     assert int(pidfile.read_text()) == pid
 
     assert action("reload").returncode == 0
+    # The trap's ">>" creates the file a moment before it writes the line: wait for the line.
+    signals = tmp_path / "signals"
     deadline = time.monotonic() + 5
-    while not (tmp_path / "signals").exists() and time.monotonic() < deadline:
+    while not (signals.exists() and signals.read_text().endswith("\n")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert (tmp_path / "signals").read_text().split() == ["usr1"]
+    assert signals.read_text().split() == ["usr1"]
     assert _alive(pid)
 
     assert action("restart").returncode == 0
