@@ -4,7 +4,8 @@ Start-up order matters:
 1. load the config (a bad one stops here with one line, exit 2);
 2. block HUP/TERM/INT/USR1 before any thread exists, so every helper thread inherits
    the mask: libmilter's own signal thread waits for HUP/TERM/INT, ours for USR1;
-3. as root: create the runtime/state directories for the service user, drop privileges;
+3. preflight (shared with check-config): as root, create the missing last directories of
+   the PID file, sockets and cache for the service user, drop privileges, check access;
 4. pidfile, engine (cache loaded from the store), metrics, socketmap, then the milter,
    which runs in the main thread until libmilter sees TERM or INT.
 USR1 reloads the configuration: new Milter.factory (each milter connection keeps the
@@ -13,25 +14,22 @@ snapshot it started with), new DNS/fetch settings; the cache stays.
 
 from __future__ import annotations
 
-import grp
 import logging
 import logging.handlers
 import os
-import pwd
 import signal
+import stat
 import sys
 import threading
 from typing import Optional
 
-from stsmilter import __version__, config as config_mod
+from stsmilter import __version__, config as config_mod, preflight
+from stsmilter.pidfile import Pidfile
+from stsmilter.preflight import StartupError
 
 log = logging.getLogger("stsmilter")
 
 _BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
-
-
-class StartupError(Exception):
-    """The daemon cannot start; str() is one line for the operator."""
 
 
 def setup_logging(daemon_cfg) -> None:
@@ -49,67 +47,6 @@ def setup_logging(daemon_cfg) -> None:
     root.setLevel(daemon_cfg.log_level.upper())
     if daemon_cfg.log == "syslog" and not os.path.exists("/dev/log"):
         log.warning("no /dev/log: logging to stderr")
-
-
-def _service_ids(daemon_cfg):
-    """(uid, gid) to drop to, or None when not root or no user is configured."""
-    if os.geteuid() != 0 or not daemon_cfg.user:
-        return None
-    try:
-        user = pwd.getpwnam(daemon_cfg.user)
-    except KeyError:
-        raise StartupError(f"[daemon] user {daemon_cfg.user!r}: no such user") from None
-    gid = user.pw_gid
-    if daemon_cfg.group:
-        try:
-            gid = grp.getgrnam(daemon_cfg.group).gr_gid
-        except KeyError:
-            raise StartupError(f"[daemon] group {daemon_cfg.group!r}: no such group") from None
-    return user.pw_uid, gid, user.pw_name
-
-
-def _unix_socket_dirs(cfg) -> list:
-    dirs = []
-    if cfg.milter.socket.startswith(("unix:", "local:")):
-        dirs.append(os.path.dirname(cfg.milter.socket.split(":", 1)[1]))
-    if cfg.socketmap.listen is not None and cfg.socketmap.listen.family == "unix":
-        dirs.append(os.path.dirname(cfg.socketmap.listen.path))
-    return dirs
-
-
-def prepare_directories(cfg, ids) -> None:
-    """Create the pidfile, socket and cache directories; as root, hand them (and an
-    existing cache file) to the service user so it can write after the drop."""
-    dirs = _unix_socket_dirs(cfg)
-    if cfg.daemon.pidfile:
-        dirs.append(os.path.dirname(cfg.daemon.pidfile))
-    cache_files = []
-    if cfg.cache.path:
-        dirs.append(os.path.dirname(cfg.cache.path))
-        cache_files = [cfg.cache.path + suffix for suffix in ("", "-wal", "-shm")]
-    created = []
-    for directory in dict.fromkeys(d for d in dirs if d):
-        if not os.path.isdir(directory):
-            try:
-                os.makedirs(directory, mode=0o755)
-            except OSError as e:
-                raise StartupError(f"cannot create {directory}: {e.strerror}") from None
-            created.append(directory)
-    if ids is None:
-        return
-    uid, gid, _name = ids
-    # Directories that already exist are the administrator's (a socket directory shared
-    # with Postfix, a systemd RuntimeDirectory): left as they are. The cache is ours and
-    # must be writable after the drop, even if a root `stsmilter query` created it.
-    owned = created + cache_files
-    if cfg.cache.path:
-        owned.append(os.path.dirname(cfg.cache.path))
-    for path in dict.fromkeys(owned):
-        if os.path.exists(path) and path not in _SHARED_DIRS:
-            os.chown(path, uid, gid)
-
-
-_SHARED_DIRS = {"/", "/run", "/var/run", "/tmp", "/var/tmp", "/var/lib", "/var", "/etc"}
 
 
 def import_everything() -> None:
@@ -130,52 +67,10 @@ def import_everything() -> None:
         codecs.lookup(codec)
 
 
-def drop_privileges(ids) -> None:
-    if ids is None:
-        return
-    uid, gid, name = ids
-    os.setgroups([])
-    os.initgroups(name, gid)
-    os.setgid(gid)
-    os.setuid(uid)
-
-
-class Pidfile:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def write(self) -> None:
-        if not self.path:
-            return
-        try:
-            with open(self.path) as f:
-                old = int(f.read().strip() or 0)
-            if old > 0 and old != os.getpid():
-                os.kill(old, 0)
-                raise StartupError(f"already running as pid {old} ({self.path})")
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            pass  # absent, garbage or stale: ours now
-        except PermissionError:
-            raise StartupError(f"pid in {self.path} belongs to another user's process") from None
-        tmp = f"{self.path}.{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            os.replace(tmp, self.path)
-        except OSError as e:
-            raise StartupError(f"cannot write pidfile {self.path}: {e.strerror}") from None
-
-    def remove(self) -> None:
-        if self.path:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-
-
 class Daemon:
     def __init__(self, cfg, config_path: Optional[str]) -> None:
         self.cfg = cfg
+        self.started = cfg  # the keys in _RESTART_KEYS keep these values until a restart
         self.config_path = config_path
         self.discovery = None
         self.socketmap = None
@@ -320,10 +215,7 @@ def run(config_path: Optional[str]) -> int:
     pidfile = Pidfile(cfg.daemon.pidfile)
     started = False
     try:
-        ids = _service_ids(cfg.daemon)
-        prepare_directories(cfg, ids)
-        import_everything()
-        drop_privileges(ids)
+        preflight.enter_service_identity(cfg, create=True, before_drop=import_everything)
         pidfile.write()
         started = True
         daemon.start_services()
@@ -332,7 +224,7 @@ def run(config_path: Optional[str]) -> int:
         daemon.serve_milter()
         log.info("stopping")
         return 0
-    except StartupError as e:
+    except (StartupError, config_mod.ConfigError) as e:
         log.error("cannot start: %s", e)
         if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in logging.getLogger().handlers):
             print(f"stsmilter: cannot start: {e}", file=sys.stderr)

@@ -1,0 +1,218 @@
+"""What `stsmilter run` checks and prepares before it serves, shared with `check-config`
+and the one-shot commands, so that they refuse exactly what `run` refuses.
+
+The daemon starts as root, so nothing here may be turned against root:
+- only the LAST directory of a PID file, unix socket or cache path is ever created, and
+  only when its parent exists (a typo is an error naming the key, not a new tree);
+- a directory is chowned (to [daemon] user/group, mode 0750) only when we have just
+  created it, through a descriptor opened without following symlinks; a directory
+  that already exists is used as it is, whoever owns it;
+- no existing file is chowned or chmodded: a symlink where a socket or the cache (or
+  its -wal/-shm) would be is refused with one line; the PID file is replaced by rename,
+  which never follows a symlink (pidfile.py);
+- everything after the directories happens as the service user: the cache file is
+  always created by that user, also by a root `stsmilter query`, which drops to the
+  same user first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import stat
+from typing import Callable, FrozenSet, Iterable, List, Optional
+
+SOCKET, PIDFILE, CACHE, FETCH = "socket", "pidfile", "cache", "fetch"
+EVERYTHING = frozenset((SOCKET, PIDFILE, CACHE, FETCH))
+DIRECTORY_MODE = 0o750
+
+
+class StartupError(Exception):
+    """The daemon cannot start; str() is one line for the operator."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """The [daemon] user and group a root start switches to."""
+
+    uid: int
+    gid: int
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimePath:
+    """A file the daemon creates, with the config key that names it."""
+
+    kind: str  # SOCKET, PIDFILE or CACHE
+    key: str  # e.g. "[milter] socket = unix:/run/stsmilter/milter.sock"
+    path: str
+
+    @property
+    def directory(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+
+def service_identity(daemon_cfg) -> Optional[Identity]:
+    """Who to become: None when not root or when no user is configured."""
+    if os.geteuid() != 0 or not daemon_cfg.user:
+        return None
+    try:
+        user = pwd.getpwnam(daemon_cfg.user)
+    except KeyError:
+        raise StartupError(f"[daemon] user {daemon_cfg.user!r}: no such user") from None
+    gid = user.pw_gid
+    if daemon_cfg.group:
+        try:
+            gid = grp.getgrnam(daemon_cfg.group).gr_gid
+        except KeyError:
+            raise StartupError(f"[daemon] group {daemon_cfg.group!r}: no such group") from None
+    return Identity(user.pw_uid, gid, user.pw_name)
+
+
+def runtime_paths(cfg, kinds: Iterable[str] = EVERYTHING) -> List[RuntimePath]:
+    paths = []
+    if SOCKET in kinds:
+        if cfg.milter.socket.startswith(("unix:", "local:")):
+            paths.append(RuntimePath(SOCKET, f"[milter] socket = {cfg.milter.socket}", cfg.milter.socket.split(":", 1)[1]))
+        if cfg.socketmap.listen is not None and cfg.socketmap.listen.family == "unix":
+            paths.append(RuntimePath(SOCKET, f"[socketmap] listen = {cfg.socketmap.listen}", cfg.socketmap.listen.path))
+    if PIDFILE in kinds and cfg.daemon.pidfile:
+        paths.append(RuntimePath(PIDFILE, f"[daemon] pidfile = {cfg.daemon.pidfile}", cfg.daemon.pidfile))
+    if CACHE in kinds and cfg.cache.path and cfg.cache.path != ":memory:":
+        paths.append(RuntimePath(CACHE, f"[cache] path = {cfg.cache.path}", cfg.cache.path))
+    return paths
+
+
+def _lstat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StartupError(f"{path}: {e.strerror}") from None
+
+
+def _check_file(item: RuntimePath) -> None:
+    """Refuse what must not be followed or replaced where the file itself will be."""
+    if item.kind == SOCKET:
+        st = _lstat(item.path)
+        if st is not None and not stat.S_ISSOCK(st.st_mode):
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
+            raise StartupError(f"{item.key}: {item.path} exists and is {what}; remove it")
+    elif item.kind == CACHE:
+        for name in (item.path, item.path + "-wal", item.path + "-shm"):
+            st = _lstat(name)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise StartupError(f"{item.key}: {name} is a symbolic link; refusing to follow it")
+    elif item.kind == PIDFILE:
+        st = _lstat(item.path)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise StartupError(f"{item.key}: {item.path} is a directory")
+
+
+def plan(cfg, kinds: Iterable[str] = EVERYTHING) -> List[str]:
+    """Check every runtime path; return the directories that would have to be created
+    (each the last component of its path, under an existing parent)."""
+    missing: List[str] = []
+    for item in runtime_paths(cfg, kinds):
+        directory = item.directory
+        if os.path.isdir(directory):  # an existing directory, or a symlink to one: used as it is
+            _check_file(item)
+            continue
+        if os.path.lexists(directory):
+            raise StartupError(f"{item.key}: {directory} is not a directory")
+        parent = os.path.dirname(directory)
+        if not os.path.isdir(parent):
+            raise StartupError(f"{item.key}: {parent} does not exist (only the last directory is created)")
+        if directory not in missing:
+            missing.append(directory)
+    return missing
+
+
+def _make_directory(directory: str, identity: Optional[Identity]) -> bool:
+    """mkdir the last component; give it to identity, mode 0750. False if it appeared
+    meanwhile (then it is somebody else's and stays as it is)."""
+    parent, name = os.path.split(directory)
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(name, DIRECTORY_MODE, dir_fd=parent_fd)
+        except FileExistsError:
+            return False
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            # Only a directory we own can be the one we just made: if anyone swapped
+            # another in, it is theirs, and we must not give it away.
+            if os.fstat(fd).st_uid != os.geteuid():
+                raise StartupError(f"{directory} was replaced while being created")
+            os.fchmod(fd, DIRECTORY_MODE)  # whatever the umask
+            if identity is not None:
+                os.fchown(fd, identity.uid, identity.gid)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(parent_fd)
+    return True
+
+
+def prepare(cfg, identity: Optional[Identity], create: bool = True, kinds: Iterable[str] = EVERYTHING) -> FrozenSet[str]:
+    """plan(), then (create) make the missing directories. Returns them: they are ours,
+    so check_access() does not ask whether the service user may write in them."""
+    missing = plan(cfg, kinds)
+    if create:
+        for directory in missing:
+            try:
+                _make_directory(directory, identity)
+            except OSError as e:
+                raise StartupError(f"cannot create {directory}: {e.strerror}") from None
+        # The files inside are checked again now that their directories exist.
+        plan(cfg, kinds)
+    return frozenset(missing)
+
+
+def drop_privileges(identity: Optional[Identity]) -> None:
+    if identity is None:
+        return
+    os.setgroups([])
+    os.initgroups(identity.name, identity.gid)
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)
+
+
+def _who() -> str:
+    try:
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def check_access(cfg, ours: FrozenSet[str] = frozenset(), kinds: Iterable[str] = EVERYTHING) -> None:
+    """As the user that will serve: can it create its sockets and PID file, and read
+    [fetch] ca_file? (An unusable cache is not fatal: the cache degrades instead.)"""
+    for item in runtime_paths(cfg, kinds):
+        if item.kind == CACHE or item.directory in ours:
+            continue
+        if not os.access(item.directory, os.W_OK | os.X_OK):
+            raise StartupError(f"{item.key}: {_who()} cannot create files in {item.directory}")
+    if FETCH in kinds:
+        from stsmilter import engine  # ConfigError naming [fetch] ca_file if unusable
+
+        engine.make_fetcher(cfg, engine.make_resolver(cfg))
+
+
+def enter_service_identity(
+    cfg, create: bool, kinds: Iterable[str] = EVERYTHING, before_drop: Callable[[], None] = lambda: None
+) -> FrozenSet[str]:
+    """The whole sequence `run` follows, for `run` (create=True), `check-config`
+    (create=False: nothing is created, the same things are refused) and the one-shot
+    commands (only what they use)."""
+    kinds = frozenset(kinds)
+    identity = service_identity(cfg.daemon)
+    ours = prepare(cfg, identity, create, kinds)
+    before_drop()
+    drop_privileges(identity)
+    check_access(cfg, ours, kinds)
+    return ours

@@ -1,0 +1,234 @@
+"""preflight.py and pidfile.py in-process: what is refused, what is created, and how the
+PID file treats symlinks, stale and foreign PIDs. (The root start itself, dropping to
+another user, is tested with real daemons in test_privileges.py.)"""
+
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from stsmilter import config, preflight
+from stsmilter.pidfile import Pidfile, is_stsmilter, read_pid
+from stsmilter.preflight import StartupError
+
+
+def make_config(tmp_path, **sections):
+    base = {
+        "daemon": {"user": "", "group": "", "pidfile": f"{tmp_path}/run/s.pid"},
+        "milter": {"socket": f"unix:{tmp_path}/run/m.sock"},
+        "socketmap": {"listen": f"unix:{tmp_path}/run/map.sock"},
+        "cache": {"path": f"{tmp_path}/state/c.sqlite"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    text = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items()) for s, kv in base.items())
+    return config.loads(text, "t.conf")
+
+
+def test_runtime_paths_name_their_keys(tmp_path):
+    cfg = make_config(tmp_path)
+    assert [(p.kind, p.key, p.path) for p in preflight.runtime_paths(cfg)] == [
+        ("socket", f"[milter] socket = unix:{tmp_path}/run/m.sock", f"{tmp_path}/run/m.sock"),
+        ("socket", f"[socketmap] listen = unix:{tmp_path}/run/map.sock", f"{tmp_path}/run/map.sock"),
+        ("pidfile", f"[daemon] pidfile = {tmp_path}/run/s.pid", f"{tmp_path}/run/s.pid"),
+        ("cache", f"[cache] path = {tmp_path}/state/c.sqlite", f"{tmp_path}/state/c.sqlite"),
+    ]
+    inet = make_config(tmp_path, milter={"socket": "inet:1@127.0.0.1"}, socketmap={"listen": "127.0.0.1:2"},
+                       daemon={"pidfile": ""}, cache={"path": ""})
+    assert preflight.runtime_paths(inet) == []
+    assert [p.kind for p in preflight.runtime_paths(cfg, {preflight.CACHE})] == ["cache"]
+
+
+def test_plan_lists_each_missing_last_directory_once(tmp_path):
+    assert preflight.plan(make_config(tmp_path)) == [f"{tmp_path}/run", f"{tmp_path}/state"]
+    (tmp_path / "run").mkdir()
+    assert preflight.plan(make_config(tmp_path)) == [f"{tmp_path}/state"]
+
+
+@pytest.mark.parametrize("key, section, value", [
+    ("[cache] path", "cache", {"path": "{t}/a/b/c.sqlite"}),
+    ("[daemon] pidfile", "daemon", {"pidfile": "{t}/a/b/s.pid"}),
+    ("[milter] socket", "milter", {"socket": "unix:{t}/a/b/m.sock"}),
+    ("[socketmap] listen", "socketmap", {"listen": "unix:{t}/a/b/s.sock"}),
+])
+def test_a_missing_parent_is_an_error_naming_the_key(tmp_path, key, section, value):
+    cfg = make_config(tmp_path, **{section: {k: v.format(t=tmp_path) for k, v in value.items()}})
+    with pytest.raises(StartupError) as e:
+        preflight.prepare(cfg, None)
+    assert str(e.value).startswith(key + " = ") and f"{tmp_path}/a does not exist" in str(e.value)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_file_where_the_directory_goes_is_refused(tmp_path):
+    (tmp_path / "state").write_text("")
+    with pytest.raises(StartupError, match=r"\[cache\] path = .*state is not a directory"):
+        preflight.plan(make_config(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["m.sock", "map.sock"])
+def test_a_socket_path_must_be_a_socket_or_nothing(tmp_path, name):
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / name
+    path.write_text("an operator's file")
+    with pytest.raises(StartupError, match="exists and is not a socket"):
+        preflight.plan(make_config(tmp_path))
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")  # dangling or not: never followed
+    with pytest.raises(StartupError, match="exists and is a symbolic link"):
+        preflight.plan(make_config(tmp_path))
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # a stale socket is fine: the server replaces it
+        preflight.plan(make_config(tmp_path))
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_a_symlinked_cache_file_is_refused(tmp_path, suffix):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "target").write_text("x")
+    (tmp_path / "state" / f"c.sqlite{suffix}").symlink_to(tmp_path / "target")
+    with pytest.raises(StartupError, match=rf"\[cache\] path = .*c\.sqlite{suffix} is a symbolic link"):
+        preflight.plan(make_config(tmp_path))
+
+
+def test_a_pidfile_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "run" / "s.pid").mkdir(parents=True)
+    with pytest.raises(StartupError, match=r"\[daemon\] pidfile = .* is a directory"):
+        preflight.plan(make_config(tmp_path))
+
+
+def test_prepare_creates_mode_0750_whatever_the_umask_and_leaves_existing_ones(tmp_path):
+    (tmp_path / "state").mkdir(mode=0o711)
+    old = os.umask(0)
+    try:
+        created = preflight.prepare(make_config(tmp_path), None)
+    finally:
+        os.umask(old)
+    assert created == {f"{tmp_path}/run"}
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o711
+
+
+def test_check_config_mode_creates_nothing(tmp_path):
+    planned = preflight.prepare(make_config(tmp_path), None, create=False)
+    assert planned == {f"{tmp_path}/run", f"{tmp_path}/state"}
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_created_directory_goes_to_the_identity(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    identity = preflight.Identity(nobody.pw_uid, nobody.pw_gid, "nobody")
+    preflight.prepare(make_config(tmp_path, cache={"path": ""}), identity)
+    st = os.stat(tmp_path / "run")
+    assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert os.stat(tmp_path).st_uid == 0  # its parent existed: not ours to give
+
+
+def test_service_identity(monkeypatch):
+    daemon = config.defaults().daemon
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert preflight.service_identity(daemon) is None  # not root: nothing to switch
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert preflight.service_identity(config.loads("[daemon]\nuser =\n").daemon) is None
+    nobody = pwd.getpwnam("nobody")
+    assert preflight.service_identity(config.loads("[daemon]\nuser = nobody\ngroup =\n").daemon) == \
+        preflight.Identity(nobody.pw_uid, nobody.pw_gid, "nobody")
+    assert preflight.service_identity(config.loads("[daemon]\nuser = nobody\ngroup = root\n").daemon).gid == 0
+    with pytest.raises(StartupError, match=r"^\[daemon\] user 'no-such-user-x': no such user$"):
+        preflight.service_identity(config.loads("[daemon]\nuser = no-such-user-x\n").daemon)
+    with pytest.raises(StartupError, match=r"^\[daemon\] group 'no-such-group-x': no such group$"):
+        preflight.service_identity(config.loads("[daemon]\nuser = nobody\ngroup = no-such-group-x\n").daemon)
+
+
+def test_check_access_reads_the_ca_file(tmp_path):
+    cfg = make_config(tmp_path).replace(fetch={"ca_file": f"{tmp_path}/absent.pem"})
+    with pytest.raises(config.ConfigError, match=r"\[fetch\] ca_file"):
+        preflight.check_access(cfg, kinds={preflight.FETCH})
+    preflight.check_access(cfg, kinds={preflight.CACHE})  # not asked: not checked
+
+
+# --- the PID file ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def live():
+    """Start a process whose argv[0] is `name`; kill it at the end."""
+    procs = []
+
+    def start(name):
+        proc = subprocess.Popen([name, "60"], executable="/bin/sleep")
+        procs.append(proc)
+        cmdline = f"/proc/{proc.pid}/cmdline"
+        deadline = time.monotonic() + 10
+        while not open(cmdline, "rb").read().startswith(name.encode() + b"\0"):  # until exec'd
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return proc.pid
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_pidfile_written_and_removed(tmp_path):
+    pidfile = Pidfile(str(tmp_path / "s.pid"))
+    pidfile.write()
+    assert (tmp_path / "s.pid").read_text() == f"{os.getpid()}\n"
+    assert stat.S_IMODE(os.stat(tmp_path / "s.pid").st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["s.pid"]  # no temporary name left
+    pidfile.remove()
+    assert os.listdir(tmp_path) == []
+
+
+def test_pidfile_replaces_a_symlink_without_following_it(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("12345\n")
+    (tmp_path / "s.pid").symlink_to(target)
+    assert read_pid(str(tmp_path / "s.pid")) is None
+    Pidfile(str(tmp_path / "s.pid")).write()
+    assert not (tmp_path / "s.pid").is_symlink()
+    assert target.read_text() == "12345\n"
+
+
+def test_a_running_stsmilter_blocks_a_second_start(tmp_path, live):
+    pid = live("stsmilter")
+    assert is_stsmilter(pid)
+    (tmp_path / "s.pid").write_text(f"{pid}\n")
+    with pytest.raises(StartupError, match=f"already running as pid {pid}"):
+        Pidfile(str(tmp_path / "s.pid")).write()
+
+
+@pytest.mark.parametrize("content", ["other", "dead", "garbage", "zero"])
+def test_a_stale_pidfile_is_replaced(tmp_path, live, content):
+    if content == "other":
+        pid = live("sleep")  # alive, but not stsmilter: the PID was reused
+        assert not is_stsmilter(pid)
+        text = f"{pid}\n"
+    elif content == "dead":
+        proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        text = proc.stdout
+    else:
+        text = {"garbage": "not a pid\n", "zero": "0\n"}[content]
+    (tmp_path / "s.pid").write_text(text)
+    Pidfile(str(tmp_path / "s.pid")).write()
+    assert read_pid(str(tmp_path / "s.pid")) == os.getpid()
+
+
+def test_pidfile_removed_only_while_it_is_ours(tmp_path):
+    pidfile = Pidfile(str(tmp_path / "s.pid"))
+    pidfile.write()
+    (tmp_path / "s.pid").write_text("424242\n")  # a successor's
+    pidfile.remove()
+    assert (tmp_path / "s.pid").read_text() == "424242\n"
+
+
+def test_pidfile_write_error_names_the_key(tmp_path):
+    with pytest.raises(StartupError, match=r"^\[daemon\] pidfile = .*/absent/s\.pid: cannot write: "):
+        Pidfile(str(tmp_path / "absent" / "s.pid")).write()
