@@ -123,7 +123,7 @@ class Daemon:
         restart_needed = [
             f"[{section}] {key}"
             for section, key, value in new.items()
-            if (section, key) in _RESTART_KEYS and value != getattr(getattr(self.cfg, section), key)
+            if (section, key) in _RESTART_KEYS and value != getattr(getattr(self.started, section), key)
         ]
         setup_logging(new.daemon)
         engine.reconfigure(self.discovery, new)
@@ -131,9 +131,9 @@ class Daemon:
         if self.socketmap is not None:
             self.socketmap.update(self.discovery, new.socketmap)
         self.cfg = new
-        log.info("configuration reloaded from %s", new.source)
         if restart_needed:
             log.warning("changes to %s take effect only after a restart", ", ".join(restart_needed))
+        log.info("configuration reloaded from %s", new.source)
 
     def wait_for_reloads(self) -> None:
         ready = threading.Event()
@@ -172,10 +172,12 @@ class Daemon:
             raise StartupError(f"[milter] socket {milter_cfg.socket}: {e}") from None
 
     def stop(self) -> None:
-        socket_spec = self.cfg.milter.socket
+        socket_spec = self.started.milter.socket
         if self.milter_started and socket_spec.startswith(("unix:", "local:")):
+            path = socket_spec.split(":", 1)[1]
             try:  # libmilter leaves its socket file behind
-                os.unlink(socket_spec.split(":", 1)[1])
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
             except OSError:
                 pass
         if self.socketmap is not None:

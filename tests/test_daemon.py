@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from world.daemon import DaemonProcess, free_port, scrape, wait_for_port
+from world.daemon import DaemonProcess, free_port, poll_until, scrape, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +115,28 @@ def test_hup_stops_like_term(start_daemon):
     daemon.signal(signal.SIGHUP)
     assert daemon.proc.wait(10) == 0
     assert time.monotonic() - started < 2
+
+
+def test_restart_warning_compares_the_file_with_the_values_in_force(start_daemon):
+    daemon = start_daemon()
+    warning = "changes to [cache] max_entries take effect only after a restart"
+    changed = daemon.reload(lambda text: text.replace("[cache]\n", "[cache]\nmax_entries = 5000\n"))
+    assert warning in changed
+    # The same file again: the change is still not in force, so say so again.
+    assert warning in daemon.reload(lambda text: text)
+    # Back to the value the daemon runs with: nothing needs a restart.
+    reverted = daemon.reload(lambda text: text.replace("max_entries = 5000\n", ""))
+    assert "after a restart" not in reverted
+    assert daemon.stop() == 0
+
+
+def test_stop_removes_the_socket_in_use_not_the_path_of_a_reload(start_daemon, tmp_path):
+    listening, renamed = tmp_path / "milter.sock", tmp_path / "operator-file"
+    renamed.write_text("not ours\n")
+    daemon = start_daemon(unix_socket=str(listening))
+    poll_until(listening.is_socket, 10, "the milter socket")
+    logged = daemon.reload(lambda text: text.replace(f"unix:{listening}", f"unix:{renamed}"))
+    assert "[milter] socket" in logged  # needs a restart: the daemon still listens on the first
+    assert daemon.stop() == 0
+    assert not listening.exists()
+    assert renamed.read_text() == "not ours\n"

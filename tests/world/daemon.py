@@ -80,11 +80,14 @@ class DaemonProcess:
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
-    def wait_log(self, text, timeout=10.0):
+    def wait_log(self, text, timeout=10.0, since=0):
+        """Wait until text is in the log after its first `since` characters; returns the
+        log from `since` on."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log():
-                return
+            tail = self.log()[since:]
+            if text in tail:
+                return tail
             time.sleep(0.05)
         raise TimeoutError(f"{text!r} not logged; log:\n{self.log()}")
 
@@ -92,13 +95,15 @@ class DaemonProcess:
         self.proc.send_signal(signum)
 
     def reload(self, edit, expect="configuration reloaded"):
-        """Rewrite the config file with edit(text) -> text, send USR1, wait for expect."""
+        """Rewrite the config file with edit(text) -> text, send USR1, wait for expect
+        to be logged by this reload; returns what was logged since the signal."""
         with open(self.config_path) as f:
             text = f.read()
         with open(self.config_path, "w") as f:
             f.write(edit(text))
+        since = len(self.log())
         self.signal(signal.SIGUSR1)
-        self.wait_log(expect)
+        return self.wait_log(expect, since=since)
 
     def stop(self, timeout=10.0):
         """TERM, then KILL if it does not exit; returns the exit status."""
