@@ -1,7 +1,11 @@
 """The `stsmilter` command: run, query, check, check-config, cache list|purge.
 
 Exit status: 0 when the command could answer, 2 for usage and configuration errors
-(one line on stderr), 1 for anything else that went wrong.
+(one line on stderr), 1 for anything else that went wrong, 141 (128 + SIGPIPE, quietly)
+when the reader of the output went away, as in `stsmilter cache list | head -1`.
+
+Run as root, the commands that use the cache or the network first become [daemon] user,
+exactly as `run` does (preflight.py), so a cache file is never created root-owned.
 """
 
 from __future__ import annotations
@@ -9,21 +13,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from typing import List, Optional
 
 from stsmilter import __version__, config as config_mod
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
 
 
 class UsageError(Exception):
-    pass
+    """str() is the line after "stsmilter: " (every error line carries that prefix once)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.partition(" ")[2]  # "stsmilter cache purge" -> "cache purge"
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _iso(epoch: Optional[float]) -> Optional[str]:
@@ -36,11 +42,21 @@ def _load_config(args) -> config_mod.Config:
     return config_mod.load(args.config)
 
 
+def _as_service_user(cfg: config_mod.Config, *kinds: str) -> None:
+    """Take the daemon's identity before touching what the daemon uses (kinds: preflight
+    CACHE and/or FETCH): as root with a [daemon] user, create the cache directory for
+    that user if missing, then drop to it; everything else happens as that user."""
+    from stsmilter import daemon, preflight
+
+    preflight.enter_service_identity(cfg, create=True, kinds=kinds, before_drop=daemon.import_everything)
+
+
 def _engine(cfg: config_mod.Config, no_cache: bool = False):
-    from stsmilter import engine
+    from stsmilter import engine, preflight
 
     if no_cache:
         cfg = cfg.replace(cache={"path": ""})
+    _as_service_user(cfg, preflight.CACHE, preflight.FETCH)
     return engine.open_engine(cfg, one_shot=True)
 
 
@@ -81,9 +97,9 @@ def cmd_query(args) -> int:
     try:
         domain = policy.normalize_domain(args.domain)
     except ValueError as e:
-        raise UsageError(f"stsmilter query: {args.domain!r}: {e}") from None
+        raise UsageError(f"query: {args.domain!r}: {e}") from None
     if domain is None:
-        raise UsageError(f"stsmilter query: {args.domain!r}: an address literal has no MTA-STS policy")
+        raise UsageError(f"query: {args.domain!r}: an address literal has no MTA-STS policy")
     discovery = _engine(cfg, args.no_cache)
     try:
         data = result_as_dict(discovery.lookup(domain))
@@ -129,7 +145,11 @@ def cmd_check(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    from stsmilter import daemon, preflight
+
     cfg = _load_config(args)
+    # What `run` would refuse, checked the same way and as the same user; nothing created.
+    preflight.enter_service_identity(cfg, create=False, before_drop=daemon.import_everything)
     print(f"# effective configuration from {cfg.source}")
     section = None
     for name, key, value in cfg.items():
@@ -143,8 +163,9 @@ def cmd_check_config(args) -> int:
 
 def cmd_cache_list(args) -> int:
     cfg = _load_config(args)
-    from stsmilter import engine
+    from stsmilter import engine, preflight
 
+    _as_service_user(cfg, preflight.CACHE)
     cache = engine.open_cache(cfg)
     rows = [
         {
@@ -172,16 +193,17 @@ def cmd_cache_list(args) -> int:
 
 def cmd_cache_purge(args) -> int:
     if bool(args.all) == bool(args.domains):
-        raise UsageError("stsmilter cache purge: name domains or --all (not both)")
+        raise UsageError("cache purge: name domains or --all (not both)")
     cfg = _load_config(args)
-    from stsmilter import engine, policy
+    from stsmilter import engine, policy, preflight
 
+    _as_service_user(cfg, preflight.CACHE)
     cache = engine.open_cache(cfg)
     try:
         domains = [e.domain for e in cache.entries()] if args.all else [policy.normalize_domain(d) for d in args.domains]
         removed = sum(1 for d in domains if d and cache.delete(d))
     except ValueError as e:
-        raise UsageError(f"stsmilter cache purge: {e}") from None
+        raise UsageError(f"cache purge: {e}") from None
     finally:
         cache.store.close()
     print(f"purged {removed} {'policy' if removed == 1 else 'policies'}")
@@ -237,14 +259,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from stsmilter.preflight import StartupError
+
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+            status = args.func(args)
+        except SystemExit as e:  # --help, --version
+            status = e.code or 0
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, like a tool killed by SIGPIPE.
+        # stdout now points at /dev/null so that the final flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
     except UsageError as e:
-        print(e, file=sys.stderr)
+        print(f"stsmilter: {e}", file=sys.stderr)
         return EXIT_USAGE
     except config_mod.ConfigError as e:
         print(f"stsmilter: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as e:
+        print(f"stsmilter: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_ERROR

@@ -17,9 +17,15 @@ def run(capsys, *argv):
     return code, out, err
 
 
+# cli.main() runs in this process: a [daemon] user would make a root test run drop the
+# whole pytest process to that user (what the real command does). Subprocess tests of
+# the privilege drop are in test_privileges.py.
+NO_SERVICE_USER = "[daemon]\nuser =\ngroup =\n"
+
+
 def write_conf(tmp_path, text):
     path = tmp_path / "s.conf"
-    path.write_text(text)
+    path.write_text(NO_SERVICE_USER + text)
     return str(path)
 
 

@@ -1,0 +1,299 @@
+"""What an operator meets around the daemon, as subprocesses: `check-config` refuses
+exactly what `run` refuses (one code path, preflight.py), the one-shot commands run as
+the daemon's user when started as root, output into a closed pipe ends quietly, and
+every error line names stsmilter exactly once (stderr, and syslog through a private
+/dev/log in a mount namespace)."""
+
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from stsmilter.policy import Policy
+from stsmilter.store import SqliteStore, make_entry
+from world.daemon import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs a root start")
+
+
+def stsmilter(*args, stdout=subprocess.PIPE, timeout=60, env=None):
+    return subprocess.run([sys.executable, "-m", "stsmilter", *args], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def base():
+    """A directory the service user (nobody) can traverse: tmp_path is 0700 root."""
+    path = Path(tempfile.mkdtemp(prefix="sts-ops-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_config(base: Path, name="ops.conf", user="", group="", log="stderr", **sections) -> str:
+    values = {
+        "daemon": {"user": user, "group": group, "pidfile": f"{base}/run/s.pid", "log": log},
+        "milter": {"socket": f"inet:{free_port()}@127.0.0.1"},
+        "cache": {"path": f"{base}/state/cache.sqlite"},
+        "socketmap": {"listen": ""},
+        "metrics": {"listen": ""},
+        "dns": {"nameservers": "127.0.0.1", "port": "9", "timeout": "0.5"},
+    }
+    for section, keys in sections.items():
+        values.setdefault(section, {}).update(keys)
+    path = base / name
+    path.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for s, keys in values.items()))
+    path.chmod(0o644)
+    return str(path)
+
+
+def only_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def check_config_refusal(conf: str) -> str:
+    """check-config's one-line refusal, without its 'stsmilter: [configuration error: ]'."""
+    proc = stsmilter("check-config", "-c", conf)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    return re.sub(r"^stsmilter: (configuration error: )?", "", only_line(proc.stderr))
+
+
+def run_refusal(conf: str) -> str:
+    """`run`'s one-line refusal (log = stderr), without the log line's prefix."""
+    proc = stsmilter("run", "-c", conf, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    line = only_line(proc.stderr)
+    if line.startswith("stsmilter: configuration error: "):  # refused while loading the file
+        return line[len("stsmilter: configuration error: "):]
+    return re.sub(r"^.* stsmilter\[\d+\] ERROR cannot start: ", "", line)
+
+
+# --- check-config refuses what run refuses --------------------------------------------
+
+
+def _not_a_certificate(base):
+    (base / "junk.pem").write_text("not a certificate\n")
+    return {"fetch": {"ca_file": f"{base}/junk.pem"}}
+
+
+def _socket_symlink(base):
+    (base / "run").mkdir()
+    (base / "run" / "m.sock").symlink_to(base / "elsewhere")
+    return {"milter": {"socket": f"unix:{base}/run/m.sock"}}
+
+
+REFUSALS = [
+    ("ca-file-missing", lambda b: {"fetch": {"ca_file": f"{b}/absent.pem"}}, "[fetch] ca_file"),
+    ("ca-file-not-a-certificate", _not_a_certificate, "[fetch] ca_file"),
+    ("socket-parent-missing", lambda b: {"milter": {"socket": f"unix:{b}/no/such/m.sock"}}, "does not exist"),
+    ("socketmap-parent-missing", lambda b: {"socketmap": {"listen": f"unix:{b}/no/such/s.sock"}}, "does not exist"),
+    ("pidfile-parent-missing", lambda b: {"daemon": {"pidfile": f"{b}/no/such/s.pid"}}, "does not exist"),
+    ("cache-parent-missing", lambda b: {"cache": {"path": f"{b}/no/such/c.sqlite"}}, "does not exist"),
+    ("socket-symlink", _socket_symlink, "is a symbolic link"),
+]
+
+
+@pytest.mark.parametrize("name, make, expected", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_check_config_refuses_what_run_refuses(base, name, make, expected):
+    conf = write_config(base, **make(base))
+    refusal = check_config_refusal(conf)
+    assert expected in refusal
+    assert run_refusal(conf) == refusal
+    assert not (base / "no").exists()
+
+
+ROOT_REFUSALS = [
+    ("unknown-user", lambda b: {"daemon": {"user": "no-such-user-here"}}, "no such user"),
+    ("unknown-group", lambda b: {"daemon": {"user": "nobody", "group": "no-such-group-here"}}, "no such group"),
+    ("ca-file-unreadable-by-the-user", lambda b: _private_ca(b), "[fetch] ca_file"),
+    ("pidfile-dir-not-writable-by-the-user", lambda b: _root_run_dir(b), "user nobody cannot create files in"),
+]
+
+
+def _private_ca(base):
+    a_ca_certificate(base / "ca.pem")
+    os.chmod(base / "ca.pem", 0o600)  # root's only
+    return {"daemon": {"user": "nobody", "group": "nogroup"}, "fetch": {"ca_file": f"{base}/ca.pem"}}
+
+
+def _root_run_dir(base):
+    (base / "run").mkdir(mode=0o755)
+    return {"daemon": {"user": "nobody", "group": "nogroup"}}
+
+
+def a_ca_certificate(path: Path) -> None:
+    import trustme
+
+    trustme.CA().cert_pem.write_to_path(str(path))
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("name, make, expected", ROOT_REFUSALS, ids=[r[0] for r in ROOT_REFUSALS])
+def test_check_config_as_root_refuses_what_a_root_run_refuses(base, name, make, expected):
+    conf = write_config(base, **make(base))
+    refusal = check_config_refusal(conf)
+    assert expected in refusal
+    assert run_refusal(conf) == refusal
+
+
+@ROOT_ONLY
+def test_check_config_accepts_what_run_accepts_and_creates_nothing(base):
+    conf = write_config(base, user="nobody", group="nogroup", milter={"socket": f"unix:{base}/run/m.sock"})
+    proc = stsmilter("check-config", "-c", conf)
+    assert proc.returncode == 0, proc.stderr
+    assert "user = nobody" in proc.stdout
+    assert not (base / "run").exists() and not (base / "state").exists()
+
+
+# --- the one-shot commands as root ----------------------------------------------------
+
+
+@ROOT_ONLY
+def test_root_query_and_cache_commands_run_as_the_service_user(sts_world, base):
+    nobody = pwd.getpwnam("nobody")
+    sts_world.publish("root.example", "r1")
+    ca = base / "ca.pem"
+    shutil.copyfile(sts_world.https.ca_file, ca)
+    ca.chmod(0o644)
+    conf = base / "cli.conf"
+    conf.write_text(sts_world.config_text(cache_path=f"{base}/state/cache.sqlite",
+                                          daemon={"user": "nobody", "group": "nogroup", "pidfile": ""},
+                                          fetch={"ca_file": str(ca)}))
+    conf.chmod(0o644)
+    proc = sts_world.cli("query", "--json", "-c", str(conf), "root.example")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "valid"
+    state = os.stat(base / "state")
+    assert (state.st_uid, stat.S_IMODE(state.st_mode)) == (nobody.pw_uid, 0o750)
+    for name in os.listdir(base / "state"):  # the cache and its -wal/-shm: never root's
+        assert os.stat(base / "state" / name).st_uid == nobody.pw_uid, name
+    proc = sts_world.cli("cache", "list", "--json", "-c", str(conf))
+    assert [row["domain"] for row in json.loads(proc.stdout)] == ["root.example"]
+    proc = sts_world.cli("cache", "purge", "-c", str(conf), "--all")
+    assert (proc.returncode, proc.stdout) == (0, "purged 1 policy\n")
+
+
+# --- a reader that goes away ----------------------------------------------------------
+
+
+@pytest.fixture
+def big_cache(base):
+    path = base / "big.sqlite"
+    store = SqliteStore(str(path))
+    policy = Policy("STSv1", "enforce", 86400, ("mx.example.net",))
+    for i in range(3000):  # ~200 KB of output: more than a pipe holds
+        store.put(make_entry(f"domain-{i:05d}.example", "id", policy, fetched_at=1_900_000_000.0))
+    store.close()
+    return write_config(base, cache={"path": str(path)})
+
+
+def into_closed_pipe(*args, **kwargs):
+    """Run with stdout a pipe whose reader is already gone: every write fails with EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return stsmilter(*args, stdout=write_end, **kwargs)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("args", [
+    ["check-config"], ["cache", "list"], ["cache", "list", "--json"], ["cache", "purge", "nothing.example"],
+])
+def test_output_into_a_closed_pipe_ends_quietly(big_cache, args):
+    proc = into_closed_pipe(*args, "-c", big_cache)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_query_and_check_into_a_closed_pipe_end_quietly(sts_world):
+    sts_world.publish("pipe.example", "p1")
+    conf = sts_world.write_config()
+    env = dict(os.environ)
+    env.pop("SSL_CERT_FILE", None)
+    for args in (["query", "pipe.example"], ["check", "user@pipe.example"]):
+        proc = into_closed_pipe(*args, "-c", conf, env=env)
+        assert (proc.returncode, proc.stderr) == (141, ""), args
+
+
+def test_head_1_stops_cache_list_quietly(big_cache):
+    proc = subprocess.run(
+        ["bash", "-c", f'"$0" -m stsmilter cache list -c "$1" | head -1; echo "status ${{PIPESTATUS[0]}}" >&2',
+         sys.executable, big_cache],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.stdout.startswith("domain-00000.example id=id mode=enforce")
+    assert proc.stdout.count("\n") == 1
+    assert proc.stderr == "status 141\n"
+
+
+# --- one "stsmilter" per error line -------------------------------------------------------
+# (No path in these tests contains the word: the count is of the prefix alone.)
+
+
+@pytest.mark.parametrize("args", [
+    [], ["bogus"], ["query"], ["cache"], ["cache", "purge", "-c", "{conf}"], ["query", "-c", "{conf}", "a..b"],
+    ["query", "-c", "{conf}", "[192.0.2.1]"], ["check-config", "-c", "{base}/absent.conf"],
+    ["check-config", "-c", "{bad}"], ["run", "-c", "{bad}"], ["check-config", "-c", "{nodir}"],
+    ["cache", "list", "-c", "{nodir}"],
+])
+def test_every_error_line_names_stsmilter_once(base, args):
+    values = {"base": base, "conf": write_config(base), "nodir": write_config(base, "nodir.conf", cache={"path": f"{base}/x/y/c.sqlite"})}
+    (base / "bad.conf").write_text("[milter]\non_violation = bounce\n")
+    values["bad"] = base / "bad.conf"
+    proc = stsmilter(*[a.format(**values) for a in args])
+    assert proc.returncode == 2
+    line = only_line(proc.stderr)
+    assert line.startswith("stsmilter: ") and line.count("stsmilter") == 1, line
+
+
+def test_run_startup_error_with_log_stderr_names_stsmilter_once(base):
+    conf = write_config(base, daemon={"pidfile": f"{base}/no/such/s.pid"})
+    proc = stsmilter("run", "-c", conf)
+    assert proc.returncode == 2
+    line = only_line(proc.stderr)
+    assert re.match(r"\S+ \S+ stsmilter\[\d+\] ERROR cannot start: \[daemon\] pidfile", line), line
+    assert line.count("stsmilter") == 1
+
+
+@ROOT_ONLY
+def test_run_startup_error_with_log_syslog_names_stsmilter_once(base):
+    """log = syslog: one line in syslog and one on stderr (where an init script shows
+    it), each with one prefix. /dev/log is a socket of this test, bind-mounted over a
+    private /dev inside a mount namespace: the machine's own /dev is not touched."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not installed")
+    conf = write_config(base, log="syslog", daemon={"pidfile": f"{base}/no/such/s.pid"})
+    dev = base / "dev"
+    dev.mkdir()
+    for name in ("null", "zero", "random", "urandom", "log"):
+        (dev / name).touch()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(base / "syslog.sock"))
+        syslog.settimeout(30)
+        script = (
+            "set -e; mount --make-rprivate /; "
+            "for n in null zero random urandom; do mount --bind /dev/$n \"$1/dev/$n\"; done; "
+            "mount --bind \"$1/syslog.sock\" \"$1/dev/log\"; mount --rbind \"$1/dev\" /dev; "
+            "exec \"$2\" -m stsmilter run -c \"$3\""
+        )
+        proc = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(base), sys.executable, conf],
+                              capture_output=True, text=True, timeout=60)
+        logged = syslog.recv(4096).decode()
+    assert proc.returncode == 2
+    line = only_line(proc.stderr)
+    assert line.startswith("stsmilter: cannot start: [daemon] pidfile") and line.count("stsmilter") == 1, line
+    assert re.fullmatch(r"<\d+>stsmilter\[\d+\]: cannot start: \[daemon\] pidfile .*\x00", logged), logged
+    assert logged.count("stsmilter") == 1
