@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,8 +86,8 @@ def test_init_script_lsb_header():
 @pytest.fixture
 def init_sandbox(tmp_path):
     """The init script wired to a fake daemon (a shell script named stsmilter that
-    behaves like the real one towards start-stop-daemon: writes its PID file, stops
-    on TERM, records USR1)."""
+    behaves like the real one towards start-stop-daemon: creates its run directory,
+    writes its PID file, stops on TERM, records USR1)."""
     tool("start-stop-daemon")
     if not Path("/lib/lsb/init-functions").exists():
         pytest.skip("/lib/lsb/init-functions not installed")
@@ -109,18 +110,27 @@ case "$1" in
 esac
 trap 'echo usr1 >> {tmp_path}/signals' USR1
 trap 'rm -f {pidfile}; exit 0' TERM INT
+mkdir -p {rundir}
 echo $$ > {pidfile}
 while :; do sleep 1 & wait $!; done
 """
     )
     daemon.chmod(0o755)
     defaults = tmp_path / "default"
-    defaults.write_text(
-        f"DAEMON={daemon}\nCONFIG={tmp_path}/stsmilter.conf\nPIDFILE={pidfile}\n"
-        f"RUNUSER={pwd.getpwuid(os.getuid()).pw_name}\nRUNGROUP={grp.getgrgid(os.getgid()).gr_name}\n"
-        f"STATEDIR={tmp_path}/state\n"
-    )
-    script = tmp_path / "stsmilter.init"
+    defaults.write_text(f"DAEMON={daemon}\nCONFIG={tmp_path}/stsmilter.conf\nPIDFILE={pidfile}\n")
+    action = init_script(tmp_path, defaults)
+    yield action, pidfile, tmp_path
+    if pidfile.exists():
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (ValueError, ProcessLookupError):
+            pass
+
+
+def init_script(directory: Path, defaults: Path):
+    """The shipped init script, reading its settings from defaults instead of
+    /etc/default/stsmilter; returns action(name) -> CompletedProcess."""
+    script = directory / "stsmilter.init"
     text = INIT.read_text()
     assert text.count("/etc/default/$NAME") == 2
     script.write_text(text.replace("/etc/default/$NAME", str(defaults)))
@@ -128,12 +138,7 @@ while :; do sleep 1 & wait $!; done
     def action(name):
         return run(["sh", str(script), name], timeout=60)
 
-    yield action, pidfile, tmp_path
-    if pidfile.exists():
-        try:
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError):
-            pass
+    return action
 
 
 def _alive(pid: int) -> bool:
@@ -149,7 +154,6 @@ def test_init_script_actions(init_sandbox):
     assert action("start").returncode == 0
     pid = int(pidfile.read_text())
     assert _alive(pid)
-    assert (tmp_path / "state").is_dir()
     assert action("status").returncode == 0
     assert action("start").returncode == 0  # already running: still success
     assert int(pidfile.read_text()) == pid
@@ -181,6 +185,96 @@ def test_init_script_actions(init_sandbox):
     assert result.returncode == 1
     assert "configuration error" in result.stdout + result.stderr
     assert not pidfile.exists()
+
+
+@pytest.fixture
+def other_program():
+    """A live process that is not stsmilter, whose PID a stale PID file may hold."""
+    proc = subprocess.Popen(["sleep", "300"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":  # exec'd
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_init_script_status_and_start_ignore_a_pid_reused_by_another_program(init_sandbox, other_program):
+    action, pidfile, tmp_path = init_sandbox
+    pidfile.parent.mkdir()
+    pidfile.write_text(f"{other_program.pid}\n")
+    result = action("status")
+    assert result.returncode == 1, result.stdout  # LSB: not running, PID file exists
+    assert "is not running" in result.stdout
+    assert action("start").returncode == 0
+    pid = int(pidfile.read_text())
+    assert pid != other_program.pid and _comm(pid) == "stsmilter"
+    assert action("status").returncode == 0
+    assert action("stop").returncode == 0
+    assert other_program.poll() is None  # never signalled
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="the init script starts the daemon as root")
+def test_init_script_starts_the_real_daemon_over_a_stale_pidfile(other_program):
+    """The shipped script and the real daemon (a root start dropping to nobody): a PID
+    file left behind whose PID now belongs to another program neither reads as running
+    nor stops the start; the daemon replaces it, and stop leaves the other program be."""
+    from world.daemon import free_port, scrape
+
+    daemon = Path(sys.executable).parent / "stsmilter"  # the console script, as installed
+    if not daemon.exists():
+        pytest.skip(f"{daemon}: no installed console script")
+    base = Path(tempfile.mkdtemp(prefix="stsmilter-init-"))
+    base.chmod(0o755)  # traversable by nobody
+    try:
+        nobody = pwd.getpwnam("nobody")
+        rundir, pidfile = base / "run", base / "run" / "stsmilter.pid"
+        rundir.mkdir(mode=0o750)
+        os.chown(rundir, nobody.pw_uid, nobody.pw_gid)  # as a previous run left it
+        pidfile.write_text(f"{other_program.pid}\n")
+        metrics_port = free_port()
+        conf = base / "stsmilter.conf"
+        conf.write_text(
+            f"[daemon]\nuser = nobody\ngroup = {grp.getgrgid(nobody.pw_gid).gr_name}\npidfile = {pidfile}\n"
+            f"[milter]\nsocket = inet:{free_port()}@127.0.0.1\n"
+            f"[cache]\npath = {base}/state/cache.sqlite\n"
+            f"[socketmap]\nlisten =\n[metrics]\nlisten = 127.0.0.1:{metrics_port}\n"
+        )
+        conf.chmod(0o644)
+        defaults = base / "default"
+        defaults.write_text(f"DAEMON={daemon}\nCONFIG={conf}\nPIDFILE={pidfile}\n")
+        action = init_script(base, defaults)
+
+        assert action("status").returncode == 1
+        result = action("start")
+        assert result.returncode == 0, result.stdout + result.stderr
+        pid = int(pidfile.read_text())
+        assert pid != other_program.pid and _comm(pid) == "stsmilter"
+        assert "stsmilter_cache_entries" in scrape(metrics_port)
+        assert (base / "state").stat().st_uid == nobody.pw_uid  # created by the daemon
+        assert action("status").returncode == 0
+        assert action("stop").returncode == 0
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+        assert other_program.poll() is None
+        assert action("status").returncode == 3
+    finally:
+        if pidfile.exists():
+            try:
+                pid = int(pidfile.read_text())
+                if pid != other_program.pid and _comm(pid) == "stsmilter":
+                    os.kill(pid, signal.SIGKILL)
+            except (ValueError, OSError):
+                pass
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # --- systemd ----------------------------------------------------------------------------
