@@ -29,6 +29,7 @@ from typing import Optional
 import idna
 
 from . import metrics, policy
+from .preflight import chmod_socket
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ class SocketmapServer:
         if self.listen.family == "unix":
             _remove_stale_socket(self.listen.path)
             listener = await loop.create_unix_server(factory, self.listen.path, backlog=1024, start_serving=False)
-            os.chmod(self.listen.path, self.state[1].socket_mode)  # before the first accept
+            chmod_socket(self.listen.path, self.state[1].socket_mode)  # before the first accept
         else:
             listener = await loop.create_server(factory, self.listen.host, self.listen.port, backlog=1024,
                                                 start_serving=False)
