@@ -226,7 +226,8 @@ def enter_service_identity(
     kinds = frozenset(kinds)
     identity = service_identity(cfg.daemon)
     ours = prepare(cfg, identity, create, kinds)
-    before_drop()
+    if identity is not None:
+        before_drop()  # e.g. import what the service user may not be able to read
     drop_privileges(identity)
     check_access(cfg, ours, kinds)
     return ours
