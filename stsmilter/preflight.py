@@ -87,29 +87,29 @@ def runtime_paths(cfg, kinds: Iterable[str] = EVERYTHING) -> List[RuntimePath]:
     return paths
 
 
-def _lstat(path: str) -> Optional[os.stat_result]:
+def _lstat(item: RuntimePath, path: str) -> Optional[os.stat_result]:
     try:
         return os.lstat(path)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise StartupError(f"{path}: {e.strerror}") from None
+    except OSError as e:  # e.g. a directory this user may not search
+        raise StartupError(f"{item.key}: {_who()} cannot look at {path}: {e.strerror}") from None
 
 
 def _check_file(item: RuntimePath) -> None:
     """Refuse what must not be followed or replaced where the file itself will be."""
     if item.kind == SOCKET:
-        st = _lstat(item.path)
+        st = _lstat(item, item.path)
         if st is not None and not stat.S_ISSOCK(st.st_mode):
             what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
             raise StartupError(f"{item.key}: {item.path} exists and is {what}; remove it")
     elif item.kind == CACHE:
         for name in (item.path, item.path + "-wal", item.path + "-shm"):
-            st = _lstat(name)
+            st = _lstat(item, name)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 raise StartupError(f"{item.key}: {name} is a symbolic link; refusing to follow it")
     elif item.kind == PIDFILE:
-        st = _lstat(item.path)
+        st = _lstat(item, item.path)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise StartupError(f"{item.key}: {item.path} is a directory")
 

@@ -247,3 +247,16 @@ def test_chmod_socket_changes_a_socket_and_nothing_through_a_symlink(tmp_path):
                 preflight.chmod_socket(str(tmp_path / name), 0o666)
         assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o640
         assert stat.S_IMODE(os.stat(tmp_path / "file").st_mode) == 0o600
+
+
+def test_a_path_this_user_may_not_look_at_is_refused_naming_the_key(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "state").mkdir()
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "lstat", denied)  # root may look anywhere: play an unprivileged user
+    with pytest.raises(StartupError, match=r"^\[milter\] socket = unix:.*: (user|uid) \S+ cannot look at .*m\.sock: "
+                                           r"Permission denied$"):
+        preflight.plan(make_config(tmp_path))
