@@ -3,6 +3,11 @@
 The zone lives in memory and may be changed while the server runs. Misbehaviour
 (SERVFAIL, REFUSED, silence, slowness) can be switched on per query name, and every
 query received is logged so tests can assert what the client actually asked.
+
+sign(apex) makes everything at and below apex a DNSSEC-signed zone (world/dnssec.py):
+queries with the DO bit get RRSIGs, and NSEC proofs for negative answers, computed when
+asked, so records added later are signed too. Validation needs a resolver given the
+key's trust anchor (world/unbound.py).
 """
 
 import socket
@@ -20,7 +25,9 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.rrset
 
-SUPPORTED_TYPES = ("TXT", "MX", "A", "AAAA", "CNAME", "SOA")
+from world.dnssec import ZoneKey, nsec_proof
+
+SUPPORTED_TYPES = ("TXT", "MX", "A", "AAAA", "CNAME", "SOA", "TLSA", "NS")
 UDP_DEFAULT_LIMIT = 512  # RFC 1035 §4.2.1, for clients without EDNS
 MAX_CNAME_CHAIN = 8
 POLL_SECONDS = 0.1  # how often blocking loops look at the stop flag
@@ -54,6 +61,7 @@ class DnsServer:
         self._records = {}  # (dns.name.Name, rdtype) -> (ttl, [rdata])
         self._faults = {}  # (dns.name.Name, rdtype or None for all) -> "servfail" | "refuse" | "drop"
         self._delays = {}  # (dns.name.Name, rdtype or None for all) -> seconds
+        self._zone_keys = {}  # signed apex (dns.name.Name) -> ZoneKey
         self._stopping = threading.Event()
         self._threads = []
         self._udp = self._tcp = None
@@ -85,6 +93,48 @@ class DnsServer:
             self._records.clear()
             self._faults.clear()
             self._delays.clear()
+            self._zone_keys.clear()
+
+    # -- DNSSEC -------------------------------------------------------------------------
+
+    def sign(self, apex, ttl=300):
+        """Sign the zone at apex (a SOA is added if it has none); returns its ZoneKey,
+        whose trust_anchor() a validating resolver needs."""
+        key = ZoneKey(apex, ttl)
+        soa = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.SOA,
+                                  f"ns.{key.apex} hostmaster.{key.apex} 1 3600 600 86400 60")
+        with self._lock:
+            self._records.setdefault((key.apex, dns.rdatatype.SOA), (ttl, [soa]))
+            self._records[(key.apex, dns.rdatatype.DNSKEY)] = (ttl, [key.dnskey])
+            self._zone_keys[key.apex] = key
+        return key
+
+    def _zone_key(self, name):
+        signed = [apex for apex in self._zone_keys if name.is_subdomain(apex)]
+        return self._zone_keys[max(signed, key=len)] if signed else None
+
+    def _add_dnssec(self, response, qname, rdtype, rcode):
+        """RRSIGs for every signed RRset, and NSEC proofs for a signed negative answer."""
+        name = qname
+        for rrset in response.answer:
+            if rrset.rdtype == dns.rdatatype.CNAME:
+                name = rrset[0].target
+        negative = not any(rrset.rdtype == rdtype for rrset in response.answer)
+        key = self._zone_key(name)
+        if negative and key is not None:
+            owners = {}
+            for owner, owner_type in self._records:
+                if owner.is_subdomain(key.apex) and self._zone_key(owner) is key:
+                    owners.setdefault(owner, set()).add(owner_type)
+            response.authority += nsec_proof(owners, key.apex, name, rcode == dns.rcode.NXDOMAIN)
+        for section in (response.answer, response.authority):
+            signed = []
+            for rrset in section:
+                signed.append(rrset)
+                owner_key = self._zone_key(rrset.name)
+                if owner_key is not None:
+                    signed.append(owner_key.rrsig(rrset))
+            section[:] = signed
 
     # -- misbehaviour (per query name; optionally only for one type) -------------------
 
@@ -188,6 +238,10 @@ class DnsServer:
         response.flags |= dns.flags.AA
         rcode, response.answer, response.authority = self._resolve(qname, rdtype)
         response.set_rcode(rcode)
+        if query.edns >= 0 and query.ednsflags & dns.flags.DO:
+            response.use_edns(0, dns.flags.DO, 1232)
+            with self._lock:
+                self._add_dnssec(response, qname, rdtype, rcode)
         limit = 65535
         if transport == "udp":
             limit = max(UDP_DEFAULT_LIMIT, query.payload) if query.edns >= 0 else UDP_DEFAULT_LIMIT
