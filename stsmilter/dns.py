@@ -16,6 +16,7 @@ import time
 from typing import Tuple
 
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -53,6 +54,9 @@ class MxSet:
     hosts: Tuple[str, ...]  # by preference then name; () for null MX or if every name was unusable
     ttl: int  # the MX RRset TTL (lowered by any CNAME on the way); implicit MX: the negative TTL
     null_mx: bool = False  # RFC 7505: the domain accepts no mail
+    # The resolver set AD: it validated the answer with DNSSEC. Meaningful only from a
+    # validating resolver asked with the DO bit (dane.DaneResolver); False otherwise.
+    authenticated: bool = False
 
 
 class Resolver:
@@ -101,11 +105,12 @@ class Resolver:
         domain = domain.lower().rstrip(".")
         answer = self._query(domain, dns.rdatatype.MX, lifetime)
         rrset = answer.rrset
+        authenticated = bool(answer.response.flags & dns.flags.AD)
         if rrset is None:
-            return MxSet(hosts=(domain,), ttl=_negative_ttl(answer.response))
+            return MxSet(hosts=(domain,), ttl=_negative_ttl(answer.response), authenticated=authenticated)
         ttl = answer.chaining_result.minimum_ttl  # CNAME TTLs included
         if all(rdata.exchange == dns.name.root for rdata in rrset):
-            return MxSet(hosts=(), ttl=ttl, null_mx=True)
+            return MxSet(hosts=(), ttl=ttl, null_mx=True, authenticated=authenticated)
         hosts = {}  # dict as an ordered set: a host listed twice keeps its best preference
         for _preference, host in sorted((rdata.preference, _host_text(rdata.exchange)) for rdata in rrset):
             # A "." mixed with real MX records is invalid (RFC 7505 §3) and unusable: skip it.
@@ -113,7 +118,7 @@ class Resolver:
                 hosts.setdefault(host)
                 if len(hosts) == MAX_MX_HOSTS:
                     break
-        return MxSet(hosts=tuple(hosts), ttl=ttl)
+        return MxSet(hosts=tuple(hosts), ttl=ttl, authenticated=authenticated)
 
     def addresses(self, host, lifetime=None):
         """A then AAAA addresses of host. One family failing is fine if the other answers.

@@ -43,6 +43,16 @@ SOCKETMAP_EVICTED_CONNECTIONS = Counter(
     " to admit a new one) or request_timeout (a request not complete in time).",
     ["reason"],
 )
+SOCKETMAP_ANSWERS = Counter(
+    "stsmilter_socketmap_answers",
+    "Socketmap answers by kind: secure (MTA-STS), dane (dane-only: DANE governs), notfound, temp or perm.",
+    ["kind"],
+)
+DANE_CHECKS = Counter(
+    "stsmilter_dane_checks",
+    "DANE checks of MTA-STS enforced domains, by verdict: dane, no-dane or dns-error.",
+    ["verdict"],
+)
 SOCKETMAP_LOOKUP_SECONDS = Histogram(
     "stsmilter_socketmap_lookup_seconds",
     "Time from a socketmap request to its answer.",
