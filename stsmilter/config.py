@@ -222,6 +222,7 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "on_timeout": (_choice("temp", "notfound"), "temp"),
         "strict_testing": (_bool, "no"),
         "tlsrpt": (_bool, "no"),
+        "dane": (_choice("auto", "no"), "auto"),
         "max_connections": (_int(1, 100_000), "1000"),
         "request_timeout": (_seconds(0.1, 3600), "10"),
     },

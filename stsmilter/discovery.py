@@ -94,6 +94,10 @@ class Discovery:
         self._mx_cache: LRUCache = LRUCache(maxsize=max(1000, cache.max_entries))
         self._refresher: Optional[threading.Thread] = None
         self._stopping = threading.Event()
+        # The DANE checker (dane.DaneChecker) when [socketmap] dane = auto; set by
+        # engine.py. The front ends read it so that DANE-governed domains are not judged
+        # by their MTA-STS policy alone (RFC 8461 §2).
+        self.dane = None
 
     def reconfigure(self, resolver: dns.Resolver, fetcher: Fetcher, settings: Settings) -> None:
         """Config reload: new DNS/fetch settings for jobs started from now on; the cache
@@ -321,6 +325,8 @@ class Discovery:
         self._refresher.start()
 
     def close(self) -> None:
+        if self.dane is not None:
+            self.dane.close()
         self._stopping.set()
         if self._refresher is not None:
             self._refresher.join(timeout=5)

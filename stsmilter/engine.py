@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 
-from stsmilter import dns
+from stsmilter import dane, dns
 from stsmilter.config import ConfigError
 from stsmilter.cache import PolicyCache
 from stsmilter.discovery import Discovery, Settings
@@ -33,6 +33,19 @@ def open_cache(config) -> PolicyCache:
     return PolicyCache(open_store(c.path), c.max_entries, c.negative_ttl, c.failure_backoff)
 
 
+def _dane_parts(config):
+    resolver = dane.DaneResolver(nameservers=config.dns.nameservers, port=config.dns.port, timeout=config.dns.timeout)
+    settings = dane.Settings(mx_ttl=config.cache.mx_ttl, max_entries=config.cache.max_entries)
+    return resolver, settings
+
+
+def make_dane(config):
+    """The DANE checker when [socketmap] dane = auto, else None."""
+    if config.socketmap.dane != "auto":
+        return None
+    return dane.DaneChecker(*_dane_parts(config))
+
+
 def open_engine(config, one_shot: bool = False) -> Discovery:
     """A Discovery over the configured store, its memory filled from the store.
     one_shot (the CLI): a due TXT id re-check is waited for, not left to the background."""
@@ -40,9 +53,20 @@ def open_engine(config, one_shot: bool = False) -> Discovery:
     cache = open_cache(config)
     cache.load()
     settings = dataclasses.replace(Settings.from_config(config), recheck_in_background=not one_shot)
-    return Discovery(resolver, make_fetcher(config, resolver), cache, settings)
+    discovery = Discovery(resolver, make_fetcher(config, resolver), cache, settings)
+    discovery.dane = make_dane(config)
+    return discovery
 
 
 def reconfigure(discovery: Discovery, config) -> None:
     resolver = make_resolver(config)
     discovery.reconfigure(resolver, make_fetcher(config, resolver), Settings.from_config(config))
+    # [socketmap] dane switched on or off, or new DNS settings; the verdict cache stays.
+    if config.socketmap.dane != "auto":
+        if discovery.dane is not None:
+            discovery.dane.close()
+        discovery.dane = None
+    elif discovery.dane is None:
+        discovery.dane = make_dane(config)
+    else:
+        discovery.dane.reconfigure(*_dane_parts(config))

@@ -5,12 +5,20 @@ netstrings "OK data", "NOTFOUND ", "TEMP reason" or "PERM reason". Postfix keeps
 open and may pipeline, so replies leave in request order.
 
 The event loop runs in its own thread (libmilter owns the main thread and the signals). A
-request that discovery.peek() can answer is answered inside data_received (no task, no
-await); any other waits for discovery.submit() at most lookup_timeout.
+request that discovery.peek() (and, for an enforced policy, dane.peek()) can answer is
+answered inside data_received (no task, no await); any other waits for discovery.submit()
+and the DANE check at most lookup_timeout.
 
 No local client can lock the others out: at the connection limit a new connection
 closes the longest-idle one (Postfix reconnects on its next lookup), and a request
 that has begun must be complete within request_timeout or its connection is closed.
+
+DANE first (RFC 8461 §2, [socketmap] dane = auto): for a domain whose MTA-STS policy the
+MTA must enforce, the DANE verdict (dane.py) decides between "dane-only" (DANE governs),
+the MTA-STS answer (DANE does not apply) and TEMP (a DNSSEC lookup failed). The map name
+"sts" is Sendmail's FEATURE(`sts'): Sendmail 8.17 understands only "secure ..." there and
+runs its own DANE in the binary before these checks (README), so it gets the MTA-STS
+answer without a DANE check.
 """
 
 import asyncio
@@ -28,7 +36,7 @@ from typing import Optional
 
 import idna
 
-from . import metrics, policy
+from . import dane, metrics, policy
 from .preflight import chmod_socket
 
 log = logging.getLogger(__name__)
@@ -47,12 +55,39 @@ IN_PROGRESS = b"TEMP MTA-STS policy lookup in progress"
 INTERNAL_ERROR = b"TEMP internal error"
 MALFORMED = b"PERM malformed request"
 NO_MX = b"TEMP MTA-STS policy lists no mx"
+DANE_ONLY = b"OK dane-only"  # Postfix: DANE or nothing; never "dane" (falls back to "may")
+DANE_DNS_ERROR = b"TEMP DNSSEC lookup for DANE failed"
+SENDMAIL_MAP = b"sts"  # FEATURE(`sts') asks "sts DOMAIN"
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(r"(?:%s\.)*%s" % (_LABEL, _LABEL))
 _PATTERN = re.compile(r"(?:\*\.)?(?:%s\.)*%s" % (_LABEL, _LABEL), re.I)
-# Children bound once, keyed by the reply's first byte: .labels() per request costs a lock.
-_COUNTERS = {ord(r[0].upper()): metrics.SOCKETMAP_LOOKUPS.labels(result=r) for r in ("ok", "notfound", "temp", "perm")}
+
+
+class _Count:
+    """One answer counted twice: by result (ok/notfound/temp/perm) and by kind."""
+
+    __slots__ = ("result", "kind")
+
+    def __init__(self, result: str, kind: str):
+        # Children bound once: .labels() per request costs a lock.
+        self.result = metrics.SOCKETMAP_LOOKUPS.labels(result=result)
+        self.kind = metrics.SOCKETMAP_ANSWERS.labels(kind=kind)
+
+    def inc(self) -> None:
+        self.result.inc()
+        self.kind.inc()
+
+
+# Keyed by the reply's first byte; "OK dane-only" is the one OK that is not "secure".
+_COUNTERS = {ord(r[0].upper()): _Count(r, k) for r, k in
+             (("ok", "secure"), ("notfound", "notfound"), ("temp", "temp"), ("perm", "perm"))}
+_DANE_COUNT = _Count("ok", "dane")
+
+
+def _count(payload: bytes) -> _Count:
+    return _DANE_COUNT if payload == DANE_ONLY else _COUNTERS[payload[0]]
+
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
 
@@ -87,15 +122,29 @@ def on_timeout_answer(settings) -> bytes:
     return NOTFOUND if settings.on_timeout == "notfound" else IN_PROGRESS
 
 
-def answer(result: policy.Result, settings) -> bytes:
-    """The reply payload (without netstring framing) for a discovery result."""
-    if result.status == policy.PENDING:
-        return on_timeout_answer(settings)
+def enforced(result: policy.Result, settings) -> bool:
+    """The MTA must enforce this result's policy (mode enforce, or testing with
+    strict_testing): the answers where DANE comes first."""
     sts = result.policy
     if result.status != policy.VALID or sts is None:
+        return False
+    return sts.mode == "enforce" or (sts.mode == "testing" and settings.strict_testing)
+
+
+def answer(result: policy.Result, settings, verdict: Optional[dane.Verdict] = None) -> bytes:
+    """The reply payload (without netstring framing) for a discovery result and, for an
+    enforced policy, the DANE verdict (None: no DANE check, the MTA-STS answer)."""
+    if result.status == policy.PENDING:
+        return on_timeout_answer(settings)
+    if not enforced(result, settings):
         return NOTFOUND
-    if sts.mode != "enforce" and not (sts.mode == "testing" and settings.strict_testing):
-        return NOTFOUND
+    if verdict is not None and verdict.kind != dane.NO_DANE:
+        if verdict.kind == dane.DANE:
+            return DANE_ONLY
+        if verdict.kind == dane.DNS_ERROR:
+            return DANE_DNS_ERROR  # "secure" might override DANE; "dane-only" might block
+        return on_timeout_answer(settings)  # PENDING
+    sts = result.policy
     if not sts.mx:
         return NO_MX  # enforced, yet no MX can satisfy it: defer rather than downgrade
     # The parser validated these already; checked again because they become Postfix syntax.
@@ -116,12 +165,13 @@ def answer(result: policy.Result, settings) -> bytes:
 
 
 class _Entry:
-    """Fast-path memory for one request key: the reply last built and what it was built from."""
+    """Fast-path memory for one request: the reply last built and what it was built from."""
 
-    __slots__ = ("domain", "result", "settings", "reply", "counter")
+    __slots__ = ("domain", "dane_map", "result", "settings", "verdict", "needs_dane", "reply", "counter")
 
-    def __init__(self, domain: Optional[str]):
-        self.domain, self.result, self.settings = domain, None, None
+    def __init__(self, domain: Optional[str], dane_map: bool):
+        self.domain, self.dane_map, self.result, self.settings, self.verdict = domain, dane_map, None, None, None
+        self.needs_dane = False  # result, settings and map call for a DANE verdict
         self.reply, self.counter = NOTFOUND_REPLY, _COUNTERS[ord("N")]
 
 
@@ -216,31 +266,45 @@ class _Connection(asyncio.Protocol):
     def _lookup(self, request: bytes):
         started = _perf_counter()
         server = self.server
-        discovery, settings = server.state
-        key = request.partition(b" ")[2]
-        entry = server.cache.get(key)
+        discovery, settings, checker = server.state
+        entry = server.cache.get(request)  # keyed by map name and key: "sts" differs
         try:
             if entry is None:
                 if len(server.cache) >= CACHE_LIMIT:
                     server.cache.clear()
-                entry = server.cache[key] = _Entry(normalize_key(key))
+                name, _, key = request.partition(b" ")
+                entry = server.cache[request] = _Entry(normalize_key(key), name != SENDMAIL_MAP)
             if entry.domain is None:
                 return self._send(NOTFOUND_REPLY, entry.counter, started)
             result = discovery.peek(entry.domain)
             if result is None or result.status == policy.PENDING:
-                slot = [None]  # holds our place in the reply order
-                self.queue.append(slot)
-                task = server.loop.create_task(self._discover(slot, entry.domain, discovery, settings, started))
-                self.tasks.add(task)
-                return task.add_done_callback(self.tasks.discard)
+                return self._later(entry, discovery, settings, checker, started)
             if result is not entry.result or settings is not entry.settings:
-                payload = answer(result, settings)
-                entry.reply, entry.counter = netstring(payload), _COUNTERS[payload[0]]
-                entry.result, entry.settings = result, settings
+                entry.needs_dane = checker is not None and entry.dane_map and enforced(result, settings)
+                entry.verdict = None
+            verdict = None
+            if entry.needs_dane:
+                verdict = checker.peek(entry.domain)
+                if verdict is None:
+                    return self._later(entry, discovery, settings, checker, started, result)
+            if result is not entry.result or settings is not entry.settings or verdict is not entry.verdict:
+                payload = answer(result, settings, verdict)
+                entry.reply, entry.counter = netstring(payload), _count(payload)
+                entry.result, entry.settings, entry.verdict = result, settings, verdict
             self._send(entry.reply, entry.counter, started)
         except Exception:
-            log.exception("socketmap: lookup of %r failed", key)
+            log.exception("socketmap: lookup of %r failed", request)
             self._send(INTERNAL_ERROR_REPLY, _COUNTERS[ord("T")], started)
+
+    def _later(self, entry, discovery, settings, checker, started, result=None):
+        """Answer from a task: discovery and/or the DANE check must run first."""
+        slot = [None]  # holds our place in the reply order
+        self.queue.append(slot)
+        checker = checker if entry.dane_map else None
+        task = self.server.loop.create_task(
+            self._discover(slot, entry.domain, discovery, settings, checker, started, result))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _send(self, reply: bytes, counter, started: float):
         counter.inc()
@@ -250,17 +314,26 @@ class _Connection(asyncio.Protocol):
         else:
             self.transport.write(reply)
 
-    async def _discover(self, slot, domain, discovery, settings, started):
+    async def _discover(self, slot, domain, discovery, settings, checker, started, result=None):
+        loop = self.server.loop
         try:
-            waiter = _follow(self.server.loop, discovery.submit(domain))
-            payload = answer(await asyncio.wait_for(waiter, settings.lookup_timeout), settings)
+            deadline = loop.time() + settings.lookup_timeout
+            if result is None:
+                result = await asyncio.wait_for(_follow(loop, discovery.submit(domain)), settings.lookup_timeout)
+            verdict = None
+            if checker is not None and enforced(result, settings):
+                verdict = checker.peek(domain)
+                if verdict is None:
+                    waiter = _follow(loop, checker.submit(domain))
+                    verdict = await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+            payload = answer(result, settings, verdict)
         except asyncio.TimeoutError:
             payload = on_timeout_answer(settings)
         except Exception:
             log.exception("socketmap: discovery for %s failed", domain)
             payload = INTERNAL_ERROR
         log.debug("socketmap: %s -> %s", domain, payload)
-        _COUNTERS[payload[0]].inc()
+        _count(payload).inc()
         metrics.SOCKETMAP_LOOKUP_SECONDS.observe(_perf_counter() - started)
         slot[0] = netstring(payload)
         self._flush()
@@ -294,7 +367,9 @@ class SocketmapServer:
     """start() binds and serves from a thread of its own; stop() ends both."""
 
     def __init__(self, discovery, settings, idle_timeout: float = IDLE_TIMEOUT):
-        self.state = (discovery, settings)  # one tuple, so update() swaps both at once
+        # One tuple, so update() swaps all at once; the third is the engine's DANE checker
+        # (None with [socketmap] dane = no).
+        self.state = (discovery, settings, getattr(discovery, "dane", None))
         self.listen = settings.listen
         self.idle_timeout = idle_timeout
         # At most this many connections; the daemon may set it below max_connections
@@ -348,7 +423,7 @@ class SocketmapServer:
 
     def update(self, discovery, settings) -> None:
         """Engine and settings for the next request; a new listen needs a new server."""
-        self.state = (discovery, settings)
+        self.state = (discovery, settings, getattr(discovery, "dane", None))
 
     @property
     def address(self):

@@ -1,0 +1,227 @@
+"""socketmap.py with DANE first: answer() with a verdict, and the server asking a DANE
+checker (fast path from peek(), slow path through submit(), Sendmail's "sts" map)."""
+
+import concurrent.futures
+import dataclasses
+import threading
+
+import pytest
+from prometheus_client import REGISTRY
+
+from stsmilter import dane, socketmap
+from stsmilter.policy import Result
+from test_socketmap import (  # noqa: F401 - fixtures
+    ENFORCE, SECURE, TESTING, FakeDiscovery, clients, make_settings, read_replies, request, valid,
+)
+
+NOW = 1000.0
+
+
+def verdict(kind, expires=NOW + 300):
+    return dane.Verdict(kind, expires, NOW)
+
+
+DANE = verdict(dane.DANE)
+NO_DANE = verdict(dane.NO_DANE)
+DNS_ERROR = verdict(dane.DNS_ERROR)
+PENDING = verdict(dane.PENDING)
+
+
+@pytest.mark.parametrize("result, changes, the_verdict, expected", [
+    (valid(), {}, DANE, b"OK dane-only"),
+    (valid(), {}, NO_DANE, SECURE),
+    (valid(), {}, None, SECURE),  # not checked ([socketmap] dane = no, or Sendmail's map)
+    (valid(), {}, DNS_ERROR, b"TEMP DNSSEC lookup for DANE failed"),
+    (valid(), {}, PENDING, b"TEMP MTA-STS policy lookup in progress"),
+    (valid(), {"on_timeout": "notfound"}, PENDING, b"NOTFOUND "),
+    (valid(sts=TESTING), {}, DANE, b"NOTFOUND "),  # nothing enforced: Postfix's own level applies
+    (valid(sts=TESTING), {"strict_testing": True}, DANE, b"OK dane-only"),
+    (valid(sts=dataclasses.replace(ENFORCE, mx=())), {}, DANE, b"OK dane-only"),  # DANE ignores the mx list
+    (valid(sts=dataclasses.replace(ENFORCE, mx=())), {}, NO_DANE, b"TEMP MTA-STS policy lists no mx"),
+    (valid(sts=dataclasses.replace(ENFORCE, mode="none")), {}, DANE, b"NOTFOUND "),
+    (Result("example.com", "none"), {}, DANE, b"NOTFOUND "),
+    (Result("example.com", "failed", reason="dns-error"), {}, DNS_ERROR, b"NOTFOUND "),
+    (Result("example.com", "pending"), {}, DANE, b"TEMP MTA-STS policy lookup in progress"),
+])
+def test_answer_with_a_verdict(result, changes, the_verdict, expected):
+    assert socketmap.answer(result, make_settings(**changes), the_verdict) == expected
+
+
+@pytest.mark.parametrize("result, changes, expected", [
+    (valid(), {}, True),
+    (valid(sts=TESTING), {}, False),
+    (valid(sts=TESTING), {"strict_testing": True}, True),
+    (valid(sts=dataclasses.replace(ENFORCE, mode="none")), {"strict_testing": True}, False),
+    (valid(sts=dataclasses.replace(ENFORCE, mx=())), {}, True),
+    (Result("example.com", "none"), {}, False),
+    (Result("example.com", "valid"), {}, False),  # valid without a policy: never enforced
+    (dataclasses.replace(valid(), status="failed"), {}, False),
+])
+def test_enforced(result, changes, expected):
+    assert socketmap.enforced(result, make_settings(**changes)) is expected
+
+
+class FakeChecker:
+    """peek() from `cached`; submit() answers from `verdicts` (optionally after a gate)."""
+
+    def __init__(self):
+        self.cached, self.verdicts = {}, {}
+        self.peeks, self.submits = [], []
+        self.gate = None
+
+    def peek(self, domain):
+        self.peeks.append(domain)
+        return self.cached.get(domain)
+
+    def submit(self, domain):
+        self.submits.append(domain)
+        future = concurrent.futures.Future()
+        outcome = self.verdicts.get(domain, NO_DANE)
+
+        def finish():
+            if self.gate is not None:
+                self.gate.wait(10)
+            future.set_result(outcome)
+
+        threading.Thread(target=finish, daemon=True).start()
+        return future
+
+
+@pytest.fixture
+def world():
+    discovery, checker = FakeDiscovery(), FakeChecker()
+    discovery.dane = checker
+    yield discovery, checker
+    if checker.gate is not None:
+        checker.gate.set()
+    discovery.close()
+
+
+@pytest.fixture
+def serve(world):
+    servers = []
+
+    def start(**changes):
+        server = socketmap.SocketmapServer(world[0], make_settings(**changes))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def ask(sock, key, name=b"postfix"):
+    sock.sendall(request(key, name))
+    return read_replies(sock, 1)[0]
+
+
+def answered(kind):
+    return REGISTRY.get_sample_value("stsmilter_socketmap_answers_total", {"kind": kind}) or 0.0
+
+
+def test_fast_path_answers_dane_only_from_two_peeks(serve, clients, world):
+    discovery, checker = world
+    discovery.cached["example.com"] = valid()
+    checker.cached["example.com"] = DANE
+    sock = clients(serve())
+    before = answered("dane"), answered("secure")
+    assert [ask(sock, b"example.com") for _ in range(3)] == [b"OK dane-only"] * 3
+    assert discovery.submits == [] and checker.submits == []
+    assert checker.peeks == ["example.com"] * 3  # asked every time: a verdict expires
+    assert (answered("dane"), answered("secure")) == (before[0] + 3, before[1])
+
+
+def test_a_new_verdict_changes_the_answer(serve, clients, world):
+    discovery, checker = world
+    discovery.cached["example.com"] = valid()
+    checker.cached["example.com"] = DANE
+    sock = clients(serve())
+    assert ask(sock, b"example.com") == b"OK dane-only"
+    checker.cached["example.com"] = NO_DANE
+    assert ask(sock, b"example.com") == SECURE
+    checker.cached["example.com"] = DNS_ERROR
+    assert ask(sock, b"example.com") == b"TEMP DNSSEC lookup for DANE failed"
+
+
+def test_no_cached_verdict_waits_for_the_check(serve, clients, world):
+    discovery, checker = world
+    discovery.cached["example.com"] = valid()
+    checker.verdicts["example.com"] = DANE
+    sock = clients(serve())
+    assert ask(sock, b"example.com") == b"OK dane-only"
+    assert checker.submits == ["example.com"] and discovery.submits == []
+
+
+def test_discovery_then_the_check(serve, clients, world):
+    discovery, checker = world
+    discovery.fetched["example.com"] = valid()
+    checker.verdicts["example.com"] = DANE
+    sock = clients(serve())
+    assert ask(sock, b"example.com") == b"OK dane-only"
+    assert discovery.submits == ["example.com"] and checker.submits == ["example.com"]
+
+
+def test_a_slow_check_answers_as_on_timeout_says(serve, clients, world):
+    discovery, checker = world
+    discovery.cached["example.com"] = valid()
+    checker.gate = threading.Event()
+    sock = clients(serve(lookup_timeout=0.1))
+    assert ask(sock, b"example.com") == b"TEMP MTA-STS policy lookup in progress"
+    sock = clients(serve(lookup_timeout=0.1, on_timeout="notfound"))
+    assert ask(sock, b"example.com") == b"NOTFOUND "
+
+
+def test_no_check_when_nothing_is_enforced(serve, clients, world):
+    discovery, checker = world
+    discovery.cached["testing.example"] = valid("testing.example", sts=TESTING)
+    discovery.fetched["none.example"] = Result("none.example", "none")
+    sock = clients(serve())
+    assert ask(sock, b"testing.example") == b"NOTFOUND "
+    assert ask(sock, b"none.example") == b"NOTFOUND "
+    assert checker.peeks == [] and checker.submits == []
+
+
+def test_sendmail_sts_map_gets_the_mta_sts_answer_without_a_check(serve, clients, world):
+    discovery, checker = world
+    discovery.cached["example.com"] = valid()
+    checker.cached["example.com"] = DANE
+    sock = clients(serve())
+    assert ask(sock, b"example.com", name=b"sts") == SECURE
+    assert ask(sock, b"example.com") == b"OK dane-only"  # same key, Postfix's map: its own entry
+    assert ask(sock, b"example.com", name=b"sts") == SECURE
+    assert checker.peeks == ["example.com"]
+
+
+def test_without_a_checker_the_answers_are_unchanged(serve, clients, world):
+    discovery, _checker = world
+    discovery.dane = None  # [socketmap] dane = no
+    discovery.cached["example.com"] = valid()
+    assert ask(clients(serve()), b"example.com") == SECURE
+
+
+def test_update_picks_up_a_new_checker(serve, clients, world):
+    discovery, checker = world
+    discovery.cached["example.com"] = valid()
+    checker.cached["example.com"] = DANE
+    discovery.dane = None
+    server = serve()
+    sock = clients(server)
+    assert ask(sock, b"example.com") == SECURE
+    discovery.dane = checker
+    server.update(discovery, make_settings())
+    assert ask(sock, b"example.com") == b"OK dane-only"
+
+
+def test_pipelined_fast_and_slow_dane_answers_keep_their_order(serve, clients, world):
+    discovery, checker = world
+    for domain in ("a.example", "b.example", "c.example"):
+        discovery.cached[domain] = valid(domain)
+    checker.cached["a.example"] = DANE
+    checker.verdicts["b.example"] = DANE  # b waits for the check
+    checker.cached["c.example"] = NO_DANE
+    sock = clients(serve())
+    sock.sendall(b"".join(request(d) for d in (b"a.example", b"b.example", b"c.example")))
+    assert read_replies(sock, 3) == [
+        b"OK dane-only", b"OK dane-only", b"OK secure match=mx1.example.com:.example.net servername=hostname"]
