@@ -23,6 +23,9 @@ Decision.reason is a metrics label, so its vocabulary is fixed:
   mx-dns-error      MX lookup failed or ran out of time
   mx-match          at least one MX host matches the policy
   mx-mismatch       no MX host matches the policy (the violation)
+  dane              no MX host matches, but DANE governs delivery to the domain (RFC 8461
+                    §2; [socketmap] dane = auto): the socketmap answers "dane-only", so the
+                    MTA-STS mismatch does not stop delivery and the recipient is accepted
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import re
 import time
 from typing import Iterable, NamedTuple, Optional, Tuple
 
-from stsmilter import dns, policy
+from stsmilter import dane, dns, policy
 
 ACCEPT, TEMPFAIL, REJECT, HOLD = "accept", "tempfail", "reject", "hold"
 
@@ -40,6 +43,7 @@ REASONS = (
     "pending", "no-policy", "discovery-failed", "mode-none", "no-mx", "null-mx", "mx-dns-error",
     "mx-match", "mx-mismatch",
     "non-smtp",
+    "dane",
 )
 
 MAX_NAMES = 5  # MX hosts / patterns quoted in a reply text
@@ -134,6 +138,8 @@ class Decider:
         self.dry_run = milter_settings.dry_run
         self.local_domains = frozenset(self._normalized(d) for d in scope_settings.local_domains)
         self.clock = clock
+        # DANE first, as the socketmap answers at delivery (None: [socketmap] dane = no).
+        self.dane = getattr(discovery, "dane", None)
 
     @staticmethod
     def _normalized(domain: str) -> str:
@@ -193,12 +199,7 @@ class Decider:
             return Decision(recipient, domain, ACCEPT, ACCEPT, "no-mx", result.mode, result.policy_id,
                             patterns=result.policy.mx)
         except dns.DnsError:  # TempDnsError, including running out of time
-            text = f"MTA-STS policy of {safe_name(domain)}: MX lookup failed, try again later"
-            failed = Decision(recipient, domain, ACCEPT, TEMPFAIL, "mx-dns-error", result.mode, result.policy_id,
-                              patterns=result.policy.mx)
-            if result.mode == "testing":
-                return failed
-            return self._enforce(failed._replace(action=TEMPFAIL, reply=_tempfail_reply(text)))
+            return self._mx_dns_error(recipient, domain, result, "MX lookup failed")
         base = Decision(
             recipient, domain, ACCEPT, ACCEPT, "mx-match", result.mode, result.policy_id,
             mx=mx_set.hosts, patterns=result.policy.mx,
@@ -210,6 +211,15 @@ class Decider:
         # policy lookup at delivery time) stops that one.
         if any(result.policy.matches(host) for host in mx_set.hosts):
             return base
+        if self.dane is not None:
+            # Delivery will follow the socketmap's answer: "dane-only" ignores the policy's
+            # mx patterns, TEMP waits. Mirror it rather than refuse what would be delivered.
+            verdict = self.dane.check(domain, self._left(deadline)).kind
+            if verdict == dane.DANE:
+                return base._replace(reason="dane")
+            if verdict != dane.NO_DANE:  # DNS error, or not known by the deadline: never reject
+                what = "DANE check not finished" if verdict == dane.PENDING else "DNSSEC lookup for DANE failed"
+                return self._mx_dns_error(recipient, domain, result, what, mx_set.hosts)
         violation = base._replace(reason="mx-mismatch", would=self.on_violation)
         if result.mode == "testing":
             return violation
@@ -219,6 +229,16 @@ class Decider:
         if self.on_violation == HOLD:
             return self._enforce(violation._replace(action=HOLD))
         return self._enforce(self._recheck_before_reject(violation, result, mx_set.hosts, deadline))
+
+    def _mx_dns_error(self, recipient: str, domain: str, result: policy.Result, what: str,
+                      mx: Tuple[str, ...] = ()) -> Decision:
+        """Tempfail (accept in testing mode): the MX set cannot be judged now."""
+        text = f"MTA-STS policy of {safe_name(domain)}: {what}, try again later"
+        failed = Decision(recipient, domain, ACCEPT, TEMPFAIL, "mx-dns-error", result.mode, result.policy_id,
+                          mx=mx, patterns=result.policy.mx)
+        if result.mode == "testing":
+            return failed
+        return self._enforce(failed._replace(action=TEMPFAIL, reply=_tempfail_reply(text)))
 
     def _recheck_before_reject(
         self, violation: Decision, result: policy.Result, mx: Tuple[str, ...], deadline: float

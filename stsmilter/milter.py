@@ -62,7 +62,7 @@ MILTER_FLAGS = Milter.QUARANTINE | Milter.SETSYMLIST
 # Accept reasons too common to log one line each (metrics still count them). A
 # compliant recipient is the normal case; logging it was 45% of the milter's CPU.
 QUIET_REASONS = frozenset(
-    {"mx-match", "no-policy", "mode-none", "out-of-scope", "skip-mailer", "local-domain", "no-domain"}
+    {"mx-match", "no-policy", "mode-none", "out-of-scope", "skip-mailer", "local-domain", "no-domain", "dane"}
 )
 
 NO_QUEUE_ID = "NOQUEUE"  # what Postfix logs before the queue file exists (first RCPT)
@@ -83,7 +83,7 @@ HOLD_CAUSES = {
 # the milter's main cost. Violations, testing, dry-run and anything logged are decided
 # every time. One second is nothing next to the policy cache's own id_check_interval.
 ACCEPT_MEMO_SECONDS = 1.0
-ACCEPT_MEMO_REASONS = frozenset({"mx-match", "mode-none", "no-policy"})
+ACCEPT_MEMO_REASONS = frozenset({"mx-match", "mode-none", "no-policy", "dane"})
 ACCEPT_MEMO_SIZE = 10000
 
 
