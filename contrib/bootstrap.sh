@@ -26,8 +26,9 @@ if [ "$mode" = test ]; then
     # the shell scripts are linted with shellcheck; sendmail-cf (m4 files only, no Sendmail)
     # builds contrib/sendmail/stsmilter.mc; mandoc lints the man pages; sasl2-bin
     # (saslpasswd2) and libsasl2-modules (PLAIN) give the shipped submission services'
-    # test a private Cyrus SASL user.
-    pkgs="$pkgs postfix shellcheck sendmail-cf mandoc sasl2-bin libsasl2-modules"
+    # test a private Cyrus SASL user; unbound: the DANE tests start a private validating
+    # resolver (never the system service).
+    pkgs="$pkgs postfix shellcheck sendmail-cf mandoc sasl2-bin libsasl2-modules unbound"
 fi
 for p in $pkgs; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_apt="$need_apt $p"
