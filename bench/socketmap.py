@@ -1,15 +1,22 @@
-"""Socketmap lookups/s: `stsmilter run`'s [socketmap] vs a static netstring responder.
+"""Socketmap lookups/s: `stsmilter run`'s [socketmap] vs a static netstring responder,
+and with DANE first ([socketmap] dane = auto, the default) vs without (dane = no).
 
 (a) a minimal asyncio.Protocol responder (subprocess) that answers the constant
 "OK secure match=..." to every request: the floor cost of any asyncio netstring server
-in CPython; (b) `stsmilter run` (subprocess; metrics endpoint and milter enabled, sqlite
-cache) with a warm cache for 20 published domains (enforce: "OK secure match=...";
-testing/none: "NOTFOUND "), all warmed before measuring.
+in CPython; (b) `stsmilter run` as shipped (dane = auto) and (c) the same with dane = no
+(subprocesses; metrics endpoint and milter enabled, sqlite cache), both resolving through
+a private validating unbound in front of the loopback DNS server. 20 published domains:
+enforce, testing and none in turn; half of the enforce domains are DNSSEC-signed zones
+with TLSA records for their MX host, so (b) answers "OK dane-only" for those and
+"OK secure match=..." for the other enforce domains, (c) "OK secure match=..." for all
+of them; testing/none: "NOTFOUND ". Policies and DANE verdicts are warmed first.
 
-Same client for both: one process per persistent connection, one request in flight per
+Same client for all: one process per persistent connection, one request in flight per
 connection (as Postfix's socketmap client), cycling through the 20 domains.
-Concurrency 1, 4 and 16 connections; three rounds, A/B order alternating; best round.
-Last line: socketmap_ratio=<stsmilter/static lookups/s at 4 connections>.
+Concurrency 1, 4 and 16 connections; three rounds, server order rotating; best round.
+Lines: dane_ratio=<dane = auto / dane = no lookups/s at 4 connections> (target >= 0.9:
+a warm lookup costs about what it did before DANE), then the headline
+socketmap_ratio=<stsmilter as shipped / static lookups/s at 4 connections>.
 """
 
 import os
@@ -23,48 +30,90 @@ DURATION = 2.0
 ROUNDS = 3
 CONNECTIONS = (1, 4, 16)
 NDOMAINS = 20
+SERVERS = ("static", "sts", "nodane")  # sts: dane = auto (the default); nodane: dane = no
+
+
+def publish_dane(world, domains, modes):
+    """Sign every other enforce domain as a zone of its own with a TLSA record for its MX
+    host; returns (those domains, their trust anchors)."""
+    from world.dnssec import spki_sha256
+
+    import trustme
+
+    signed = [d for d in domains if modes[d] == "enforce"][::2]
+    ca = trustme.CA()
+    anchors = []
+    for domain in signed:
+        anchors.append(world.dns.sign(domain).trust_anchor())
+        cert = ca.issue_cert(f"mx.{domain}")
+        world.dns.add(f"_25._tcp.mx.{domain}", "TLSA", "3 1 1 " + spki_sha256(cert.cert_chain_pems[0].bytes()))
+    return signed, anchors
+
+
+def warm(daemon, domains):
+    """Ask each domain until it is answered from the warm path (not TEMP in progress)."""
+    answers = {}
+    deadline = time.monotonic() + 60
+    for domain in domains:
+        while True:
+            reply = common.socketmap_query(daemon.socketmap_port, domain)
+            if not reply.startswith(b"TEMP"):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"socketmap kept answering {reply!r} for {domain}")
+            time.sleep(0.05)
+        answers[domain] = reply
+    return answers
 
 
 def main() -> int:
+    from world.unbound import UnboundResolver
+
     print(f"# socketmap: {common.machine()}")
     with common.bench_session("socketmap") as (root, stack):
         world = common.BenchWorld(root)
         stack.callback(world.stop)
         domains = common.realistic_domains(NDOMAINS, seed=461)
         modes = world.publish(domains)
-        sts = common.StsDaemon(world, root, stack, "sts")
+        signed, anchors = publish_dane(world, domains, modes)
+        resolver = UnboundResolver(world.dns.port, anchors)
+        stack.callback(resolver.stop)
+        resolver.start()
+        dns = {"nameservers": resolver.address, "port": str(resolver.port)}
+        daemons = {
+            "sts": common.StsDaemon(world, root, stack, "sts", dns=dns),
+            "nodane": common.StsDaemon(world, root, stack, "nodane", dns=dns, socketmap={"dane": "no"}),
+        }
         static, static_port = common.start_static_socketmap(root, stack)
 
-        # Warm: the first lookup of a domain starts discovery and waits up to lookup_timeout.
-        answers = {}
-        deadline = time.monotonic() + 60
-        for domain in domains:
-            while True:
-                reply = common.socketmap_query(sts.socketmap_port, domain)
-                if not reply.startswith(b"TEMP"):
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"socketmap kept answering {reply!r} for {domain}")
-                time.sleep(0.05)
-            answers[domain] = reply
-        for domain in domains:
-            want_ok = modes[domain] == "enforce"
-            if answers[domain].startswith(b"OK secure match=") != want_ok:
-                raise RuntimeError(f"unexpected socketmap answer for {modes[domain]} {domain}: {answers[domain]!r}")
-        ok = sum(1 for a in answers.values() if a.startswith(b"OK"))
-        print(f"# {NDOMAINS} domains warm: {ok} answer OK secure, {NDOMAINS - ok} NOTFOUND; "
-              f"e.g. {answers[domains[0]].decode()!r}")
+        for name, daemon in daemons.items():
+            answers = warm(daemon, domains)
+            for domain in domains:
+                want = b"NOTFOUND "
+                if modes[domain] == "enforce":
+                    want = b"OK dane-only" if name == "sts" and domain in signed else b"OK secure match="
+                if not answers[domain].startswith(want):
+                    raise RuntimeError(f"{name}: unexpected answer for {modes[domain]} {domain}: {answers[domain]!r}")
+            kinds = {}
+            for answer in answers.values():
+                kind = answer.split(b" ")[1] if answer.startswith(b"OK") else answer.split(b" ")[0]
+                kinds[kind.decode()] = kinds.get(kind.decode(), 0) + 1
+            print(f"# {name}: {NDOMAINS} domains warm: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
+        print(f"# e.g. {answers[signed[0]].decode()!r} (nodane) for a domain with DANE")
         print(f"# static answer: {common.STATIC_REPLY_PAYLOAD.decode()!r}")
-        before = sts.samples("stsmilter_socketmap_lookups_total")
-        misses_before = sts.sample("stsmilter_cache_lookups_total", result="miss")
+        before = {name: (d.samples("stsmilter_socketmap_lookups_total"),
+                         d.sample("stsmilter_cache_lookups_total", result="miss"),
+                         sum(d.samples("stsmilter_dane_checks_total").values()))
+                  for name, d in daemons.items()}
 
         requests = [common.netstring(f"postfix {d}".encode()) for d in domains]
-        servers = {"static": (static_port, static.pid), "sts": (sts.socketmap_port, sts.pid)}
+        servers = {"static": (static_port, static.pid)}
+        servers.update({name: (d.socketmap_port, d.pid) for name, d in daemons.items()})
         results = {}
         for rnd in range(ROUNDS):
             for conc in CONNECTIONS:
-                order = ("static", "sts") if (rnd + CONNECTIONS.index(conc)) % 2 == 0 else ("sts", "static")
-                for name in order:
+                shift = (rnd + CONNECTIONS.index(conc)) % len(SERVERS)
+                for name in SERVERS[shift:] + SERVERS[:shift]:
                     port, pid = servers[name]
                     args = [(port, requests, i * 5) for i in range(conc)]
                     cpu0 = common.cpu_seconds(pid)
@@ -73,20 +122,24 @@ def main() -> int:
                     results.setdefault((name, conc), []).append((
                         total / elapsed, common.percentile(lat, 50) * 1e6, common.percentile(lat, 99) * 1e6,
                         (cpu1 - cpu0) / total * 1e6, client_cpu / total * 1e6))
-        after = sts.samples("stsmilter_socketmap_lookups_total")
-        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        print("# stsmilter socketmap answers during the runs: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(delta.items()) if v))
-        misses = sts.sample("stsmilter_cache_lookups_total", result="miss") - misses_before
-        if misses or any(v for k, v in delta.items() if "temp" in k or "perm" in k):
-            print(f"# WARNING: cache misses {misses:.0f} or TEMP/PERM answers during the runs")
+        for name, daemon in daemons.items():
+            lookups, misses, checks = before[name]
+            after = daemon.samples("stsmilter_socketmap_lookups_total")
+            delta = {k: after.get(k, 0) - lookups.get(k, 0) for k in after}
+            print(f"# {name} socketmap answers during the runs: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(delta.items()) if v))
+            misses = daemon.sample("stsmilter_cache_lookups_total", result="miss") - misses
+            checks = sum(daemon.samples("stsmilter_dane_checks_total").values()) - checks
+            if misses or checks or any(v for k, v in delta.items() if "temp" in k or "perm" in k):
+                print(f"# WARNING: {name}: cache misses {misses:.0f}, DANE checks {checks:.0f} or TEMP/PERM "
+                      "answers during the runs (the runs were not all warm)")
 
     print()
     print(f"{'server':6} {'conns':>5} {'lookups/s':>10} {'p50 us':>7} {'p99 us':>7} {'server CPU us/lookup':>21}"
           f" {'client CPU us/lookup':>21}   rounds lookups/s")
     best = {}
     for conc in CONNECTIONS:
-        for name in ("static", "sts"):
+        for name in SERVERS:
             runs = results[(name, conc)]
             top = max(runs, key=lambda r: r[0])
             best[(name, conc)] = top
@@ -96,7 +149,9 @@ def main() -> int:
                   + " ".join(f"{r[0]:.0f}" for r in runs))
     print()
     for conc in CONNECTIONS:
-        print(f"  {conc:2d} connections: stsmilter/static {best[('sts', conc)][0] / best[('static', conc)][0]:.3f}")
+        print(f"  {conc:2d} connections: stsmilter/static {best[('sts', conc)][0] / best[('static', conc)][0]:.3f}"
+              f"   dane auto/no {best[('sts', conc)][0] / best[('nodane', conc)][0]:.3f}")
+    print(f"dane_ratio={best[('sts', 4)][0] / best[('nodane', 4)][0]:.3f}")
     print(f"socketmap_ratio={best[('sts', 4)][0] / best[('static', 4)][0]:.3f}")
     return 0
 

@@ -43,6 +43,11 @@ import dns.flags
 import dns.rdatatype
 # Imported now, not lazily on the first DNSSEC answer: the daemon may run as a user that
 # cannot read the Python installation (FIELD-NOTES, "Dropping privileges").
+import dns.rdtypes.ANY.CNAME  # noqa: F401
+import dns.rdtypes.ANY.DNAME  # noqa: F401
+import dns.rdtypes.ANY.DNSKEY  # noqa: F401
+import dns.rdtypes.ANY.DS  # noqa: F401
+import dns.rdtypes.ANY.NS  # noqa: F401
 import dns.rdtypes.ANY.NSEC  # noqa: F401
 import dns.rdtypes.ANY.NSEC3  # noqa: F401
 import dns.rdtypes.ANY.RRSIG  # noqa: F401
