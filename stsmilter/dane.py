@@ -73,6 +73,7 @@ FAILED = "failed"  # timeout, SERVFAIL (a validating resolver's answer to bogus 
 SMTP_PORT = 25  # RFC 7672 §2.2.2: the TLSA base for MX delivery is _25._tcp.<mx host>
 DIGEST_LENGTHS = {1: 32, 2: 64}  # matching type -> digest length: SHA2-256, SHA2-512
 RETRY_SECONDS = 30.0  # a dns-error verdict is asked again after this long
+WARNING_INTERVAL = 1.0  # at most one failure line per second; the others are counted in it
 KEEP_ON_FAILURE = 3600.0  # a good verdict survives lookup failures this long after its check
 MAX_QUEUED_CHECKS = 10000
 
@@ -218,6 +219,7 @@ class DaneChecker:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrent, thread_name_prefix="sts-dane", initializer=_block_signals
         )
+        self._warned_at, self._unlogged = float("-inf"), 0
 
     def reconfigure(self, resolver: DaneResolver, settings: Settings) -> None:
         """Config reload: new resolver and bounds for checks started from now on."""
@@ -289,14 +291,28 @@ class DaneChecker:
                 ", ".join(failed[:3]) if failed else "hosts not reached in time")
             previous = self._verdicts.get(domain)
             if previous is not None and previous.kind in (DANE, NO_DANE) and now - previous.checked_at < KEEP_ON_FAILURE:
-                log.warning("DANE check of %s: %s; keeping the verdict of %.0f s ago (%s)",
-                            domain, detail, now - previous.checked_at, previous.kind)
+                self._warn("DANE check of %s: %s; keeping the verdict of %.0f s ago (%s)",
+                           domain, detail, now - previous.checked_at, previous.kind)
                 return self._store(domain, previous._replace(expires=now + min(RETRY_SECONDS, settings.mx_ttl)))
-            log.warning("DANE check of %s: %s; the socketmap answers TEMP", domain, detail)
+            self._warn("DANE check of %s: %s; the socketmap answers TEMP", domain, detail)
             return self._store(domain, Verdict(DNS_ERROR, now + min(RETRY_SECONDS, settings.mx_ttl), now, detail))
         ttls = [mx.ttl] + [t.ttl for t in facts]
         detail = next((t.host for t in facts if host_has_dane(t)), "") if kind == DANE else ""
         return self._store(domain, Verdict(kind, now + max(0.0, min(ttls + [settings.mx_ttl])), now, detail))
+
+    def _warn(self, message: str, *args) -> None:
+        """One line per failure, but at most one per WARNING_INTERVAL: a resolver outage
+        fails every domain at once (stsmilter_dane_checks_total counts them all)."""
+        now = self.clock()
+        with self._lock:
+            if now - self._warned_at < WARNING_INTERVAL:
+                self._unlogged += 1
+                return
+            unlogged, self._unlogged, self._warned_at = self._unlogged, 0, now
+        if unlogged:
+            message += " (%d more DANE check failures not logged)"
+            args += (unlogged,)
+        log.warning(message, *args)
 
     def _store(self, domain: str, verdict: Verdict) -> Verdict:
         with self._lock:

@@ -241,6 +241,19 @@ def test_dns_error_is_retried_soon(make_checker, clock, caplog):
     assert make_checker(resolver, mx_ttl=5.0).check("example.com").expires == clock.now + 5.0
 
 
+def test_failure_lines_are_rate_limited(make_checker, clock, caplog):
+    checker = make_checker(ScriptedResolver(MxFacts(FAILED), {}))
+    for n in range(5):
+        checker.check(f"d{n}.example")
+    clock.now += dane.WARNING_INTERVAL
+    checker.check("last.example")
+    assert [r.getMessage() for r in caplog.records] == [
+        "DANE check of d0.example: MX lookup failed; the socketmap answers TEMP",
+        "DANE check of last.example: MX lookup failed; the socketmap answers TEMP"
+        " (4 more DANE check failures not logged)",
+    ]
+
+
 def test_a_failure_keeps_the_last_good_verdict_for_a_while(make_checker, clock):
     good = MxFacts(FOUND, True, ("mx1.example",), 300.0)
     resolver = ScriptedResolver(good, {"mx1.example": tlsa()})
