@@ -261,8 +261,8 @@ class DaneChecker:
             verdict = self._check(domain)
         except Exception:
             log.exception("DANE check of %s failed unexpectedly", domain)
-            now = self.clock()
-            verdict = Verdict(DNS_ERROR, now + RETRY_SECONDS, now, "internal error")
+            now = self.clock()  # stored, so that a bug is not re-run (and logged) per request
+            verdict = self._store(domain, Verdict(DNS_ERROR, now + RETRY_SECONDS, now, "internal error"))
         finally:
             with self._lock:
                 self._jobs.pop(domain, None)

@@ -304,6 +304,7 @@ def test_an_unexpected_exception_is_a_dns_error(make_checker, caplog):
     verdict = checker.check("example.com")
     assert verdict.kind == DNS_ERROR and verdict.detail == "internal error"
     assert "DANE check of example.com failed unexpectedly" in caplog.text
+    assert checker.peek("example.com") is verdict  # asked again only after RETRY_SECONDS
 
 
 def test_the_cache_is_bounded(make_checker):
