@@ -1,23 +1,30 @@
-"""The bounded in-memory layer over a persistent store.
+"""The bounded in-memory layer over a persistent store; memory decides, the store remembers.
 
 Three maps, each bounded (cachetools) and guarded by one lock:
 - policies: LRU of Entry, loaded from the store at start so a restart protects at once;
 - negative: "no usable TXT record" Results, for [cache] negative_ttl;
 - backoff: (domain, policy id) pairs whose fetch failed, for [cache] failure_backoff, so a
   broken policy host is not hammered (RFC 8461 §3.3 leaves the retry policy to senders).
+
+Every store call goes through a StoreGuard (store/guard.py): a store that fails (full
+disk, read-only file system, I/O error, lock) costs persistence, never a policy. A new
+entry is offered to the store before memory publishes it, so whatever a front end has
+answered is on disk if the disk took it (a kill -9 loses nothing answered); if the store
+refuses, memory takes it anyway and the refresher writes it later (flush()).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from cachetools import LRUCache, TTLCache
 
 from stsmilter import metrics
 from stsmilter.policy import Result
-from stsmilter.store import Entry, Store
+from stsmilter.store import Entry, Store, is_due
+from stsmilter.store.guard import StoreGuard
 
 
 class PolicyCache:
@@ -28,8 +35,11 @@ class PolicyCache:
         negative_ttl: float,
         failure_backoff: float,
         clock: Callable[[], float] = time.time,
+        retry_after: float = 30.0,
     ) -> None:
         self.store = store
+        self.clock = clock
+        self._guard = StoreGuard(store, retry_after)
         self._lock = threading.Lock()
         self._policies: LRUCache = LRUCache(maxsize=max_entries)
         # TTLCache rejects ttl=0 poorly; a tiny ttl makes "0" mean "not cached".
@@ -37,21 +47,25 @@ class PolicyCache:
         self._backoff: TTLCache = TTLCache(maxsize=max_entries, ttl=max(failure_backoff, 1e-9), timer=clock)
         self._negative_enabled = negative_ttl > 0
         self._backoff_enabled = failure_backoff > 0
+        self._unsaved: Set[str] = set()  # domains whose newest entry the store refused
+        # Failing enforce/testing entries (also those evicted from memory): the gauge
+        # follows every refresh at once instead of waiting for a refresher pass.
+        self._failing: Dict[str, Entry] = {}
+        self._closed = False
         # Counted at scrape time: always true, and no bookkeeping on every put.
-        metrics.CACHE_ENTRIES.set_function(self._count_for_metrics)
-
-    def _count_for_metrics(self) -> float:
-        try:
-            return float(self.store.count())
-        except Exception:  # a closed store (shutdown) must not break /metrics
-            return float("nan")
+        metrics.CACHE_ENTRIES.set_function(self.count)
+        metrics.REFRESH_FAILING.set_function(self.count_failing)
 
     def load(self) -> int:
         """Fill memory from the store (newest first up to the bound); returns entries held."""
-        entries = sorted(self.store.entries(), key=lambda e: e.fetched_at)
+        ok, stored = self._guard.call("read", lambda: list(self.store.entries()))
+        if not ok:
+            return 0
+        stored.sort(key=lambda e: e.fetched_at)
         with self._lock:
-            for entry in entries[-self._policies.maxsize :]:
+            for entry in stored[-self._policies.maxsize :]:
                 self._policies[entry.domain] = entry
+            self._failing.update((e.domain, e) for e in stored if e.failing)
             return len(self._policies)
 
     def peek(self, domain: str) -> Optional[Entry]:
@@ -62,44 +76,116 @@ class PolicyCache:
     def get(self, domain: str) -> Optional[Entry]:
         entry = self.peek(domain)
         if entry is None:
-            entry = self.store.get(domain)
+            _ok, entry = self._guard.call("read", self.store.get, domain)
             if entry is not None:
                 with self._lock:
-                    self._policies[domain] = entry
+                    entry = self._policies.setdefault(domain, entry)  # a newer put wins
         return entry
 
     def put(self, entry: Entry) -> None:
-        self.store.put(entry)
+        saved, _ = self._guard.call("write", self.store.put, entry)
+        domain = entry.domain
         with self._lock:
-            self._policies[entry.domain] = entry
-            self._negative.pop(entry.domain, None)
+            self._policies[domain] = entry
+            self._negative.pop(domain, None)
+            (self._unsaved.discard if saved else self._unsaved.add)(domain)
+            self._track_failing(entry)
+
+    def _track_failing(self, entry: Entry) -> None:
+        if entry.failing:
+            self._failing[entry.domain] = entry
+        else:
+            self._failing.pop(entry.domain, None)
 
     def delete(self, domain: str) -> bool:
         with self._lock:
             in_memory = self._policies.pop(domain, None) is not None
             self._negative.pop(domain, None)
+            self._failing.pop(domain, None)
+            self._unsaved.discard(domain)
             for key in [k for k in self._backoff if k[0] == domain]:
                 del self._backoff[key]
-        return self.store.delete(domain) or in_memory
+        _ok, in_store = self._guard.call("delete", self.store.delete, domain)
+        return bool(in_store) or in_memory
 
     @property
     def max_entries(self) -> int:
         return self._policies.maxsize
 
-    def entries(self) -> Iterator[Entry]:
-        return self.store.entries()
-
     def purge_expired(self, now: float) -> int:
-        """Drop expired policies from the store and from memory."""
-        removed = self.store.purge_expired(now)
-        if removed:
+        """Drop expired policies from the store and from memory; returns how many."""
+        ok, removed = self._guard.call("delete", self.store.purge_expired, now)
+        with self._lock:
+            for domain in [d for d, e in self._failing.items() if e.expires <= now]:
+                del self._failing[domain]
+            if ok and not removed:
+                return 0  # nothing expired in the store: nothing in memory either
+            expired = [d for d, e in self._policies.items() if e.expires <= now]
+            for domain in expired:
+                del self._policies[domain]
+            self._unsaved.difference_update(expired)
+        return removed if ok else len(expired)
+
+    def due(self, now: float, interval: float) -> List[Entry]:
+        """Entries due for a refresh (store.Store.due's rule). The store answers for what it
+        holds; memory for what the store refused, and for everything if it cannot answer."""
+        ok, stored = self._guard.call("read", self.store.due, now, interval)
+        with self._lock:
+            if not ok:
+                return [e for e in self._policies.values() if is_due(e, now, interval)]
+            newer = [self._policies.get(d) for d in self._unsaved]
+        due = {e.domain: e for e in stored}
+        for entry in newer:
+            if entry is not None:
+                if is_due(entry, now, interval):
+                    due[entry.domain] = entry
+                else:
+                    due.pop(entry.domain, None)
+        return list(due.values())
+
+    def flush(self) -> int:
+        """Write the entries the store refused (the refresher calls this); returns how many
+        were written. Stops at the first failure: the store rests, the rest wait."""
+        with self._lock:
+            pending = [(d, self._policies.get(d)) for d in self._unsaved]
+        written = 0
+        for domain, entry in pending:
+            if entry is not None:
+                saved, _ = self._guard.call("write", self.store.put, entry)
+                if not saved:
+                    break
+                written += 1
             with self._lock:
-                for domain in [d for d, e in self._policies.items() if e.expires <= now]:
-                    del self._policies[domain]
-        return removed
+                if self._policies.get(domain) is entry:
+                    self._unsaved.discard(domain)
+        return written
+
+    @property
+    def unsaved(self) -> int:
+        """Entries held in memory only because the store refused them."""
+        return len(self._unsaved)
 
     def count(self) -> int:
-        return self.store.count()
+        """Policies held: the store's count, or memory's if larger or the store cannot say."""
+        with self._lock:
+            held = len(self._policies)
+        if self._closed:  # a scrape during shutdown
+            return held
+        ok, stored = self._guard.call("read", self.store.count)
+        return max(stored, held) if ok else held
+
+    def count_failing(self) -> int:
+        """Unexpired enforce/testing policies whose last refresh failed."""
+        now = self.clock()
+        with self._lock:
+            return sum(1 for e in self._failing.values() if e.expires > now)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.store.close()
+        except Exception:  # nothing left to lose: memory goes with the process
+            pass
 
     # --- negative answers
 

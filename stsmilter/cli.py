@@ -11,6 +11,7 @@ exactly as `run` does (preflight.py), so a cache file is never created root-owne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -24,6 +25,23 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
 
 class UsageError(Exception):
     """str() is the line after "stsmilter: " (every error line carries that prefix once)."""
+
+
+class CommandError(Exception):
+    """The command cannot do its job; str() is one line, printed after "stsmilter: "."""
+
+
+@contextlib.contextmanager
+def _cache_errors(path: str):
+    """The one-shot commands are strict where the daemon degrades: a cache they cannot
+    open or read is an error (one line, exit 1), never moved aside nor replaced."""
+    from stsmilter.store import StoreError
+
+    try:
+        yield
+    except StoreError as e:
+        text = str(e) if str(e).startswith("cache ") else f"cache {path}: {e}"
+        raise CommandError(text) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +75,11 @@ def _engine(cfg: config_mod.Config, no_cache: bool = False):
     if no_cache:
         cfg = cfg.replace(cache={"path": ""})
     _as_service_user(cfg, preflight.CACHE, preflight.FETCH)
-    return engine.open_engine(cfg, one_shot=True)
+    try:
+        with _cache_errors(cfg.cache.path):
+            return engine.open_engine(cfg, one_shot=True)
+    except CommandError as e:
+        raise CommandError(f"{e} (--no-cache does without it)") from None
 
 
 def result_as_dict(result) -> dict:
@@ -161,12 +183,28 @@ def cmd_check_config(args) -> int:
     return EXIT_OK
 
 
+def _read_store(cfg, read):
+    """read(store) on the configured store, opened strictly and closed again."""
+    from stsmilter.store import open_store
+
+    with _cache_errors(cfg.cache.path):
+        store = open_store(cfg.cache.path, recover=False)
+        try:
+            value = read(store)
+        finally:
+            store.close()
+    if store.bad_entries:
+        key, reason = store.last_bad
+        print(f"stsmilter: cache {cfg.cache.path}: skipped {store.bad_entries} unusable entries"
+              f" (latest: {key}: {reason})", file=sys.stderr)
+    return value
+
+
 def cmd_cache_list(args) -> int:
     cfg = _load_config(args)
-    from stsmilter import engine, preflight
+    from stsmilter import preflight
 
     _as_service_user(cfg, preflight.CACHE)
-    cache = engine.open_cache(cfg)
     rows = [
         {
             "domain": e.domain,
@@ -178,9 +216,8 @@ def cmd_cache_list(args) -> int:
             "refresh_failures": e.refresh_failures,
             "last_error": e.last_error,
         }
-        for e in cache.entries()
+        for e in _read_store(cfg, lambda store: list(store.entries()))
     ]
-    cache.store.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -195,17 +232,19 @@ def cmd_cache_purge(args) -> int:
     if bool(args.all) == bool(args.domains):
         raise UsageError("cache purge: name domains or --all (not both)")
     cfg = _load_config(args)
-    from stsmilter import engine, policy, preflight
+    from stsmilter import policy, preflight
 
     _as_service_user(cfg, preflight.CACHE)
-    cache = engine.open_cache(cfg)
     try:
-        domains = [e.domain for e in cache.entries()] if args.all else [policy.normalize_domain(d) for d in args.domains]
-        removed = sum(1 for d in domains if d and cache.delete(d))
+        named = [] if args.all else [policy.normalize_domain(d) for d in args.domains]
     except ValueError as e:
         raise UsageError(f"cache purge: {e}") from None
-    finally:
-        cache.store.close()
+
+    def purge(store) -> int:
+        domains = [e.domain for e in store.entries()] if args.all else named
+        return sum(1 for d in domains if d and store.delete(d))
+
+    removed = _read_store(cfg, purge)
     print(f"purged {removed} {'policy' if removed == 1 else 'policies'}")
     return EXIT_OK
 
@@ -285,6 +324,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except StartupError as e:
         print(f"stsmilter: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CommandError as e:
+        print(f"stsmilter: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
     except OSError as e:

@@ -186,7 +186,7 @@ class Daemon:
             self.metrics_server.stop()
         if self.discovery is not None:
             self.discovery.close()
-            self.discovery.cache.store.close()
+            self.discovery.cache.close()
 
 
 # Keys read only at start-up.

@@ -296,16 +296,16 @@ class Discovery:
         return failing.result
 
     def refresh_due(self) -> int:
-        """One refresher pass: drop expired policies, refresh due ones (a refresh_interval
-        since their fetch, or past half their max_age), update the failing gauge."""
+        """One refresher pass: drop expired policies, write what the store refused before,
+        refresh due ones (a refresh_interval since their fetch, or past half their max_age)."""
         now = self.clock()
         self.cache.purge_expired(now)
+        self.cache.flush()
         due = [
             e.domain
-            for e in self.cache.store.due(now, self.settings.refresh_interval)
+            for e in self.cache.due(now, self.settings.refresh_interval)
             if self.cache.backoff(e.domain, e.policy_id) is None
         ]
-        metrics.REFRESH_FAILING.set(self.cache.store.count_failing(now))
         for domain in due:
             if self._stopping.is_set():
                 break

@@ -28,9 +28,11 @@ def make_fetcher(config, resolver: dns.Resolver) -> Fetcher:
         raise ConfigError(f"{config.source}: [fetch] ca_file {f.ca_file}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def open_cache(config) -> PolicyCache:
+def open_cache(config, one_shot: bool = False) -> PolicyCache:
+    """one_shot (the CLI): a cache file that cannot be used raises StoreError; the daemon
+    moves it aside or runs memory-only instead (store/files.py)."""
     c = config.cache
-    return PolicyCache(open_store(c.path), c.max_entries, c.negative_ttl, c.failure_backoff)
+    return PolicyCache(open_store(c.path, recover=not one_shot), c.max_entries, c.negative_ttl, c.failure_backoff)
 
 
 def _dane_parts(config):
@@ -48,9 +50,10 @@ def make_dane(config):
 
 def open_engine(config, one_shot: bool = False) -> Discovery:
     """A Discovery over the configured store, its memory filled from the store.
-    one_shot (the CLI): a due TXT id re-check is waited for, not left to the background."""
+    one_shot (the CLI): a due TXT id re-check is waited for, not left to the background,
+    and a cache that cannot be opened is an error (StoreError)."""
     resolver = make_resolver(config)
-    cache = open_cache(config)
+    cache = open_cache(config, one_shot)
     cache.load()
     settings = dataclasses.replace(Settings.from_config(config), recheck_in_background=not one_shot)
     discovery = Discovery(resolver, make_fetcher(config, resolver), cache, settings)

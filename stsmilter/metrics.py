@@ -28,6 +28,17 @@ CACHE_LOOKUPS = Counter(
     "Policy lookups by cache result: hit, negative, miss or stale.",
     ["result"],
 )
+STORE_ERRORS = Counter(
+    "stsmilter_store_errors",
+    "Failed cache store operations, by op: open, read, write, delete. Policies stay in memory.",
+    ["op"],
+)
+for _op in ("open", "read", "write", "delete"):  # every series exists from the start, for alert rules
+    STORE_ERRORS.labels(op=_op)
+STORE_BAD_ENTRIES = Counter(
+    "stsmilter_store_bad_entries",
+    "Cached policies read back from the store unusable (wrong type or out of range): skipped and dropped.",
+)
 REFRESH_FAILING = Gauge(
     "stsmilter_refresh_failing_policies",
     "Cached policies with mode enforce or testing whose refresh keeps failing.",

@@ -53,8 +53,8 @@ def filled_cache(tmp_path):
     path = str(tmp_path / "cache.sqlite")
     store = SqliteStore(path)
     policy = Policy("STSv1", "enforce", 86400, ("mx.a.example", "*.b.example"))
-    store.put(make_entry("a.example", "id1", policy, fetched_at=1_800_000_000.0))
-    store.put(make_entry("c.example", "id2", Policy("STSv1", "none", 600, ()), 1_800_000_000.0,
+    store.put(make_entry("a.example", "id1", policy, fetched_at=1_700_000_000.0))
+    store.put(make_entry("c.example", "id2", Policy("STSv1", "none", 600, ()), 1_700_000_000.0,
                          refresh_failures=3, last_error="sts-webpki-invalid"))
     store.close()
     return write_conf(tmp_path, f"[cache]\npath = {path}\n")
@@ -65,7 +65,7 @@ def test_cache_list(filled_cache, capsys):
     assert code == 0
     rows = json.loads(out)
     assert [r["domain"] for r in rows] == ["a.example", "c.example"]
-    assert rows[0]["mx"] == ["mx.a.example", "*.b.example"] and rows[0]["expires"] == "2027-01-16T08:00:00+00:00"
+    assert rows[0]["mx"] == ["mx.a.example", "*.b.example"] and rows[0]["expires"] == "2023-11-15T22:13:20+00:00"
     assert (rows[1]["refresh_failures"], rows[1]["last_error"]) == (3, "sts-webpki-invalid")
     code, out, err = run(capsys, "cache", "list", "-c", filled_cache)
     assert "c.example id=id2 mode=none" in out and "refresh failing x3 (sts-webpki-invalid)" in out

@@ -1,9 +1,15 @@
 """Both stores answer the refresher's questions the same way."""
 
+import os
+import shutil
+import sqlite3
+
 import pytest
+from prometheus_client import REGISTRY
 
 from stsmilter.policy import Policy
-from stsmilter.store import MemoryStore, SqliteStore, make_entry
+from stsmilter.store import (SCHEMA_VERSION, BadEntry, MemoryStore, SqliteStore, UnusableStore, decode_entry,
+                             make_entry)
 
 NOW = 1_800_000_000.0
 DAY = 86400.0
@@ -11,7 +17,7 @@ DAY = 86400.0
 
 @pytest.fixture(params=["memory", "sqlite"])
 def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "c.sqlite"))
+    s = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "c.sqlite"), clock=lambda: NOW)
     yield s
     s.close()
 
@@ -22,7 +28,7 @@ def put(store, domain, fetched_ago, max_age, mode="enforce", failures=0):
                          refresh_failures=failures))
 
 
-def test_due_purge_and_failing(store):
+def test_due_and_purge(store):
     put(store, "fresh.example", fetched_ago=60, max_age=30 * DAY)
     put(store, "old.example", fetched_ago=2 * DAY, max_age=30 * DAY)  # a refresh_interval has passed
     put(store, "expiring.example", fetched_ago=1900, max_age=3600)  # past half its max_age
@@ -31,7 +37,6 @@ def test_due_purge_and_failing(store):
     put(store, "failing.example", fetched_ago=60, max_age=30 * DAY, failures=2)
     put(store, "failing-none.example", fetched_ago=60, max_age=30 * DAY, mode="none", failures=2)
     assert sorted(e.domain for e in store.due(NOW, DAY)) == ["expiring.example", "old.example"]
-    assert store.count_failing(NOW) == 1
     assert store.purge_expired(NOW) == 1
     assert store.get("expired.example") is None and store.count() == 6
 
@@ -46,8 +51,167 @@ def test_round_trip_keeps_every_field(store):
 
 
 def test_a_damaged_sqlite_row_is_dropped_not_trusted(tmp_path):
-    s = SqliteStore(str(tmp_path / "c.sqlite"))
+    s = SqliteStore(str(tmp_path / "c.sqlite"), clock=lambda: NOW)
     put(s, "a.example", 10, DAY)
     s._db.execute("UPDATE policies SET policy = '{not json' WHERE domain = 'a.example'")
     assert s.get("a.example") is None and list(s.entries()) == []
     s.close()
+
+
+# --- what is read back is checked, not trusted
+
+GOOD = dict(domain="a.example", policy_id="i1", policy='{"version":"STSv1","mode":"enforce","max_age":86400,"mx":["mx.a.example"]}',
+            fetched_at=NOW - 10, checked_at=NOW - 5, refresh_failures=0, last_error=None)
+
+
+def test_decode_entry_accepts_a_good_entry():
+    entry = decode_entry(**GOOD, now=NOW)
+    assert (entry.domain, entry.policy.mode, entry.policy.max_age, entry.expires) == (
+        "a.example", "enforce", 86400, NOW - 10 + 86400)
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":1e400,"mx":["mx.a.example"]}', "max_age"),
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":31557601,"mx":["mx.a.example"]}', "max_age"),
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":-1,"mx":["mx.a.example"]}', "max_age"),
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":true,"mx":["mx.a.example"]}', "max_age"),
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":"86400","mx":["mx.a.example"]}', "max_age"),
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":86400,"mx":[]}', "without mx"),
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":86400,"mx":["mx a.example"]}', "mx"),
+    ("policy", '{"version":"STSv1","mode":"enforce","max_age":86400,"mx":"mx.a.example"}', "mx"),
+    ("policy", '{"version":"STSv1","mode":"Enforce","max_age":86400,"mx":["mx.a.example"]}', "mode"),
+    ("policy", '{"version":"STSv2","mode":"enforce","max_age":86400,"mx":["mx.a.example"]}', "version"),
+    ("policy", "[" * 100000, "JSON"),
+    ("policy", "{not json", "JSON"),
+    ("policy", None, "not an object"),
+    ("policy", "[]", "not an object"),
+    ("fetched_at", "yesterday", "not a time"),
+    ("fetched_at", None, "not a time"),
+    ("fetched_at", float("inf"), "not a time"),
+    ("fetched_at", float("nan"), "not a time"),
+    ("fetched_at", -1.0, "out of range"),
+    ("fetched_at", NOW + 2 * DAY, "out of range"),  # would never be refreshed nor expire
+    ("checked_at", b"\x00", "not a time"),
+    ("checked_at", True, "not a time"),
+    ("refresh_failures", None, "refresh_failures"),
+    ("refresh_failures", -1, "refresh_failures"),
+    ("refresh_failures", 2.5, "refresh_failures"),
+    ("refresh_failures", 2**63 - 1, "refresh_failures"),
+    ("last_error", 7, "last_error"),
+    ("domain", None, "domain"),
+    ("domain", "A.Example", "domain"),
+    ("domain", "a.example.", "domain"),
+    ("domain", "[192.0.2.1]", "domain"),
+    ("domain", "x" * 300, "domain"),
+    ("policy_id", None, "policy id"),
+    ("policy_id", "not-valid", "policy id"),
+    ("policy_id", "x" * 33, "policy id"),
+])
+def test_decode_entry_rejects_wrong_types_and_ranges(field, value, reason):
+    with pytest.raises(BadEntry, match=reason):
+        decode_entry(**dict(GOOD, **{field: value}), now=NOW)
+
+
+def nullable_file(path, rows):
+    """A schema-version-1 file whose columns accept anything (as a file written by
+    another program, or damaged, may): the stored values reach the checks unchanged."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE policies (domain, policy_id, policy, fetched_at, expires, mode, checked_at,"
+               " refresh_failures, last_error)")
+    db.executemany("INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+
+def row(**changes):
+    values = {**GOOD, "expires": NOW - 10 + 86400, "mode": "enforce", **changes}
+    return tuple(values[c] for c in ("domain", "policy_id", "policy", "fetched_at", "expires", "mode", "checked_at",
+                                     "refresh_failures", "last_error"))
+
+
+def test_bad_rows_are_skipped_counted_and_dropped(tmp_path):
+    path = str(tmp_path / "c.sqlite")
+    huge = '{"version":"STSv1","mode":"enforce","max_age":1e400,"mx":["mx.a.example"]}'
+    nullable_file(path, [
+        row(),
+        row(domain="huge.example", policy=huge),
+        row(domain="text.example", fetched_at="yesterday"),
+        row(domain="null.example", policy_id=None),
+        row(domain="nulls.example", policy=None, fetched_at=None, checked_at=None, refresh_failures=None),
+        row(domain="inf.example", fetched_at=1e400),
+        row(domain="mode.example", mode="none"),  # the refresher's mode column disagrees
+        row(domain="expires.example", expires=NOW + 10 * 365 * DAY),  # so does its expires
+        row(domain=None),
+        row(domain=b"\xff\xfe"),
+    ])
+    bad = REGISTRY.get_sample_value("stsmilter_store_bad_entries_total")
+    s = SqliteStore(path, clock=lambda: NOW)
+    assert [e.domain for e in s.entries()] == ["a.example"]
+    assert s.bad_entries == 9 and REGISTRY.get_sample_value("stsmilter_store_bad_entries_total") == bad + 9
+    assert s.count() == 1  # dropped: counted once, not on every read
+    assert [e.domain for e in s.due(NOW + 86400, DAY)] == [] and s.bad_entries == 9
+    s.close()
+
+
+# --- schema versions
+
+V0_FILE = os.path.join(os.path.dirname(__file__), "data", "cache-v0.sqlite")
+# tests/data/cache-v0.sqlite was written by stsmilter at commit d8917bc (before the schema
+# had a version): its SqliteStore.put() of enforce.example (fetched 1796000000, max_age
+# 604800), testing.example, none.example and failing.example (3 refresh failures).
+
+
+def v0_copy(tmp_path, shift):
+    """A copy of the v0 file with every time moved by shift seconds (its policies would
+    have expired by now), through the v0 columns as they are."""
+    path = str(tmp_path / "cache.sqlite")
+    shutil.copyfile(V0_FILE, path)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE policies SET fetched_at = fetched_at + ?, expires = expires + ?, checked_at = checked_at + ?",
+               (shift,) * 3)
+    db.commit()
+    db.close()
+    return path
+
+
+def test_a_cache_written_before_schema_versions_is_adopted_with_its_policies(tmp_path):
+    path = v0_copy(tmp_path, NOW - 1_796_000_000)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 0
+    s = SqliteStore(path, clock=lambda: NOW)
+    entries = {e.domain: e for e in s.entries()}
+    assert sorted(entries) == ["enforce.example", "failing.example", "none.example", "testing.example"]
+    enforce = entries["enforce.example"]
+    assert (enforce.policy_id, enforce.policy.mode, enforce.policy.mx, enforce.fetched_at, enforce.expires) == (
+        "20261130", "enforce", ("mx1.enforce.example", "*.mx.enforce.example"), NOW, NOW + 604800)
+    assert (entries["failing.example"].refresh_failures, entries["failing.example"].last_error) == (
+        3, "sts-webpki-invalid")
+    assert entries["testing.example"].checked_at == NOW - 60
+    assert s.bad_entries == 0
+    s.put(make_entry("new.example", "n1", Policy("STSv1", "testing", 600, ("mx.new.example",)), NOW))
+    s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    again = SqliteStore(path, clock=lambda: NOW)  # a second start: nothing left to migrate
+    assert again.count() == 5
+    again.close()
+
+
+@pytest.mark.parametrize("setup, reason", [
+    ("CREATE TABLE users (name TEXT)", "not a stsmilter cache"),
+    ("CREATE TABLE policies (domain TEXT, policy TEXT)", "lacks policy_id, fetched_at"),
+    ("CREATE TABLE policies (domain TEXT); PRAGMA user_version = 1", "lacks"),
+    ("PRAGMA user_version = 7", "schema version 7, this stsmilter knows 1"),
+    ("PRAGMA user_version = -1", "schema version -1"),
+])
+def test_a_foreign_or_newer_schema_is_unusable_and_left_unchanged(tmp_path, setup, reason):
+    path = str(tmp_path / "c.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript(setup)
+    db.close()
+    before = open(path, "rb").read()
+    with pytest.raises(UnusableStore, match=reason):
+        SqliteStore(path)
+    assert open(path, "rb").read() == before

@@ -1,0 +1,41 @@
+"""Persistent policy stores behind one small interface.
+
+MTA-STS protection lives in the cache (RFC 8461 §3.3, §10.2): a policy learnt yesterday
+must still apply after a restart, when an attacker may be hiding today's TXT record.
+But a store only remembers; it never decides. PolicyCache (cache.py) keeps every policy
+in memory first and treats the store as best-effort persistence, so a full disk or a
+damaged file costs persistence, never enforcement.
+
+- base.py: the ``Store`` interface, ``Entry``, the checks applied to everything read
+  back (``decode_entry``), ``MemoryStore``;
+- sqlite.py: ``SqliteStore``, the embedded default, with its versioned schema;
+- files.py: opening the sqlite file whatever it looks like (moved aside if unusable).
+A shared store (e.g. Redis) is one more module implementing ``Store``, chosen in
+open_store().
+"""
+
+from stsmilter.store.base import (  # noqa: F401 (the package's interface)
+    BadEntry,
+    Entry,
+    MemoryStore,
+    Store,
+    StoreError,
+    UnusableStore,
+    decode_entry,
+    is_due,
+    make_entry,
+)
+from stsmilter.store.sqlite import SCHEMA_VERSION, SqliteStore  # noqa: F401
+
+
+def open_store(path: str, recover: bool = True) -> Store:
+    """The store named by [cache] path: empty means memory only.
+
+    recover (the daemon): a file that cannot be used is moved aside, a location that
+    cannot be used means memory only; both logged once and counted. Without recover (the
+    one-shot commands), both raise StoreError (one line for the operator)."""
+    if not path:
+        return MemoryStore()
+    from stsmilter.store.files import open_sqlite
+
+    return open_sqlite(path, recover)

@@ -1,0 +1,259 @@
+"""The store interface, the cached entry, and the checks every backend applies to what it
+reads back (a store file is input like any other: it may be damaged or foreign)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from stsmilter import metrics
+from stsmilter.policy import MAX_AGE_LIMIT, MODES, VALID, Policy, Result, normalize_domain, valid_mx_pattern
+
+# Modes come from a three-word vocabulary; sharing the string objects keeps 100 000
+# cached policies from carrying 100 000 copies of "enforce".
+_MODES = {m: m for m in MODES}
+_POLICY_ID = re.compile(r"[A-Za-z0-9]{1,32}")  # RFC 8461 §3.1 sts-id
+# A time this far ahead of the clock is not a fetch time: such an entry would never be
+# refreshed nor expire. (A day absorbs a clock that was set back.)
+FUTURE_SLACK = 86400.0
+MAX_LAST_ERROR = 200
+
+
+class StoreError(Exception):
+    """A store operation failed (disk full, I/O error, locked, unreadable...).
+    str() is one line for the operator; kind is a short stable name of the cause
+    (for rate-limited logging), e.g. "SQLITE_FULL" or "EACCES"."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class UnusableStore(StoreError):
+    """The store's content cannot be used (not a database, damaged, foreign schema):
+    the daemon moves it aside and starts an empty one."""
+
+
+class BadEntry(ValueError):
+    """One stored entry that cannot be trusted; str() says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A cached policy: the Result handed to front ends plus refresh bookkeeping."""
+
+    result: Result  # status VALID, source "cache"
+    checked_at: float  # when the TXT id was last confirmed (or the policy fetched)
+    refresh_failures: int = 0  # consecutive failed refreshes
+    last_error: Optional[str] = None
+
+    @property
+    def domain(self) -> str:
+        return self.result.domain
+
+    @property
+    def policy(self) -> Policy:
+        return self.result.policy  # type: ignore[return-value]
+
+    @property
+    def policy_id(self) -> str:
+        return self.result.policy_id  # type: ignore[return-value]
+
+    @property
+    def fetched_at(self) -> float:
+        return self.result.fetched_at  # type: ignore[return-value]
+
+    @property
+    def expires(self) -> float:
+        return self.result.expires  # type: ignore[return-value]
+
+    @property
+    def failing(self) -> bool:
+        """An enforce/testing policy whose last refresh failed."""
+        return bool(self.refresh_failures) and self.policy.mode != "none"
+
+
+def make_entry(
+    domain: str,
+    policy_id: str,
+    policy: Policy,
+    fetched_at: float,
+    checked_at: Optional[float] = None,
+    refresh_failures: int = 0,
+    last_error: Optional[str] = None,
+) -> Entry:
+    policy = dataclasses.replace(policy, mode=_MODES.get(policy.mode, policy.mode))
+    result = Result(
+        domain=domain,
+        status=VALID,
+        source="cache",
+        policy_id=policy_id,
+        policy=policy,
+        fetched_at=fetched_at,
+        expires=fetched_at + policy.max_age,
+    )
+    return Entry(result, fetched_at if checked_at is None else checked_at, refresh_failures, last_error)
+
+
+def policy_json(entry: Entry) -> str:
+    return json.dumps(entry.policy.as_dict(), separators=(",", ":"))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _time(name: str, value: Any, now: float) -> float:
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+        raise BadEntry(f"{name} is not a time: {str(value)[:40]!r}")
+    if not 0 <= value <= now + FUTURE_SLACK:
+        raise BadEntry(f"{name} out of range: {value!r}")
+    return float(value)
+
+
+def _policy(data: Any) -> Policy:
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError):
+            raise BadEntry("policy is not JSON") from None
+    if not isinstance(data, dict):
+        raise BadEntry("policy is not an object")
+    version, mode, max_age, mx = (data.get(k) for k in ("version", "mode", "max_age", "mx"))
+    if version != "STSv1":
+        raise BadEntry(f"policy version {str(version)[:20]!r}")
+    if mode not in _MODES:
+        raise BadEntry(f"policy mode {str(mode)[:20]!r}")
+    if not _is_int(max_age) or not 0 <= max_age <= MAX_AGE_LIMIT:
+        raise BadEntry(f"max_age out of range: {str(max_age)[:40]}")
+    if not isinstance(mx, list) or not all(isinstance(p, str) and valid_mx_pattern(p) for p in mx):
+        raise BadEntry("mx is not a list of MX patterns")
+    if mode != "none" and not mx:
+        raise BadEntry(f"mode {mode} without mx")
+    return Policy(version="STSv1", mode=mode, max_age=max_age, mx=tuple(mx))
+
+
+def decode_entry(
+    domain: Any,
+    policy_id: Any,
+    policy: Any,
+    fetched_at: Any,
+    checked_at: Any,
+    refresh_failures: Any,
+    last_error: Any,
+    now: Optional[float] = None,
+) -> Entry:
+    """An Entry from stored fields (policy: JSON text or a dict), each checked for type and
+    range; BadEntry says what is wrong."""
+    now = time.time() if now is None else now
+    try:
+        valid_domain = isinstance(domain, str) and normalize_domain(domain) == domain
+    except ValueError:
+        valid_domain = False
+    if not valid_domain:
+        raise BadEntry(f"domain {str(domain)[:60]!r}")
+    if not isinstance(policy_id, str) or not _POLICY_ID.fullmatch(policy_id):
+        raise BadEntry(f"policy id {str(policy_id)[:40]!r}")
+    if not _is_int(refresh_failures) or not 0 <= refresh_failures < 2**31:
+        raise BadEntry(f"refresh_failures {str(refresh_failures)[:20]!r}")
+    if last_error is not None and not isinstance(last_error, str):
+        raise BadEntry("last_error is not text")
+    return make_entry(
+        domain,
+        policy_id,
+        _policy(policy),
+        _time("fetched_at", fetched_at, now),
+        _time("checked_at", checked_at, now),
+        refresh_failures,
+        last_error[:MAX_LAST_ERROR] if last_error else None,
+    )
+
+
+class Store:
+    """Persistence behind PolicyCache: the cache decides, a store only remembers.
+
+    Thread-safe, one entry per domain. Any method may raise StoreError; PolicyCache
+    turns that into a counted, rate-limited log line and carries on from memory. A
+    backend never returns an entry it cannot vouch for: it decodes with decode_entry(),
+    and passes what fails to _skip_bad() (counted) instead of returning it.
+    """
+
+    name = "memory"  # what log lines call this store (a path, a URL)
+
+    def __init__(self) -> None:
+        self.bad_entries = 0  # entries found unusable so far (skipped, and dropped if possible)
+        self.last_bad: Optional[Tuple[str, str]] = None  # (key, reason) of the latest
+
+    def get(self, domain: str) -> Optional[Entry]:
+        raise NotImplementedError
+
+    def put(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def delete(self, domain: str) -> bool:
+        raise NotImplementedError
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry (a snapshot: safe to modify the store while iterating)."""
+        raise NotImplementedError
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def due(self, now: float, interval: float) -> List[Entry]:
+        """Unexpired entries due for a refresh: fetched at least interval ago, or past half
+        their max_age (so a short-lived policy is renewed before it lapses, without being
+        refetched on every refresher pass)."""
+        return [e for e in self.entries() if is_due(e, now, interval)]
+
+    def purge_expired(self, now: float) -> int:
+        """Remove expired entries; returns how many."""
+        expired = [e.domain for e in self.entries() if e.expires <= now]
+        return sum(1 for domain in expired if self.delete(domain))
+
+    def close(self) -> None:
+        pass
+
+    def _skip_bad(self, key: Any, reason: str) -> None:
+        metrics.STORE_BAD_ENTRIES.inc()
+        self.bad_entries += 1
+        self.last_bad = (str(key)[:80], reason)
+
+
+def is_due(entry: Entry, now: float, interval: float) -> bool:
+    """Store.due()'s rule for one entry."""
+    fetched, expires = entry.fetched_at, entry.expires
+    return expires > now and (fetched <= now - interval or (now - fetched) * 2 >= expires - fetched)
+
+
+class MemoryStore(Store):
+    """No persistence: [cache] path empty, or a cache location that cannot be used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._entries: Dict[str, Entry] = {}
+        self._lock = threading.Lock()
+
+    def get(self, domain: str) -> Optional[Entry]:
+        return self._entries.get(domain)
+
+    def put(self, entry: Entry) -> None:
+        with self._lock:
+            self._entries[entry.domain] = entry
+
+    def delete(self, domain: str) -> bool:
+        with self._lock:
+            return self._entries.pop(domain, None) is not None
+
+    def entries(self) -> Iterator[Entry]:
+        with self._lock:
+            snapshot = list(self._entries.values())
+        return iter(snapshot)
+
+    def count(self) -> int:
+        return len(self._entries)

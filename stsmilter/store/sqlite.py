@@ -1,0 +1,207 @@
+"""The embedded store: one sqlite file (WAL), one connection shared under a lock (writes
+are rare: a fetch, an id check every few minutes per domain).
+
+The schema carries a version (PRAGMA user_version). Files written before it had one
+(user_version 0 with a ``policies`` table) are adopted in place, so an upgrade keeps
+its cache. Opening checks the file (quick_check, schema); what cannot be used raises
+UnusableStore, and the caller (files.open_sqlite) decides whether to move it aside.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from typing import Callable, Iterator, List, Optional
+
+from stsmilter.store.base import BadEntry, Entry, Store, StoreError, UnusableStore, decode_entry, policy_json
+
+SCHEMA_VERSION = 1
+
+_CREATE = (
+    """CREATE TABLE IF NOT EXISTS policies (
+    domain TEXT PRIMARY KEY,
+    policy_id TEXT NOT NULL,
+    policy TEXT NOT NULL,          -- JSON: version, mode, max_age, mx
+    fetched_at REAL NOT NULL,
+    expires REAL NOT NULL,         -- fetched_at + max_age: lets the refresher query
+    mode TEXT NOT NULL,            -- (both duplicated from policy for the refresher)
+    checked_at REAL NOT NULL,
+    refresh_failures INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+)""",
+    "CREATE INDEX IF NOT EXISTS policies_fetched ON policies (fetched_at)",
+    "CREATE INDEX IF NOT EXISTS policies_expires ON policies (expires)",
+)
+_COLUMNS = ("domain", "policy_id", "policy", "fetched_at", "expires", "mode", "checked_at", "refresh_failures",
+            "last_error")
+_SELECT = "SELECT rowid, domain, policy_id, policy, fetched_at, checked_at, refresh_failures, last_error, expires, mode"
+
+# Errors that say the file's content is bad, not that the disk or the lock is.
+_CONTENT_ERRORS = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_FORMAT"}
+
+
+def store_error(e: sqlite3.Error) -> StoreError:
+    """A StoreError for a sqlite3 exception (UnusableStore if the content is bad)."""
+    kind = getattr(e, "sqlite_errorname", None)  # Python 3.11+
+    if kind is None:  # older: sqlite3 raises plain DatabaseError for bad content
+        kind = "SQLITE_CORRUPT" if type(e) is sqlite3.DatabaseError else type(e).__name__
+    return (UnusableStore if kind in _CONTENT_ERRORS else StoreError)(str(e), kind)
+
+
+def _migrate_from_0(db: sqlite3.Connection) -> None:
+    """user_version 0: a new file, or one written before the schema had a version (the
+    same policies table, which stays as it is)."""
+    for statement in _CREATE:  # (not executescript(): it would commit the migration's transaction)
+        db.execute(statement)
+
+
+_MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migrate_from_0]  # index = from version
+
+
+def _check_columns(db: sqlite3.Connection) -> None:
+    columns = {r[1] for r in db.execute("PRAGMA table_info(policies)")}
+    missing = [c for c in _COLUMNS if c not in columns]
+    if missing:
+        raise UnusableStore(f"table policies lacks {', '.join(missing)}", "foreign-schema")
+
+
+def check_schema(db: sqlite3.Connection) -> int:
+    """The file's schema version, if this stsmilter can use or migrate it; reads only, so
+    a file that is not ours is left exactly as it was."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if not 0 <= version <= SCHEMA_VERSION:
+        raise UnusableStore(f"schema version {version}, this stsmilter knows {SCHEMA_VERSION}", "schema-version")
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if version == 0 and tables - {"policies"}:
+        raise UnusableStore(f"not a stsmilter cache (tables: {', '.join(sorted(tables))[:100]})", "foreign-schema")
+    if version > 0 or tables:
+        _check_columns(db)
+    return version
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION, one step per version, each in a transaction."""
+    while True:
+        version = check_schema(db)
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _MIGRATIONS[version](db)
+            _check_columns(db)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
+class SqliteStore(Store):
+    def __init__(
+        self,
+        path: str,
+        timeout: float = 2.0,
+        check: bool = True,
+        uri: Optional[str] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (creating if absent) and check the file. timeout: how long a write waits for
+        another process's lock. uri: open this sqlite URI instead (read-only snapshots).
+        clock: what decoding compares stored times with."""
+        super().__init__()
+        self.path = self.name = path
+        self.clock = clock
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                uri or path, check_same_thread=False, isolation_level=None, timeout=timeout, uri=uri is not None
+            )
+        except sqlite3.Error as e:
+            raise store_error(e) from None
+        try:
+            with self._lock:
+                if check:
+                    problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+                    if problem != "ok":
+                        raise UnusableStore(f"damaged: {problem[:100]}", "SQLITE_CORRUPT")
+                check_schema(self._db)  # before anything writes to a file that may not be ours
+                if uri is None:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+                    migrate(self._db)
+        except (sqlite3.Error, StoreError) as e:
+            self._db.close()
+            if isinstance(e, StoreError):
+                raise
+            raise store_error(e) from None
+
+    def _decode(self, rows: list) -> List[Entry]:
+        """Entries from rows; a row that fails the checks is counted and deleted."""
+        now = self.clock()
+        good, bad = [], []
+        for rowid, domain, policy_id, text, fetched_at, checked_at, failures, last_error, expires, mode in rows:
+            try:
+                entry = decode_entry(domain, policy_id, text, fetched_at, checked_at, failures, last_error, now)
+                if mode != entry.policy.mode or not isinstance(expires, float) or abs(expires - entry.expires) > 1:
+                    raise BadEntry("mode or expires column disagrees with the policy")
+            except BadEntry as e:
+                self._skip_bad(domain, str(e))
+                bad.append(rowid)
+            else:
+                good.append(entry)
+        if bad:
+            try:  # never usable: drop it, so it is counted once (best effort)
+                self._db.executemany("DELETE FROM policies WHERE rowid = ?", [(r,) for r in bad])
+            except sqlite3.Error:
+                pass
+        return good
+
+    def _execute(self, sql: str, args: tuple = (), select: bool = False):
+        """rows (decoded into entries if select), or the cursor of a write."""
+        with self._lock:
+            try:
+                cursor = self._db.execute(sql, args)
+                return self._decode(cursor.fetchall()) if select else cursor
+            except sqlite3.Error as e:
+                raise store_error(e) from None
+
+    def get(self, domain: str) -> Optional[Entry]:
+        entries = self._execute(f"{_SELECT} FROM policies WHERE domain = ?", (domain,), select=True)
+        return entries[0] if entries else None
+
+    def put(self, entry: Entry) -> None:
+        row = (entry.domain, entry.policy_id, policy_json(entry), entry.fetched_at, entry.expires, entry.policy.mode,
+               entry.checked_at, entry.refresh_failures, entry.last_error)
+        self._execute(f"INSERT OR REPLACE INTO policies ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 9)})", row)
+
+    def delete(self, domain: str) -> bool:
+        return self._execute("DELETE FROM policies WHERE domain = ?", (domain,)).rowcount > 0
+
+    def entries(self) -> Iterator[Entry]:
+        return iter(self._execute(f"{_SELECT} FROM policies ORDER BY domain", select=True))
+
+    def count(self) -> int:
+        with self._lock:
+            try:
+                return self._db.execute("SELECT COUNT(*) FROM policies").fetchone()[0]
+            except sqlite3.Error as e:
+                raise store_error(e) from None
+
+    def due(self, now: float, interval: float) -> List[Entry]:
+        return self._execute(
+            f"{_SELECT} FROM policies WHERE expires > ? AND (fetched_at <= ? OR (? - fetched_at) * 2 >= expires - fetched_at)",
+            (now, now - interval, now),
+            select=True,
+        )
+
+    def purge_expired(self, now: float) -> int:
+        return self._execute("DELETE FROM policies WHERE expires <= ?", (now,)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
