@@ -25,6 +25,7 @@ from stsmilter.store.base import (  # noqa: F401 (the package's interface)
     is_due,
     make_entry,
 )
+from stsmilter.store.files import open_sqlite
 from stsmilter.store.sqlite import SCHEMA_VERSION, SqliteStore  # noqa: F401
 
 
@@ -36,6 +37,4 @@ def open_store(path: str, recover: bool = True) -> Store:
     one-shot commands), both raise StoreError (one line for the operator)."""
     if not path:
         return MemoryStore()
-    from stsmilter.store.files import open_sqlite
-
     return open_sqlite(path, recover)

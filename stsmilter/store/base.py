@@ -4,6 +4,7 @@ reads back (a store file is input like any other: it may be damaged or foreign).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -22,6 +23,8 @@ _POLICY_ID = re.compile(r"[A-Za-z0-9]{1,32}")  # RFC 8461 §3.1 sts-id
 # refreshed nor expire. (A day absorbs a clock that was set back.)
 FUTURE_SLACK = 86400.0
 MAX_LAST_ERROR = 200
+# Many domains share their provider's MX patterns: check each spelling once.
+_valid_pattern = functools.lru_cache(maxsize=8192)(valid_mx_pattern)
 
 
 class StoreError(Exception):
@@ -131,7 +134,7 @@ def _policy(data: Any) -> Policy:
         raise BadEntry(f"policy mode {str(mode)[:20]!r}")
     if not _is_int(max_age) or not 0 <= max_age <= MAX_AGE_LIMIT:
         raise BadEntry(f"max_age out of range: {str(max_age)[:40]}")
-    if not isinstance(mx, list) or not all(isinstance(p, str) and valid_mx_pattern(p) for p in mx):
+    if not isinstance(mx, list) or not all(isinstance(p, str) and _valid_pattern(p) for p in mx):
         raise BadEntry("mx is not a list of MX patterns")
     if mode != "none" and not mx:
         raise BadEntry(f"mode {mode} without mx")

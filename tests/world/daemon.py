@@ -53,18 +53,20 @@ def wait_for_port(port, proc=None, timeout=15.0):
 
 
 class DaemonProcess:
-    """Runs `python -m stsmilter run -c CONFIG`, stderr captured to a file."""
+    """Runs `python -m stsmilter run -c CONFIG`, stderr captured to a file; prefix: a
+    command to run it under (e.g. setpriv)."""
 
-    def __init__(self, config_path, log_path):
+    def __init__(self, config_path, log_path, prefix=()):
         self.config_path = config_path
         self.log_path = log_path
+        self.prefix = list(prefix)
         self.proc = None
 
     def start(self, wait_port=None, preexec_fn=None):
         env = dict(os.environ)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stsmilter", "run", "-c", self.config_path],
+            [*self.prefix, sys.executable, "-m", "stsmilter", "run", "-c", self.config_path],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn,
         )
         self.proc.stderr_text = self.log

@@ -12,10 +12,11 @@ class RunningDaemon(DaemonProcess):
 
 @pytest.fixture
 def start_daemon(sts_world, tmp_path):
-    """start_daemon(unix_socket=None, preexec_fn=None, **config_sections) -> RunningDaemon (listening)."""
+    """start_daemon(unix_socket=None, name=, preexec_fn=None, prefix=(), **config_sections) ->
+    RunningDaemon (listening); prefix: a command to run it under (e.g. setpriv)."""
     started = []
 
-    def start(unix_socket=None, name="stsmilter", preexec_fn=None, **sections):
+    def start(unix_socket=None, name="stsmilter", preexec_fn=None, prefix=(), **sections):
         milter_port, metrics_port, socketmap_port = free_port(), free_port(), free_port()
         milter_socket = f"unix:{unix_socket}" if unix_socket else f"inet:{milter_port}@127.0.0.1"
         merged = {
@@ -28,7 +29,7 @@ def start_daemon(sts_world, tmp_path):
         for section, values in sections.items():
             merged.setdefault(section, {}).update(values)
         config_path = sts_world.write_config(f"{name}.conf", **merged)
-        daemon = RunningDaemon(config_path, str(tmp_path / f"{name}.log"))
+        daemon = RunningDaemon(config_path, str(tmp_path / f"{name}.log"), prefix)
         daemon.milter_port, daemon.metrics_port, daemon.socketmap_port = milter_port, metrics_port, socketmap_port
         daemon.milter_socket = milter_socket
         daemon.pidfile = merged["daemon"]["pidfile"]
