@@ -458,13 +458,15 @@ def load_rules():
 def test_rules_structure():
     data = load_rules()
     rules = {rule["alert"]: rule for group in data["groups"] for rule in group["rules"]}
-    assert set(rules) == {"StsmilterDown", "StsmilterRefreshFailing", "StsmilterViolationSpike", "StsmilterFetchErrors"}
+    assert set(rules) == {"StsmilterDown", "StsmilterRefreshFailing", "StsmilterViolationSpike", "StsmilterFetchErrors",
+                          "StsmilterStoreErrors"}
     for name, rule in rules.items():
         assert rule["expr"].strip() and rule["labels"]["severity"] and rule["annotations"]["summary"], name
     assert rules["StsmilterDown"]["for"] == "5m"
     assert rules["StsmilterRefreshFailing"]["for"] == "1h"
     assert 'reason="mx-mismatch"' in rules["StsmilterViolationSpike"]["expr"]
     assert 'result!="ok"' in rules["StsmilterFetchErrors"]["expr"]
+    assert "increase(stsmilter_store_errors_total" in rules["StsmilterStoreErrors"]["expr"]
 
 
 def test_rules_use_real_metric_names():
