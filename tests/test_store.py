@@ -1,6 +1,7 @@
 """Both stores answer the refresher's questions the same way."""
 
 import os
+import random
 import shutil
 import sqlite3
 
@@ -215,3 +216,55 @@ def test_a_foreign_or_newer_schema_is_unusable_and_left_unchanged(tmp_path, setu
     with pytest.raises(UnusableStore, match=reason):
         SqliteStore(path)
     assert open(path, "rb").read() == before
+
+
+JUNK = [None, True, 0, -1, 1, 2**63 - 1, -(2**63), 0.5, -0.0, 1e400, -1e400, float("nan"), NOW, NOW - 10,
+        "", "a.example", "A.EXAMPLE", "bücher.example", "xn--bcher-kva.example", "i1", "x" * 5000, "\x00",
+        "yesterday", "[]", "{}", "null", "1e400", b"", b"\xff", b"a.example",
+        '{"version":"STSv1","mode":"enforce","max_age":86400,"mx":["mx.a.example"]}',
+        '{"version":"STSv1","mode":"none","max_age":0,"mx":[]}',
+        '{"version":"STSv1","mode":"testing","max_age":86400,"mx":[1, null]}',
+        '{"version":"STSv1","mode":"enforce","max_age":86400,"mx":[["mx.a.example"]]}',
+        '{"version":null,"mode":{},"max_age":[],"mx":{}}']
+
+
+def test_any_stored_values_give_an_entry_or_bad_entry_never_another_exception():
+    rng = random.Random(8461)
+    fields = list(GOOD)
+    decoded = 0
+    for _ in range(20000):
+        values = dict(GOOD)
+        for field in rng.sample(fields, rng.randint(1, 3)):
+            values[field] = rng.choice(JUNK)
+        try:
+            entry = decode_entry(**values, now=NOW)
+        except BadEntry:
+            continue
+        decoded += 1
+        assert entry.policy.mode in ("enforce", "testing", "none") and 0 <= entry.policy.max_age <= 31557600
+        assert 0 <= entry.fetched_at <= NOW + 86400 and entry.expires == entry.fetched_at + entry.policy.max_age
+    assert decoded > 100  # the good values do get through
+
+
+def test_the_sqlite_store_survives_any_stored_values(tmp_path):
+    rng = random.Random(12)
+    path = str(tmp_path / "c.sqlite")
+    rows = []
+    for n in range(2000):
+        values = {**GOOD, "domain": f"d{n}.example", "expires": NOW - 10 + 86400, "mode": "enforce"}
+        for field in rng.sample(list(values), rng.randint(0, 2)):
+            values[field] = rng.choice(JUNK)
+        rows.append(tuple(values[c] for c in ("domain", "policy_id", "policy", "fetched_at", "expires", "mode",
+                                               "checked_at", "refresh_failures", "last_error")))
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE policies (domain, policy_id, policy, fetched_at, expires, mode, checked_at,"
+               " refresh_failures, last_error)")
+    db.executemany("INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    s = SqliteStore(path, clock=lambda: NOW)
+    good = list(s.entries())
+    assert 0 < len(good) < 2000 and s.bad_entries == 2000 - len(good)
+    assert s.count() == len(good) and list(s.entries()) == good and s.bad_entries == 2000 - len(good)
+    s.close()

@@ -41,6 +41,10 @@ _SELECT = "SELECT rowid, domain, policy_id, policy, fetched_at, checked_at, refr
 _CONTENT_ERRORS = {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_FORMAT"}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def store_error(e: sqlite3.Error) -> StoreError:
     """A StoreError for a sqlite3 exception (UnusableStore if the content is bad)."""
     kind = getattr(e, "sqlite_errorname", None)  # Python 3.11+
@@ -144,10 +148,10 @@ class SqliteStore(Store):
         for rowid, domain, policy_id, text, fetched_at, checked_at, failures, last_error, expires, mode in rows:
             try:
                 entry = decode_entry(domain, policy_id, text, fetched_at, checked_at, failures, last_error, now)
-                if mode != entry.policy.mode or not isinstance(expires, float) or abs(expires - entry.expires) > 1:
+                if mode != entry.policy.mode or not _is_number(expires) or abs(expires - entry.expires) > 1:
                     raise BadEntry("mode or expires column disagrees with the policy")
-            except BadEntry as e:
-                self._skip_bad(domain, str(e))
+            except Exception as e:  # BadEntry, or a check that did not foresee this value
+                self._skip_bad(domain, str(e) if isinstance(e, BadEntry) else type(e).__name__)
                 bad.append(rowid)
             else:
                 good.append(entry)
