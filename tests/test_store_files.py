@@ -100,7 +100,7 @@ def test_a_one_shot_command_gets_one_line_and_the_file_is_left_alone(tmp_path, n
     assert glob.glob(f"{path}.corrupt-*") == []
 
 
-def test_companions_move_with_the_file_and_never_meet_a_new_one(tmp_path):
+def test_companions_move_with_the_file_as_one_readable_database(tmp_path):
     path = str(tmp_path / "cache.sqlite")
     writer = sqlite3.connect(path)  # left open: its -wal and -shm stay, as after a crash
     writer.execute("PRAGMA journal_mode=WAL")

@@ -32,7 +32,7 @@ class StoreGuard:
         self._lock = threading.Lock()
         self._resume_at = 0.0  # monotonic time before which the store is not touched
         self._log = RateLimitedLog(log, clock=clock)
-        self._bad_reported = store.bad_entries
+        self._bad_reported = 0  # (a read-only snapshot arrives with its skipped entries)
 
     @property
     def available(self) -> bool:
