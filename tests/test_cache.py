@@ -106,6 +106,7 @@ def test_flush_stops_at_the_first_refusal(cache, store, clock):
     for n in range(5):
         cache.put(entry(f"d{n}.example", clock))
     cache._guard._resume_at = 0
+    cache._guard.retry_after = 0  # even a store that may be retried at once is not hammered
     calls = store.calls.count("put")
     assert cache.flush() == 0 and store.calls.count("put") == calls + 1 and cache.unsaved == 5
 
@@ -122,6 +123,14 @@ def test_reads_that_fail_answer_from_memory(cache, store, clock, fault):
     assert cache.get("unknown.example") is None  # a miss, not an exception
     assert cache.count() == 1
     assert errors("read") == before + 1
+
+
+def test_a_miss_in_memory_is_looked_up_in_the_store_and_kept(cache, store, clock):
+    store.inner.put(entry("evicted.example", clock))  # e.g. beyond max_entries at load
+    assert cache.peek("evicted.example") is None
+    assert cache.get("evicted.example").policy.mode == "enforce"
+    assert cache.peek("evicted.example") is not None  # memory has it now
+    assert store.calls.count("get") == 1
 
 
 def test_due_comes_from_memory_when_the_store_cannot_say(cache, store, clock):

@@ -148,6 +148,17 @@ def test_a_symlink_is_never_followed_nor_moved(tmp_path, caplog, companion):
         open_store(path, recover=False)
 
 
+def test_a_symlink_to_a_real_cache_is_not_read_either(tmp_path, caplog):
+    elsewhere = str(tmp_path / "elsewhere.sqlite")
+    filled(elsewhere, 3)
+    path = str(tmp_path / "cache.sqlite")
+    os.symlink(elsewhere, path)
+    with caplog.at_level(logging.WARNING, "stsmilter"):
+        store = open_store(path)
+    assert isinstance(store, MemoryStore) and store.count() == 0
+    assert "read from it" not in caplog.records[0].getMessage()
+
+
 def test_a_directory_in_place_of_the_file_means_memory_only(tmp_path, caplog):
     path = str(tmp_path / "cache.sqlite")
     os.mkdir(path)
