@@ -244,3 +244,15 @@ def test_the_refresher_refreshes_from_memory_when_the_store_cannot_be_read(world
     # The failure shows in the gauge as soon as the refresh has failed, not a pass later.
     assert REGISTRY.get_sample_value("stsmilter_refresh_failing_policies") == 1
     assert disc.cache.peek("example.com").policy.mode == "enforce"
+
+
+def test_a_refresher_pass_writes_what_the_store_refused(world, store):
+    resolver, fetcher, disc = world
+    store.faults["put"] = FULL
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    assert store.inner.get("example.com") is None
+    del store.faults["put"]
+    disc.cache._guard._resume_at = 0  # the store's rest is over
+    disc.refresh_due()
+    assert store.inner.get("example.com").policy.mode == "enforce" and disc.cache.unsaved == 0
