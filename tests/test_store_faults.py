@@ -1,7 +1,9 @@
 """The real daemon with its cache on real faulty ground: a small tmpfs filled up or
-remounted read-only, corrupt files, files it may not read, a symlink, kill -9 in the
-middle of cache writes. Every answer comes from the real socketmap (or `stsmilter
-query`); whatever happens to the store, a policy that was answered stays answered."""
+remounted read-only, corrupt files, files it may not read, kill -9 in the middle of
+cache writes. Every answer comes from the real socketmap (or `stsmilter query`);
+whatever happens to the store, a policy that was answered stays answered. (A symlinked
+cache file is refused at start by preflight.py, see test_privileges.py; the store's own
+refusal is in test_store_files.py.)"""
 
 import glob
 import os
@@ -342,23 +344,6 @@ def test_a_missing_cache_in_an_unwritable_directory_means_memory_only(start_daem
         os.chmod(state, 0o755)
 
 
-def test_a_symlink_as_the_cache_is_not_followed(start_daemon, sts_world, tmp_path):
-    target = tmp_path / "shadow"
-    target.write_bytes(b"root:secret\n")
-    os.chmod(target, 0o600)
-    cache = str(tmp_path / "cache.sqlite")
-    os.symlink(target, cache)
-    daemon = start_daemon(cache={"path": cache})
-    sts_world.publish("new.example")
-    assert answer(daemon, "new.example") == secure("new.example")
-    [line] = store_lines(daemon, f"cache {cache}")
-    assert f"{cache} is a symbolic link: not following it: policies are kept in memory only" in line
-    daemon.stop()
-    assert target.read_bytes() == b"root:secret\n" and os.stat(target).st_mode & 0o777 == 0o600
-    assert os.path.islink(cache) and glob.glob(f"{cache}*") == [cache]
-    assert_no_traceback(daemon)
-
-
 def test_a_cache_written_before_schema_versions_keeps_its_policies(start_daemon, sts_world, tmp_path):
     cache = str(tmp_path / "cache.sqlite")
     shutil.copyfile(V0_FILE, cache)
@@ -448,8 +433,10 @@ def test_a_user_who_cannot_open_the_cache_gets_one_line(sts_world, tmp_path, arg
                               capture_output=True, text=True, timeout=60)
     finally:
         os.chmod(state, 0o755)
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode != 0 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.count("stsmilter:") == 1, proc.stderr
-    assert proc.stderr.startswith(f"stsmilter: cache {cache}: ") and "Permission denied" in proc.stderr
-    assert ("--no-cache" in proc.stderr) == (argv[0] in ("query", "check"))
+    assert proc.stderr.startswith("stsmilter: ") and cache in proc.stderr and "Permission denied" in proc.stderr
+    if what == "file":  # the store's own check (a directory it may not search: preflight's, exit 2)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"stsmilter: cache {cache}: Permission denied")
+        assert ("--no-cache" in proc.stderr) == (argv[0] in ("query", "check"))
     assert glob.glob(f"{cache}.corrupt-*") == [] and os.stat(cache).st_mode & 0o777 == (0 if what == "file" else 0o644)
