@@ -172,6 +172,9 @@ def cmd_check_config(args) -> int:
     cfg = _load_config(args)
     # What `run` would refuse, checked the same way and as the same user; nothing created.
     preflight.enter_service_identity(cfg, create=False, before_drop=daemon.import_everything)
+    warning = preflight.cache_warning(cfg)  # not a refusal: run starts, without the file
+    if warning:
+        print(f"stsmilter: warning: {warning}", file=sys.stderr)
     print(f"# effective configuration from {cfg.source}")
     section = None
     for name, key, value in cfg.items():

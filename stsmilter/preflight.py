@@ -7,9 +7,11 @@ The daemon starts as root, so nothing here may be turned against root:
 - a directory is chowned (to [daemon] user/group, mode 0750) only when we have just
   created it, through a descriptor opened without following symlinks; a directory
   that already exists is used as it is, whoever owns it;
-- no existing file is chowned or chmodded: a symlink where a socket or the cache (or
-  its -wal/-shm) would be is refused with one line; the PID file is replaced by rename,
-  which never follows a symlink (pidfile.py);
+- no existing file is chowned or chmodded: a symlink where a socket would be is
+  refused with one line; the PID file is replaced by rename, which never follows a
+  symlink (pidfile.py); a symlink as the cache file (or its -wal/-shm) is no reason to
+  stop the mail: the store refuses to follow it and the daemon serves from memory
+  (store/files.py), which check-config reports as a warning (cache_warning());
 - everything after the directories happens as the service user: the cache file is
   always created by that user, also by a root `stsmilter query`, which drops to the
   same user first.
@@ -103,11 +105,6 @@ def _check_file(item: RuntimePath) -> None:
         if st is not None and not stat.S_ISSOCK(st.st_mode):
             what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
             raise StartupError(f"{item.key}: {item.path} exists and is {what}; remove it")
-    elif item.kind == CACHE:
-        for name in (item.path, item.path + "-wal", item.path + "-shm"):
-            st = _lstat(item, name)
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                raise StartupError(f"{item.key}: {name} is a symbolic link; refusing to follow it")
     elif item.kind == PIDFILE:
         st = _lstat(item, item.path)
         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -215,6 +212,22 @@ def check_access(cfg, ours: FrozenSet[str] = frozenset(), kinds: Iterable[str] =
         from stsmilter import engine  # ConfigError naming [fetch] ca_file if unusable
 
         engine.make_fetcher(cfg, engine.make_resolver(cfg))
+
+
+def cache_warning(cfg) -> Optional[str]:
+    """Why `run` would keep policies in memory only instead of using the cache file (a
+    symlink as the file or its -wal/-shm, something that is not a regular file), as far
+    as lstat tells, as the current user; None if nothing is wrong. The store's own check
+    (run logs the same reason), so check-config can say what run will do."""
+    from stsmilter.store import StoreError
+    from stsmilter.store.files import check_files
+
+    for item in runtime_paths(cfg, {CACHE}):
+        try:
+            check_files(item.path)
+        except StoreError as e:
+            return f"cache {item.path}: {e}; run starts without it and keeps policies in memory only"
+    return None
 
 
 def enter_service_identity(

@@ -21,7 +21,7 @@ import pytest
 
 from stsmilter.policy import Policy
 from stsmilter.store import SqliteStore, make_entry
-from world.daemon import free_port
+from world.daemon import DaemonProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +159,64 @@ def test_check_config_accepts_what_run_accepts_and_creates_nothing(base):
     assert not (base / "run").exists() and not (base / "state").exists()
 
 
-# --- the one-shot commands as root ----------------------------------------------------
+@pytest.mark.parametrize("user, suffix", [
+    ("", ""), ("", "-wal"), pytest.param("nobody", "-shm", marks=ROOT_ONLY),
+])
+def test_check_config_warns_of_a_symlinked_cache_file_and_run_starts_without_it(base, user, suffix):
+    """Not a refusal, for either: run serves from memory and leaves the link alone, and
+    check-config says so on stderr (exit 0), with the reason run logs."""
+    (base / "state").mkdir()
+    target = base / "target"
+    target.write_text("not a cache\n")
+    link = base / "state" / f"cache.sqlite{suffix}"
+    link.symlink_to(target)
+    metrics_port = free_port()
+    conf = write_config(base, user=user, group="nogroup" if user else "",
+                        metrics={"listen": f"127.0.0.1:{metrics_port}"})
+    reason = f"cache {base}/state/cache.sqlite: {link} is a symbolic link: not following it"
+
+    proc = stsmilter("check-config", "-c", conf)
+    assert proc.returncode == 0, proc.stderr
+    assert "[cache]" in proc.stdout
+    assert only_line(proc.stderr) == f"stsmilter: warning: {reason}; run starts without it and keeps policies in memory only"
+    assert not (base / "run").exists()
+
+    daemon = DaemonProcess(conf, str(base / "log")).start(wait_port=metrics_port)
+    try:
+        daemon.wait_log("milter on")
+        [warning] = [line for line in daemon.log().splitlines() if " WARNING " in line or " ERROR " in line]
+        assert warning.endswith(f" WARNING {reason}: policies are kept in memory only until a restart")
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+    assert link.is_symlink() and target.read_text() == "not a cache\n"
+    assert sorted(os.listdir(base / "state")) == [link.name]
+
+
+# --- the one-shot commands ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["query", "x.example"], ["check", "user@x.example"], ["cache", "list"], ["cache", "purge", "--all"],
+])
+def test_the_one_shot_commands_stay_strict_about_a_symlinked_cache(base, argv):
+    """Where run degrades, they refuse: one line, exit 1, like any cache they cannot use
+    (as root, as the service user)."""
+    (base / "state").mkdir()
+    target = base / "target"
+    target.write_text("not a cache\n")
+    link = base / "state" / "cache.sqlite-wal"
+    link.symlink_to(target)
+    user = "nobody" if os.geteuid() == 0 else ""
+    conf = write_config(base, user=user, group="nogroup" if user else "", daemon={"pidfile": ""})
+    proc = stsmilter(*argv, "-c", conf)
+    assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr
+    line = only_line(proc.stderr)
+    assert line.startswith(f"stsmilter: cache {base}/state/cache.sqlite: {link} is a symbolic link: not following it")
+    assert line.count("stsmilter") == 1
+    assert link.is_symlink() and target.read_text() == "not a cache\n"
+    assert sorted(os.listdir(base / "state")) == [link.name]
+
 
 
 @ROOT_ONLY

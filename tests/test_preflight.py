@@ -88,12 +88,30 @@ def test_a_socket_path_must_be_a_socket_or_nothing(tmp_path, name):
 
 
 @pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
-def test_a_symlinked_cache_file_is_refused(tmp_path, suffix):
+def test_a_symlinked_cache_file_is_a_warning_not_a_refusal(tmp_path, suffix):
+    """The store refuses to follow it and the daemon serves from memory (test_privileges.py),
+    so preflight lets the start go on; check-config reports what run will do."""
+    cfg = make_config(tmp_path)
     (tmp_path / "state").mkdir()
+    assert preflight.cache_warning(cfg) is None  # nothing there yet: nothing to say
     (tmp_path / "target").write_text("x")
-    (tmp_path / "state" / f"c.sqlite{suffix}").symlink_to(tmp_path / "target")
-    with pytest.raises(StartupError, match=rf"\[cache\] path = .*c\.sqlite{suffix} is a symbolic link"):
-        preflight.plan(make_config(tmp_path))
+    link = tmp_path / "state" / f"c.sqlite{suffix}"
+    link.symlink_to(tmp_path / "target")
+    assert preflight.prepare(cfg, None) == frozenset({f"{tmp_path}/run"})
+    assert preflight.cache_warning(cfg) == (
+        f"cache {tmp_path}/state/c.sqlite: {link} is a symbolic link: not following it;"
+        " run starts without it and keeps policies in memory only"
+    )
+    assert link.is_symlink() and (tmp_path / "target").read_text() == "x"
+    assert sorted(os.listdir(tmp_path / "state")) == [link.name]
+    assert preflight.cache_warning(make_config(tmp_path, cache={"path": ""})) is None
+
+
+def test_a_usable_cache_file_gets_no_warning(tmp_path):
+    cfg = make_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "c.sqlite").write_bytes(b"")
+    assert preflight.cache_warning(cfg) is None
 
 
 def test_a_pidfile_that_is_a_directory_is_refused(tmp_path):
