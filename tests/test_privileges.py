@@ -1,19 +1,21 @@
 """A root start cannot be turned against root: real daemon subprocesses started as root
 (dropping to nobody), real symlinks planted where its files go, pointing at a root-owned
 file that must come out unchanged, and pre-existing directories that must keep their
-owner and mode."""
+owner and mode. A symlinked cache file costs persistence only: the daemon serves real
+policies (the STS world) from memory."""
 
 import grp
 import os
 import pwd
 import shutil
+import socket
 import stat
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from world.daemon import DaemonProcess, free_port, poll_until, scrape
+from world.daemon import DaemonProcess, free_port, poll_until, sample, scrape, wait_for_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -68,8 +70,26 @@ class Box:
         os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
         return path
 
-    def start(self, **overrides) -> DaemonProcess:
-        return DaemonProcess(self.config(**overrides), str(self.base / "log")).start()
+    def world_config(self, world, socketmap_port: int) -> str:
+        """A config for a root start as nobody that fetches from the STS world (its CA
+        copied where nobody can read it: pytest's tmp_path is closed to nobody)."""
+        ca_file = self.base / "ca.pem"
+        shutil.copyfile(world.https.ca_file, ca_file)
+        ca_file.chmod(0o644)
+        path = self.base / "world.conf"
+        path.write_text(world.config_text(
+            cache_path=str(self.cache),
+            daemon={"user": "nobody", "group": NOGROUP, "pidfile": str(self.pidfile), "log": "stderr"},
+            fetch={"ca_file": str(ca_file)},
+            milter={"socket": self.socket},
+            socketmap={"listen": f"inet:127.0.0.1:{socketmap_port}"},
+            metrics={"listen": f"127.0.0.1:{self.metrics_port}"},
+        ))
+        path.chmod(0o644)
+        return str(path)
+
+    def start(self, config=None, **overrides) -> DaemonProcess:
+        return DaemonProcess(config or self.config(**overrides), str(self.base / "log")).start()
 
 
 @pytest.fixture
@@ -80,8 +100,8 @@ def box():
     b = Box(base)
     original_start = b.start
 
-    def start(**overrides):
-        daemon = original_start(**overrides)
+    def start(config=None, **overrides):
+        daemon = original_start(config, **overrides)
         started.append(daemon)
         return daemon
 
@@ -113,14 +133,71 @@ def _scrape_ok(port) -> bool:
         return False
 
 
+def socketmap_lookup(port: int, domain: str) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        request = f"postfix {domain}".encode()
+        sock.sendall(b"%d:%s," % (len(request), request))
+        reply = b""
+        while not reply.endswith(b","):
+            chunk = sock.recv(4096)
+            assert chunk, "the socketmap closed the connection without an answer"
+            reply += chunk
+    length, _, rest = reply.partition(b":")
+    assert len(rest) == int(length) + 1, reply
+    return rest[:-1].decode()
+
+
+def files_in(directory: Path) -> dict:
+    """name -> (kind, owner, mode, content or link target): what a start must not change."""
+    found = {}
+    for name in sorted(os.listdir(directory)):
+        st = os.lstat(directory / name)
+        what = os.readlink(directory / name) if stat.S_ISLNK(st.st_mode) else (directory / name).read_bytes()
+        found[name] = (stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), what)
+    return found
+
+
 @pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
-def test_a_symlink_at_the_cache_file_is_refused_and_never_followed(box, suffix):
+def test_a_symlink_at_the_cache_file_is_never_followed_and_the_daemon_serves(box, sts_world, suffix):
+    """The store is best-effort persistence: a symlink there must not stop the mail. The
+    daemon starts, answers an enforce policy from memory, leaves the link and its target
+    alone, and says so in one line and a metric. With only the -wal or -shm linked, the
+    cache file itself is fine: sqlite would open the companion through the link, so the
+    store must refuse before it opens anything."""
     box.service_dir(box.state)
+    if suffix:  # a cache file as a previous run left it
+        from stsmilter.store import SqliteStore
+
+        SqliteStore(str(box.cache)).close()
+        os.chown(box.cache, NOBODY.pw_uid, NOBODY.pw_gid)
     link = Path(f"{box.cache}{suffix}")
     link.symlink_to(box.target)
-    line = refused(box.start())
-    assert "[cache] path" in line and f"{link} is a symbolic link" in line
+    before = files_in(box.state)
+    sts_world.publish("enforce.example", "e1")
+    port = free_port()
+    daemon = box.start(box.world_config(sts_world, port))
+    serving(box, daemon)
+    wait_for_port(port, daemon.proc)
+    with open(f"/proc/{daemon.pid}/status") as f:
+        assert f"Uid:\t{NOBODY.pw_uid}\t{NOBODY.pw_uid}\t" in f.read()
+
+    secure = "OK secure match=mx.enforce.example servername=hostname"
+    assert socketmap_lookup(port, "enforce.example") == secure
+    sts_world.dns.remove("_mta-sts.enforce.example", "TXT")  # from now on only the cache knows it
+    assert socketmap_lookup(port, "enforce.example") == secure
+    metrics = scrape(box.metrics_port)
+    assert sample(metrics, "stsmilter_store_errors_total", op="open") == 1
+    assert sample(metrics, "stsmilter_policy_fetches_total", result="ok") == 1
+
+    lines = daemon.log().strip().splitlines()
+    warnings = [line for line in lines if " WARNING " in line or " ERROR " in line]
+    assert len(warnings) == 1, lines
+    assert f"cache {box.cache}: {link} is a symbolic link: not following it" in warnings[0]
+    assert "memory only" in warnings[0]
+    assert "Traceback" not in daemon.log()
+    assert daemon.stop() == 0
     assert box.target_untouched() and link.is_symlink()
+    assert files_in(box.state) == before  # nothing created, moved aside, written or re-owned
 
 
 @pytest.mark.parametrize("which", ["milter", "socketmap"])
