@@ -21,6 +21,9 @@ POLICY_PATH = "/.well-known/mta-sts.txt"
 MAX_BODY = 64 * 1024  # RFC 8461 §3.3 lets clients cap the policy size; 64 KiB is generous
 CHUNK = 8192
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+# 6to4 (RFC 3056): judged by the IPv4 address inside. Python before 3.11.4 (Debian 12
+# ships 3.11.2) lists all of 2002::/16 as private; later versions do not.
+SIXTOFOUR_PREFIX = ipaddress.ip_network("2002::/16")
 USER_AGENT = f"stsmilter/{__version__}"
 DETAIL_CHARS = 40  # longest piece of peer-supplied text quoted in an error message
 LIBRARY_TEXT_CHARS = 100  # longest OpenSSL/resolver message kept in an error message
@@ -66,6 +69,8 @@ def is_public_address(address: str) -> bool:
         return False
     if ip.version == 6 and ip in NAT64_PREFIX:  # DNS64 on an IPv6-only host: judge the IPv4 inside
         return is_public_address(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+    if ip.version == 6 and ip in SIXTOFOUR_PREFIX:
+        return is_public_address(str(ip.sixtofour))
     if not ip.is_global or ip.is_multicast or ip.is_reserved:
         return False
     if ip.version == 6:
