@@ -18,6 +18,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -32,21 +33,56 @@ log = logging.getLogger("stsmilter")
 _BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
+SYSLOG_SOCKET = "/dev/log"
+
+
 def setup_logging(daemon_cfg) -> None:
+    """Log to syslog (facility mail) or stderr. Without a working syslog socket
+    (containers, chroots) lines go to stderr, and the first one says why: never lost."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler: logging.Handler
-    if daemon_cfg.log == "syslog" and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(logging.Formatter(f"stsmilter[{os.getpid()}]: %(message)s"))
-    else:
+    handler, problem = None, None
+    if daemon_cfg.log == "syslog":
+        handler, problem = _syslog_handler()
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s stsmilter[%(process)d] %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(daemon_cfg.log_level.upper())
-    if daemon_cfg.log == "syslog" and not os.path.exists("/dev/log"):
-        log.warning("no /dev/log: logging to stderr")
+    if problem:
+        log.warning("log = syslog, but %s: logging to standard error", problem)
+
+
+def _syslog_handler():
+    """(handler, None), or (None, why syslog cannot be used)."""
+    if not os.path.exists(SYSLOG_SOCKET):
+        return None, f"no {SYSLOG_SOCKET}"
+    # SysLogHandler hides a failed connect until the first line; find out now.
+    problem = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(SYSLOG_SOCKET)
+                break
+            except OSError as e:
+                problem = problem or f"{SYSLOG_SOCKET}: {e.strerror or e}"
+    else:
+        return None, problem
+    handler = _SyslogHandler(SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+    handler.setFormatter(logging.Formatter(f"stsmilter[{os.getpid()}]: %(message)s"))
+    return handler, None
+
+
+class _SyslogHandler(logging.handlers.SysLogHandler):
+    """A line syslog refuses later (syslogd stopped) goes to stderr, not into a traceback."""
+
+    def handleError(self, record):
+        try:
+            sys.stderr.write(f"syslog unreachable: {self.format(record)}\n")
+            sys.stderr.flush()
+        except Exception:
+            super().handleError(record)
 
 
 def import_everything() -> None:

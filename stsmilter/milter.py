@@ -126,6 +126,13 @@ def client_trusted(family, hostaddr, networks) -> bool:
     return _address_in(hostaddr[0], networks)
 
 
+def client_text(family, hostaddr) -> str:
+    """The client's IP address for log lines; "local" without one (a unix socket)."""
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple) and hostaddr:
+        return str(hostaddr[0])
+    return "local"
+
+
 @functools.lru_cache(maxsize=4096)  # MTAs and submission clients come back all day
 def _address_in(address: str, networks: tuple) -> bool:
     try:
@@ -174,6 +181,7 @@ class StsMilter(NegotiatingMilter):
     def __init__(self) -> None:
         self.client_in_scope = False  # trusted or address-less client, or a daemon_names daemon
         self.non_smtp = False  # Postfix non_smtpd_milters session: no recipient can be refused
+        self.client = "-"  # the client's IP address, for log lines
         self._reset()
 
     def _reset(self) -> None:
@@ -186,6 +194,7 @@ class StsMilter(NegotiatingMilter):
     def connect(self, hostname, family, hostaddr):
         daemon = self.getsymval("{daemon_name}")
         self.non_smtp = non_smtp_session(family, hostaddr)
+        self.client = "local" if self.non_smtp else client_text(family, hostaddr)
         # Non-SMTP mail is local submission: in scope whatever trusted_networks says.
         self.client_in_scope = (
             self.non_smtp
@@ -221,7 +230,7 @@ class StsMilter(NegotiatingMilter):
             # The Decider keeps to the deadline; nothing here waits on top of it.
             verdict = self.decider.decide(to, now + self.lookup_timeout)
         except Exception:
-            log.exception("queue_id=%s MTA-STS decision failed for a recipient", self._queue_id())
+            log.exception("queue_id=%s client=%s MTA-STS decision failed for a recipient", self._queue_id(), self.client)
             if self.dry_run or self.non_smtp:  # non-SMTP: a tempfail would strand the message
                 return Milter.CONTINUE
             self.setreply("451", "4.3.0", "MTA-STS check failed, try again later")
@@ -260,13 +269,19 @@ class StsMilter(NegotiatingMilter):
             if self.non_smtp:
                 # A tempfail would keep the message in the maildrop queue for ever; the
                 # socketmap still checks its delivery.
-                log.warning("queue_id=%s action=accept reason=%s quarantine unavailable: %s", queue_id, reasons, e)
+                log.warning(
+                    "queue_id=%s client=%s action=accept reason=%s quarantine unavailable: %s",
+                    queue_id, self.client, reasons, e,
+                )
                 return Milter.CONTINUE
             # The MTA cannot hold mail: tempfail it rather than let the violation through.
-            log.warning("queue_id=%s action=tempfail reason=%s quarantine unavailable: %s", queue_id, reasons, e)
+            log.warning(
+                "queue_id=%s client=%s action=tempfail reason=%s quarantine unavailable: %s",
+                queue_id, self.client, reasons, e,
+            )
             self.setreply("451", "4.7.5", text.replace("%", "%%"))
             return Milter.TEMPFAIL
-        log.warning("queue_id=%s action=hold reason=%s quarantined: %s", queue_id, reasons, text)
+        log.warning("queue_id=%s client=%s action=hold reason=%s quarantined: %s", queue_id, self.client, reasons, text)
         return Milter.CONTINUE
 
     def _hold_text(self) -> str:
@@ -299,7 +314,7 @@ class StsMilter(NegotiatingMilter):
         if verdict.action == ACCEPT and verdict.would == ACCEPT and verdict.reason in QUIET_REASONS:
             return
         line = (
-            f"queue_id={self._queue_id()} domain={verdict.domain or '-'}"
+            f"queue_id={self._queue_id()} client={self.client} domain={verdict.domain or '-'}"
             f" policy_id={decision.safe_id(verdict.policy_id) or '-'} mode={verdict.mode or '-'}"
             f" action={verdict.action} reason={verdict.reason} mx={decision.safe_names(verdict.mx, sep=',', empty='-')}"
         )

@@ -151,7 +151,7 @@ def test_per_recipient_replies(monkeypatch, caplog):
     assert ctx._eom() == Milter.CONTINUE and ctx.quarantined == []
     assert count("tempfail", "enforce", "mx-mismatch") == before + 1
     assert [r.getMessage() for r in caplog.records] == [
-        "queue_id=4QX1yZ2abc domain=example.com policy_id=20240101 mode=enforce action=tempfail"
+        "queue_id=4QX1yZ2abc client=127.0.0.1 domain=example.com policy_id=20240101 mode=enforce action=tempfail"
         " reason=mx-mismatch mx=mx1.evil.example,mx2.evil.example"
     ]  # the no-policy recipients are counted, not logged
     assert caplog.records[0].levelno == logging.WARNING
@@ -208,12 +208,33 @@ def test_hold_quarantines_the_message(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="stsmilter"):
         assert ctx._eom() in (Milter.CONTINUE, Milter.ACCEPT)
     assert ctx.quarantined == ["MTA-STS: no MX host matches the policy of example.com, other.example"]
-    assert "action=hold" in caplog.records[-1].getMessage()
+    assert caplog.records[-1].getMessage().startswith("queue_id=4QX1yZ2abc client=127.0.0.1 action=hold ")
     # The next transaction on the connection starts clean.
     ctx._envfrom("<s@here.example>")
     ctx.rcpt("<a@example.net>")
     ctx._eom()
     assert len(ctx.quarantined) == 1
+
+
+@pytest.mark.parametrize(
+    "ip, family, client",
+    [("2001:db8::7", None, "2001:db8::7"), ("198.51.100.7", None, "198.51.100.7"),
+     ("/run/x.sock", socket.AF_UNIX, "local")],
+)
+def test_logged_decision_names_the_client_and_the_queue(monkeypatch, caplog, ip, family, client):
+    decider = FakeDecider({"<u@example.com>": violation("<u@example.com>", "tempfail", ("451", "4.7.5", "x"))})
+    ctx = session(decider, monkeypatch, {"{auth_authen}": "alice"}).open(ip, family)
+    ctx._envfrom("<alice@here.example>")
+    del ctx._macros["i"]  # Postfix: no queue file yet at the first RCPT
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx.rcpt("<u@example.com>") == Milter.TEMPFAIL
+        ctx._macros["i"] = "4QX1yZ2abd"  # ... and one after an accepted recipient
+        assert ctx.rcpt("<u@example.com>") == Milter.TEMPFAIL
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" policy_id=")[0] for line in lines] == [
+        f"queue_id=NOQUEUE client={client} domain=example.com",
+        f"queue_id=4QX1yZ2abd client={client} domain=example.com",
+    ]
 
 
 def test_hold_without_quarantine_support_tempfails(monkeypatch):
@@ -327,7 +348,8 @@ def test_dry_run_logs_what_it_would_do(monkeypatch, caplog):
         assert ctx.rcpt("<u@example.com>") == Milter.CONTINUE and ctx._reply is None
     assert count("accept", "enforce", "mx-mismatch") == before + 1
     assert caplog.records[-1].getMessage() == (
-        "queue_id=4QX1yZ2abc domain=example.com policy_id=20240101 mode=enforce action=accept reason=mx-mismatch"
+        "queue_id=4QX1yZ2abc client=127.0.0.1 domain=example.com policy_id=20240101 mode=enforce action=accept"
+        " reason=mx-mismatch"
         " mx=mx1.evil.example,mx2.evil.example would=reject"
     )
 
@@ -432,7 +454,8 @@ def test_non_smtp_accept_never_refuses_a_recipient(monkeypatch, caplog, on_viola
     assert (count("accept", "enforce", "non-smtp"), count(would, "enforce", "mx-mismatch")) == (
         before[0] + 1, before[1])
     assert [r.getMessage() for r in caplog.records] == [
-        "queue_id=4QX1yZ2abc domain=example.com policy_id=20240101 mode=enforce action=accept reason=non-smtp"
+        "queue_id=4QX1yZ2abc client=local domain=example.com policy_id=20240101 mode=enforce action=accept"
+        " reason=non-smtp"
         f" mx=mx1.evil.example,mx2.evil.example would={would} cause=mx-mismatch"
     ]
     assert caplog.records[0].levelno == logging.WARNING
@@ -447,9 +470,10 @@ def test_non_smtp_hold_quarantines_the_whole_message(monkeypatch, caplog):
     assert ctx.quarantined == ["MTA-STS: no MX host matches the policy of example.com"]
     assert count("hold", "enforce", "non-smtp") == before + 1
     assert [r.getMessage() for r in caplog.records] == [
-        "queue_id=4QX1yZ2abc domain=example.com policy_id=20240101 mode=enforce action=hold reason=non-smtp"
+        "queue_id=4QX1yZ2abc client=local domain=example.com policy_id=20240101 mode=enforce action=hold"
+        " reason=non-smtp"
         " mx=mx1.evil.example,mx2.evil.example would=tempfail cause=mx-mismatch",
-        "queue_id=4QX1yZ2abc action=hold reason=non-smtp quarantined:"
+        "queue_id=4QX1yZ2abc client=local action=hold reason=non-smtp quarantined:"
         " MTA-STS: no MX host matches the policy of example.com",
     ]
 
