@@ -175,6 +175,8 @@ def cmd_check_config(args) -> int:
     warning = preflight.cache_warning(cfg)  # not a refusal: run starts, without the file
     if warning:
         print(f"stsmilter: warning: {warning}", file=sys.stderr)
+    if args.quiet:
+        return EXIT_OK
     print(f"# effective configuration from {cfg.source}")
     section = None
     for name, key, value in cfg.items():
@@ -258,45 +260,47 @@ def cmd_run(args) -> int:
     return daemon.run(args.config)
 
 
+CONFIG_HELP = f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH})"
+
+
+def _add_config_option(parser: argparse.ArgumentParser, default) -> None:
+    # Accepted before the command ("stsmilter -c FILE query ...") and after it. The
+    # commands' copy defaults to SUPPRESS so that it does not overwrite the global one.
+    parser.add_argument("-c", "--config", metavar="FILE", default=default, help=CONFIG_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stsmilter", description="MTA-STS (RFC 8461) milter and TLS-policy socketmap")
     parser.add_argument("--version", action="version", version=f"stsmilter {__version__}")
+    _add_config_option(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "-c", "--config", metavar="FILE", help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH})"
-        )
+    def command(subparsers, name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        _add_config_option(p, argparse.SUPPRESS)
         p.set_defaults(func=func)
         return p
 
-    command("run", cmd_run, "run the milter, the socketmap and the metrics endpoint in the foreground")
-    p = command("query", cmd_query, "show the MTA-STS policy that applies to a domain")
+    command(sub, "run", cmd_run, "run the milter, the socketmap and the metrics endpoint in the foreground")
+    p = command(sub, "query", cmd_query, "show the MTA-STS policy that applies to a domain")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-cache", action="store_true", help="ignore the persistent cache (memory only)")
-    p.add_argument("domain", metavar="DOMAIN")
-    p = command("check", cmd_check, "show the milter's decision for recipients of an in-scope sender")
+    p.add_argument("domain", metavar="DOMAIN", help="the recipient domain, e.g. example.com")
+    p = command(sub, "check", cmd_check, "show the milter's decision for recipients of an in-scope sender")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per recipient")
     p.add_argument("--no-cache", action="store_true", help="ignore the persistent cache (memory only)")
-    p.add_argument("addresses", metavar="ADDRESS", nargs="+")
-    command("check-config", cmd_check_config, "validate a configuration file and print the effective values")
+    p.add_argument("addresses", metavar="ADDRESS", nargs="+", help="recipient addresses, e.g. user@example.com")
+    p = command(sub, "check-config", cmd_check_config, "validate a configuration file and print the effective values")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing for a valid file (exit status only)")
     cache = sub.add_parser("cache", help="inspect or purge the policy cache", description="inspect or purge the policy cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
     cache_sub.required = True
-    for name, func, help_text in (
-        ("list", cmd_cache_list, "list cached policies"),
-        ("purge", cmd_cache_purge, "remove cached policies"),
-    ):
-        p = cache_sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-c", "--config", metavar="FILE")
-        p.set_defaults(func=func)
-        if name == "list":
-            p.add_argument("--json", action="store_true")
-        else:
-            p.add_argument("--all", action="store_true", help="remove every cached policy")
-            p.add_argument("domains", metavar="DOMAIN", nargs="*")
+    p = command(cache_sub, "list", cmd_cache_list, "list cached policies")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per policy")
+    p = command(cache_sub, "purge", cmd_cache_purge, "remove cached policies")
+    p.add_argument("--all", action="store_true", help="remove every cached policy")
+    p.add_argument("domains", metavar="DOMAIN", nargs="*", help="domains whose cached policy to remove")
     return parser
 
 

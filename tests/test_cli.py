@@ -85,3 +85,26 @@ def test_cache_purge(filled_cache, capsys):
 def test_usage_errors_exit_2_with_one_line(capsys, argv):
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.strip() and err.count("\n") == 1
+
+
+def test_config_option_before_the_command_works_like_after_it(tmp_path, capsys, filled_cache):
+    conf = str(tmp_path / "hold.conf")  # filled_cache wrote s.conf
+    (tmp_path / "hold.conf").write_text(NO_SERVICE_USER + "[milter]\non_violation = hold\n")
+    after = run(capsys, "check-config", "-c", conf)
+    before = run(capsys, "-c", conf, "check-config")
+    assert after == before and after[0] == 0 and "on_violation = hold" in after[1]
+    # The command's own -c wins over the one before it.
+    code, out, _ = run(capsys, "-c", conf, "check-config", "--config", filled_cache)
+    assert code == 0 and "on_violation = tempfail" in out
+    assert run(capsys, "--config", filled_cache, "cache", "list", "--json")[0] == 0
+    code, out, _ = run(capsys, "-c", filled_cache, "cache", "list", "--json")
+    assert [r["domain"] for r in json.loads(out)] == ["a.example", "c.example"]
+
+
+def test_check_config_quiet_prints_nothing_for_a_good_file_and_the_error_for_a_bad_one(tmp_path, capsys):
+    good = write_conf(tmp_path, "[milter]\non_violation = hold\n")
+    assert run(capsys, "check-config", "-q", "-c", good) == (0, "", "")
+    bad = tmp_path / "bad.conf"
+    bad.write_text(NO_SERVICE_USER + "[milter]\non_violation = bounce\n")
+    code, out, err = run(capsys, "-c", str(bad), "check-config", "--quiet")
+    assert code == 2 and out == "" and "bad.conf:5" in err and err.count("\n") == 1
