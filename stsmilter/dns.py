@@ -21,6 +21,8 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from stsmilter import metrics
+
 EDNS_PAYLOAD = 1232  # DNS flag day 2020: avoids both fragmentation and most TCP fallbacks
 MIN_TRY_SECONDS = 0.5  # never give one server less than this for one try (unless the lifetime is shorter)
 DEFAULT_NEGATIVE_TTL = 300  # implicit MX TTL when the NODATA answer carries no SOA
@@ -168,14 +170,21 @@ class Resolver:
         except dns.resolver.NoAnswer:  # only if raise_on_no_answer were set; kept for safety
             raise NoRecord("NODATA") from None
         except dns.exception.Timeout:  # LifetimeTimeout is a subclass
-            raise TempDnsError("timeout") from None
+            raise _temp_failure(rdtype, "timeout", "timeout") from None
         except dns.resolver.NoNameservers as e:
-            raise TempDnsError(_nameserver_failure(e)) from None
+            reason, error = _nameserver_failure(e)
+            raise _temp_failure(rdtype, reason, error) from None
         except dns.exception.DNSException as e:
-            raise TempDnsError(type(e).__name__) from None
+            raise _temp_failure(rdtype, type(e).__name__, "other") from None
         except (OSError, EOFError) as e:
-            raise TempDnsError(type(e).__name__) from None
+            raise _temp_failure(rdtype, type(e).__name__, "network") from None
         return answer
+
+
+def _temp_failure(rdtype, reason, error):
+    """TempDnsError(reason), counted in stsmilter_dns_failures_total{type,error}."""
+    metrics.DNS_FAILURES.labels(type=dns.rdatatype.to_text(rdtype).lower(), error=error).inc()
+    return TempDnsError(reason)
 
 
 def _host_text(name):
@@ -192,7 +201,10 @@ def _negative_ttl(response):
 
 
 def _nameserver_failure(error):
-    """A short reason from dnspython's per-server error list: "SERVFAIL", "REFUSED", "ConnectionRefusedError"."""
+    """(reason, metric error label) from dnspython's per-server error list: ("SERVFAIL",
+    "servfail"), ("REFUSED", "refused"), ("ConnectionRefusedError", "network"), ..."""
     for _server, _tcp, _port, reason, _response in error.kwargs.get("errors") or ():
-        return reason if isinstance(reason, str) else type(reason).__name__
-    return "no nameservers"
+        if isinstance(reason, str):
+            return reason, reason.lower() if reason in ("SERVFAIL", "REFUSED") else "other"
+        return type(reason).__name__, "network" if isinstance(reason, (OSError, EOFError)) else "other"
+    return "no nameservers", "other"

@@ -7,6 +7,11 @@ values come from small fixed vocabularies (actions, modes, reasons, results).
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from stsmilter import __version__
+
+BUILD_INFO = Gauge("stsmilter_build_info", "Always 1; the label says which stsmilter version runs.", ["version"])
+BUILD_INFO.labels(version=__version__).set(1)
+
 DECISIONS = Counter(
     "stsmilter_decisions",
     "Milter decisions per recipient, by action taken, policy mode and reason.",
@@ -42,6 +47,12 @@ STORE_BAD_ENTRIES = Counter(
 REFRESH_FAILING = Gauge(
     "stsmilter_refresh_failing_policies",
     "Cached policies with mode enforce or testing whose refresh keeps failing.",
+)
+DNS_FAILURES = Counter(
+    "stsmilter_dns_failures",
+    "DNS queries with no usable answer, by record type (txt, mx, a, aaaa) and error:"
+    " timeout, servfail, refused, network or other. NXDOMAIN and NODATA are answers, not failures.",
+    ["type", "error"],
 )
 SOCKETMAP_LOOKUPS = Counter(
     "stsmilter_socketmap_lookups",

@@ -459,7 +459,7 @@ def test_rules_structure():
     data = load_rules()
     rules = {rule["alert"]: rule for group in data["groups"] for rule in group["rules"]}
     assert set(rules) == {"StsmilterDown", "StsmilterRefreshFailing", "StsmilterViolationSpike", "StsmilterFetchErrors",
-                          "StsmilterStoreErrors"}
+                          "StsmilterStoreErrors", "StsmilterDnsFailures"}
     for name, rule in rules.items():
         assert rule["expr"].strip() and rule["labels"]["severity"] and rule["annotations"]["summary"], name
     assert rules["StsmilterDown"]["for"] == "5m"
@@ -467,6 +467,7 @@ def test_rules_structure():
     assert 'reason="mx-mismatch"' in rules["StsmilterViolationSpike"]["expr"]
     assert 'result!="ok"' in rules["StsmilterFetchErrors"]["expr"]
     assert "increase(stsmilter_store_errors_total" in rules["StsmilterStoreErrors"]["expr"]
+    assert "stsmilter_dns_failures_total" in rules["StsmilterDnsFailures"]["expr"]
 
 
 def test_rules_use_real_metric_names():
@@ -496,3 +497,13 @@ def test_dashboard_is_valid_and_covers_every_metric():
     assert metric_names_in(DASHBOARD.read_text()) <= exposed_names()
     for p in panels:
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def test_dashboard_takes_the_job_as_a_variable():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["job"]["query"]["query"] == "label_values(stsmilter_build_info, job)"
+    assert 'job="$job"' in variables["instance"]["query"]["query"]
+    exprs = [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+    assert all('job="$job"' in e for e in exprs)
+    assert 'job=\\"stsmilter\\"' not in DASHBOARD.read_text()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from stsmilter import __version__
 from world.daemon import DaemonProcess, free_port, poll_until, scrape, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -20,6 +21,7 @@ def test_starts_writes_pidfile_serves_metrics_and_stops_on_term(start_daemon):
         assert int(f.read()) == daemon.pid
     text = scrape(daemon.metrics_port)
     assert "stsmilter_cache_entries" in text and "process_resident_memory_bytes" in text
+    assert f'stsmilter_build_info{{version="{__version__}"}} 1.0' in text
     wait_for_port(daemon.socketmap_port)
     started = time.monotonic()
     assert daemon.stop() == 0

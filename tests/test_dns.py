@@ -11,6 +11,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
+from prometheus_client import REGISTRY
 
 from stsmilter.dns import MxSet, NoRecord, Resolver, TempDnsError
 from world.dns_server import DnsServer
@@ -85,20 +86,28 @@ def test_invalid_name_is_no_record(resolver):
         resolver.txt("a" * 64 + ".example.com")
 
 
+def failures(rtype, error):
+    return REGISTRY.get_sample_value("stsmilter_dns_failures_total", {"type": rtype, "error": error}) or 0.0
+
+
 @pytest.mark.parametrize("fault, message", [("servfail", "SERVFAIL"), ("refuse", "REFUSED")])
 def test_error_rcodes_are_temporary_and_fast(dns_server, resolver, fault, message):
     dns_server.add("_mta-sts.example.com", "TXT", "v=STSv1; id=1")
     getattr(dns_server, fault)("_mta-sts.example.com")
+    before = failures("txt", message.lower())
     seconds, outcome = timed(resolver.txt, "_mta-sts.example.com")
     assert isinstance(outcome, TempDnsError) and str(outcome) == message
+    assert failures("txt", message.lower()) == before + 1
     assert seconds < 0.5  # an answer, not a timeout
     assert dns_server.count("_mta-sts.example.com", "TXT") == 1  # no SERVFAIL retries
 
 
 def test_silent_server_times_out_within_the_timeout(dns_server, resolver):
     dns_server.drop("_mta-sts.example.com")
+    before = failures("txt", "timeout")
     seconds, outcome = timed(resolver.txt, "_mta-sts.example.com")
     assert isinstance(outcome, TempDnsError) and str(outcome) == "timeout"
+    assert failures("txt", "timeout") == before + 1
     assert 0.9 <= seconds < 1.0 + 1
     assert dns_server.count("_mta-sts.example.com") >= 2  # a lost datagram gets a second chance
 
@@ -205,8 +214,29 @@ def test_mx_host_count_is_capped(dns_server, resolver):
 
 def test_mx_servfail_is_temporary(dns_server, resolver):
     dns_server.servfail("example.com")
+    before = failures("mx", "servfail")
     with pytest.raises(TempDnsError):
         resolver.mx("example.com")
+    assert failures("mx", "servfail") == before + 1
+
+
+def total_failures():
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect() if metric.name == "stsmilter_dns_failures"
+        for sample in metric.samples if sample.name == "stsmilter_dns_failures_total"
+    )
+
+
+def test_answers_without_records_are_not_failures(dns_server, resolver):
+    dns_server.add("example.com", "A", "192.0.2.1")
+    before = total_failures()
+    with pytest.raises(NoRecord):
+        resolver.txt("_mta-sts.example.com")  # NXDOMAIN
+    with pytest.raises(NoRecord):
+        resolver.txt("example.com")  # NODATA
+    assert resolver.mx("example.com").hosts == ("example.com",)  # implicit MX
+    assert total_failures() == before
 
 
 # -- addresses --------------------------------------------------------------------------
