@@ -112,6 +112,7 @@ trap 'echo usr1 >> {tmp_path}/signals' USR1
 trap 'rm -f {pidfile}; exit 0' TERM INT
 mkdir -p {rundir}
 echo $$ > {pidfile}
+echo "stderr of pid $$" >&2
 while :; do sleep 1 & wait $!; done
 """
     )
@@ -129,7 +130,10 @@ while :; do sleep 1 & wait $!; done
 
 def init_script(directory: Path, defaults: Path):
     """The shipped init script, reading its settings from defaults instead of
-    /etc/default/stsmilter; returns action(name) -> CompletedProcess."""
+    /etc/default/stsmilter, the daemon's stderr going to directory/stsmilter.log;
+    returns action(name) -> CompletedProcess."""
+    with defaults.open("a") as f:
+        f.write(f"LOGFILE={directory}/stsmilter.log\n")
     script = directory / "stsmilter.init"
     text = INIT.read_text()
     assert text.count("/etc/default/$NAME") == 2
@@ -154,6 +158,13 @@ def test_init_script_actions(init_sandbox):
     assert action("start").returncode == 0
     pid = int(pidfile.read_text())
     assert _alive(pid)
+    # stderr goes to LOGFILE (created 0640), never to /dev/null
+    logfile = tmp_path / "stsmilter.log"
+    deadline = time.monotonic() + 5
+    while f"stderr of pid {pid}" not in logfile.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logfile.read_text() == f"stderr of pid {pid}\n"
+    assert logfile.stat().st_mode & 0o777 == 0o640
     assert action("status").returncode == 0
     assert action("start").returncode == 0  # already running: still success
     assert int(pidfile.read_text()) == pid
@@ -170,6 +181,10 @@ def test_init_script_actions(init_sandbox):
     assert action("restart").returncode == 0
     new_pid = int(pidfile.read_text())
     assert new_pid != pid and _alive(new_pid) and not _alive(pid)
+    deadline = time.monotonic() + 5
+    while f"stderr of pid {new_pid}" not in logfile.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logfile.read_text() == f"stderr of pid {pid}\nstderr of pid {new_pid}\n"  # appended
 
     assert action("stop").returncode == 0
     assert not pidfile.exists()
@@ -291,9 +306,14 @@ def unit_settings():
 
 def test_unit_settings():
     s = unit_settings()
-    assert s["ExecStart"] == [f"/usr/local/bin/stsmilter run -c {config.DEFAULT_CONFIG_PATH}"]
+    # /usr/bin: where the .deb installs the program (the unit is packaged as it is)
+    assert s["ExecStart"] == [f"/usr/bin/stsmilter run -c {config.DEFAULT_CONFIG_PATH}"]
     assert s["Type"] == ["simple"]
-    assert s["ExecReload"] == ["/bin/kill -USR1 $MAINPID"]
+    # reload validates the file first: a bad one fails the reload and is never signalled
+    assert s["ExecReload"] == [
+        f"/usr/bin/stsmilter check-config --quiet -c {config.DEFAULT_CONFIG_PATH}",
+        "/bin/kill -USR1 $MAINPID",
+    ]
     assert s["User"] == [DEFAULTS.daemon.user] and s["Group"] == [DEFAULTS.daemon.group]
     assert s["RuntimeDirectory"] == [Path(DEFAULTS.daemon.pidfile).parent.name]
     assert s["StateDirectory"] == [Path(DEFAULTS.cache.path).parent.name]
@@ -330,7 +350,9 @@ def test_unit_verifies(tmp_path):
     if not binary.exists():
         binary = Path(sys.executable)
     unit = tmp_path / "stsmilter.service"
-    unit.write_text(UNIT.read_text().replace("ExecStart=/usr/local/bin/stsmilter ", f"ExecStart={binary} "))
+    text = UNIT.read_text()
+    assert text.count("=/usr/bin/stsmilter ") == 2
+    unit.write_text(text.replace("=/usr/bin/stsmilter ", f"={binary} "))
     result = run([analyze, "verify", "--man=no", str(unit)])
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
