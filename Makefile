@@ -3,6 +3,8 @@
 #   make demo   throw-away MTA-STS world on loopback: DNS, HTTPS policy hosts, a private
 #               Postfix and `stsmilter run`; prints what happens to one message (as root)
 #   make test   the whole test suite, exactly as CI runs it (sh contrib/bootstrap.sh test)
+#   make deb    the Debian 12 package, dist/stsmilter_VERSION_all.deb (as root: installs
+#               the build dependencies of debian/control with apt when missing)
 #
 # Both need the Debian packages postfix and libmilter-dev (pymilter builds against it);
 # `sh contrib/bootstrap.sh test`, run once as root, installs everything.
@@ -12,7 +14,10 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 DEBS    := postfix libmilter-dev
 
-.PHONY: demo test venv debs
+DIST    ?= dist
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' stsmilter/__init__.py)
+
+.PHONY: demo test venv debs deb
 
 demo: debs venv
 	$(VPY) contrib/demo.py
@@ -40,3 +45,29 @@ venv:
 	    { [ -x $(VPY) ] || $(PYTHON3) -m venv $(VENV); } && \
 	    $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'; \
 	fi
+
+# dpkg-buildpackage writes its results into the parent directory of the tree: build in
+# a temporary copy (what git tracks plus uncommitted edits; no venvs, no build output)
+# so that nothing lands beside or inside the checkout except $(DIST)/*.deb. The build
+# runs with the system PATH: Debian's python3 and tools, never a pyenv or venv one.
+deb:
+	@set -e; \
+	changelog=$$(dpkg-parsechangelog -S Version 2>/dev/null || sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog); \
+	if [ "$$changelog" != "$(VERSION)" ]; then \
+	    echo "make: debian/changelog says $$changelog, stsmilter/__init__.py $(VERSION)" >&2; exit 1; \
+	fi; \
+	if ! dpkg-checkbuilddeps >/dev/null 2>&1; then \
+	    echo "make: installing the build dependencies of debian/control"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq; \
+	    apt-get build-dep -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 ./; \
+	fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	src="$$tmp/stsmilter-$(VERSION)"; mkdir "$$src"; \
+	tar -cf - --exclude=./.git --exclude='./.venv*' --exclude='./$(DIST)' --exclude=./build \
+	    --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache . | tar -xf - -C "$$src"; \
+	(cd "$$src" && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b --no-sign) > "$$tmp/build.log" 2>&1 || { \
+	    tail -n 40 "$$tmp/build.log" >&2; echo "make: dpkg-buildpackage failed" >&2; exit 1; }; \
+	mkdir -p "$(DIST)"; \
+	cp "$$tmp/stsmilter_$(VERSION)_all.deb" "$(DIST)/"; \
+	echo "make: $(DIST)/stsmilter_$(VERSION)_all.deb"
