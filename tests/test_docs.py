@@ -259,3 +259,66 @@ def test_rst_renders_without_warnings(name):
     docutils_core.publish_string(
         path.read_text(), writer=NullWriter(), settings_overrides={"halt_level": 2, "report_level": 2}
     )
+
+
+def readme_command(command: str) -> str:
+    """The README's description of one command (its indented definition body)."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"``stsmilter {command} "))
+    body = []
+    for line in lines[start + 1:]:
+        if not line.startswith("    "):
+            break
+        body.append(line.strip())
+    return " ".join(body)
+
+
+def json_fields(text: str) -> list:
+    """The ``field`` names after '--json' with every (parenthesised remark) removed."""
+    text = text.split("``--json``", 1)[1]
+    while True:
+        stripped = re.sub(r"\([^()]*\)", "", text)
+        if stripped == text:
+            return re.findall(r"``(\w+)``", text)
+        text = stripped
+
+
+def test_readme_json_fields_are_the_output_fields():
+    from stsmilter import cli, decision, policy
+
+    check = decision.Decision("u@example.com", "example.com", "accept", "accept", "no-policy").as_dict()
+    assert json_fields(readme_command("check")) == list(check)
+    query = cli.result_as_dict(policy.Result("example.com", "none"))
+    assert json_fields(readme_command("query")) == list(query)
+
+
+def test_man8_check_json_keys_are_the_output_fields():
+    from stsmilter import decision
+
+    text = " ".join(roff_text(MAN8).split())
+    m = re.search(r"a list of objects with the keys (.*?)\. ", text)
+    assert m, "stsmilter(8) check: no 'a list of objects with the keys' sentence"
+    listed = m.group(1)
+    while re.search(r"\([^()]*\)", listed):
+        listed = re.sub(r"\([^()]*\)", "", listed)
+    keys = [k for k in re.split(r",\s*|\s+and\s+|\s+", listed) if k]
+    assert keys == list(decision.Decision("u@x.example", "x.example", "accept", "accept", "no-policy").as_dict())
+
+
+def test_every_cli_option_and_argument_has_help_text():
+    import argparse
+
+    from stsmilter import cli
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, prefix + [name])
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield prefix, action
+
+    found = list(walk(cli.build_parser(), []))
+    assert len(found) > 15
+    for prefix, action in found:
+        assert action.help, f"stsmilter {' '.join(prefix)}: {action.option_strings or action.dest} has no help text"
