@@ -1,5 +1,6 @@
 """`stsmilter run` as a subprocess, as an init script would start it."""
 
+import collections
 import os
 import signal
 import socket
@@ -33,10 +34,20 @@ def poll_until(predicate, timeout, what, interval=0.05, detail=lambda: ""):
         time.sleep(interval)
 
 
+_RECENT_PORTS = collections.deque(maxlen=64)
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now on 127.0.0.1 and not handed out recently by this process: callers
+    take several ports before binding any, and two successive bind(0)s can get the same
+    port from the kernel (seen: the milter and the socketmap given one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
 
 
 def wait_for_port(port, proc=None, timeout=15.0):
