@@ -17,7 +17,7 @@ DEBS    := postfix libmilter-dev
 DIST    ?= dist
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' stsmilter/__init__.py)
 
-.PHONY: demo test venv debs deb
+.PHONY: demo test venv debs deb deb-deps
 
 demo: debs venv
 	$(VPY) contrib/demo.py
@@ -46,21 +46,25 @@ venv:
 	    $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'; \
 	fi
 
+# The Build-Depends of debian/control (and build-essential), installed with apt when
+# dpkg-checkbuilddeps (or dpkg-dev itself) is missing; bootstrap.sh test runs it too.
+deb-deps:
+	@if ! dpkg-checkbuilddeps >/dev/null 2>&1; then \
+	    echo "make: installing the build dependencies of debian/control"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && \
+	    apt-get build-dep -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 ./; \
+	fi
+
 # dpkg-buildpackage writes its results into the parent directory of the tree: build in
 # a temporary copy (what git tracks plus uncommitted edits; no venvs, no build output)
 # so that nothing lands beside or inside the checkout except $(DIST)/*.deb. The build
 # runs with the system PATH: Debian's python3 and tools, never a pyenv or venv one.
-deb:
+deb: deb-deps
 	@set -e; \
 	changelog=$$(dpkg-parsechangelog -S Version 2>/dev/null || sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog); \
 	if [ "$$changelog" != "$(VERSION)" ]; then \
 	    echo "make: debian/changelog says $$changelog, stsmilter/__init__.py $(VERSION)" >&2; exit 1; \
-	fi; \
-	if ! dpkg-checkbuilddeps >/dev/null 2>&1; then \
-	    echo "make: installing the build dependencies of debian/control"; \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get update -qq; \
-	    apt-get build-dep -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 ./; \
 	fi; \
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	src="$$tmp/stsmilter-$(VERSION)"; mkdir "$$src"; \

@@ -53,6 +53,12 @@ if [ -n "$need_apt" ]; then
     apt-get install -y -qq --no-install-recommends $need_apt
 fi
 
+# tests/test_deb.py builds the Debian package: its build dependencies now, not
+# inside a test with a timeout.
+if [ "$mode" = test ] && [ "$(id -u)" = 0 ]; then
+    make -s deb-deps
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi

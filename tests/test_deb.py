@@ -29,7 +29,8 @@ import pytest
 from stsmilter import __version__
 from world.daemon import free_port, scrape
 
-pytestmark = [pytest.mark.integration, pytest.mark.deb]
+# Building may first install the build dependencies with apt (make deb-deps).
+pytestmark = [pytest.mark.integration, pytest.mark.deb, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEB_NAME = f"stsmilter_{__version__}_all.deb"
