@@ -70,10 +70,14 @@ def test_wheel_installs_the_program_and_the_man_pages(dists, tmp_path):
     # Installed into a prefix (as into a venv): bin/ and share/man side by side, so that
     # man(1) finds the pages once bin/ is on PATH.
     prefix = tmp_path / "prefix"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(prefix), str(wheel)],
-                         capture_output=True, text=True, timeout=300)
+    installed_before = (Path(sys.executable).parent / "stsmilter").exists()
+    # --ignore-installed: without it pip first uninstalls the stsmilter of the running
+    # environment (the editable install the other tests use).
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                          "--prefix", str(prefix), str(wheel)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr
     assert (prefix / "bin" / "stsmilter").exists()
+    assert (Path(sys.executable).parent / "stsmilter").exists() or not installed_before, "pip removed our install"
     assert (prefix / "share/man/man8/stsmilter.8").read_bytes() == (ROOT / "man/stsmilter.8").read_bytes()
     man = shutil.which("man")
     if man is not None:
