@@ -240,7 +240,7 @@ def test_init_script_starts_the_real_daemon_over_a_stale_pidfile(other_program):
     """The shipped script and the real daemon (a root start dropping to nobody): a PID
     file left behind whose PID now belongs to another program neither reads as running
     nor stops the start; the daemon replaces it, and stop leaves the other program be."""
-    from world.daemon import free_port, scrape
+    from world.daemon import free_port, scrape, wait_for_port
 
     daemon = Path(sys.executable).parent / "stsmilter"  # the console script, as installed
     if not daemon.exists():
@@ -271,6 +271,8 @@ def test_init_script_starts_the_real_daemon_over_a_stale_pidfile(other_program):
         assert result.returncode == 0, result.stdout + result.stderr
         pid = int(pidfile.read_text())
         assert pid != other_program.pid and _comm(pid) == "stsmilter"
+        # The PID file comes before the listeners (start returns on it): wait for the port.
+        wait_for_port(metrics_port)
         assert "stsmilter_cache_entries" in scrape(metrics_port)
         assert (base / "state").stat().st_uid == nobody.pw_uid  # created by the daemon
         assert action("status").returncode == 0
