@@ -50,7 +50,7 @@ REFRESH_FAILING = Gauge(
 )
 DNS_FAILURES = Counter(
     "stsmilter_dns_failures",
-    "DNS queries with no usable answer, by record type (txt, mx, a, aaaa) and error:"
+    "DNS queries with no usable answer, by record type (txt, mx, a, aaaa, tlsa) and error:"
     " timeout, servfail, refused, network or other. NXDOMAIN and NODATA are answers, not failures.",
     ["type", "error"],
 )
