@@ -259,6 +259,8 @@ def test_package_metadata_and_contents(package):
     listing = run(["dpkg-deb", "-c", str(package)]).stdout
     paths = {line.split()[5].lstrip(".").rstrip("/") for line in listing.splitlines()}
     assert set(INSTALLED) <= paths, set(INSTALLED) - paths
+    modules = {f"/usr/lib/python3/dist-packages/{p.relative_to(ROOT)}" for p in (ROOT / "stsmilter").rglob("*.py")}
+    assert modules <= paths, modules - paths  # subpackages too
     conffiles = run(["dpkg-deb", "-I", str(package), "conffiles"]).stdout.split()
     assert "/etc/stsmilter/stsmilter.conf" in conffiles
     # Shipped as they are in contrib/ (the test suite checks those files).

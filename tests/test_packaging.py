@@ -21,12 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory):
-    """sdist and wheel, built as `python -m build` does (the wheel from the sdist), with
-    the setuptools of this environment (no download)."""
+    """sdist and wheel, each built straight from a clean copy of the tree (no egg-info
+    left by an editable install), as Debian's pybuild builds the wheel; with the
+    setuptools of this environment (no download)."""
     pytest.importorskip("build")
     out = tmp_path_factory.mktemp("dist")
+    tree = tmp_path_factory.mktemp("tree") / "stsmilter"
+    shutil.copytree(ROOT, tree, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "dist", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(tree)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -60,6 +64,9 @@ def test_wheel_installs_the_program_and_the_man_pages(dists, tmp_path):
     assert {f"{data}/man8/stsmilter.8", f"{data}/man5/stsmilter.conf.5"} <= names
     assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names)
     assert "stsmilter = stsmilter.cli:main" in entry_points
+    # every module of the tree, subpackages included
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "stsmilter").rglob("*.py")}
+    assert modules <= names, modules - names
     assert "License: MIT" in metadata
     requires = {m.group(1).lower(): m.group(2) for m in re.finditer(
         r"^Requires-Dist: ([\w-]+) ?\(?([^;)\n]*)\)?$", metadata, re.M)}
