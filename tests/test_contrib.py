@@ -105,6 +105,9 @@ case "$1" in
             echo "stsmilter: configuration error: {tmp_path}/stsmilter.conf:3: bad" >&2
             exit 2
         fi
+        if [ -e {tmp_path}/warn-config ]; then
+            echo "stsmilter: warning: cache {tmp_path}/c.sqlite: is a symbolic link" >&2
+        fi
         exit 0 ;;
     run) ;;
     *) exit 2 ;;
@@ -220,6 +223,15 @@ def other_program():
 
 def _comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_init_script_shows_a_check_config_warning_and_still_starts(init_sandbox):
+    action, pidfile, tmp_path = init_sandbox
+    (tmp_path / "warn-config").touch()
+    result = action("start")
+    assert result.returncode == 0 and pidfile.exists()
+    assert "is a symbolic link" in result.stdout + result.stderr
+    assert action("stop").returncode == 0
 
 
 def test_init_script_status_and_start_ignore_a_pid_reused_by_another_program(init_sandbox, other_program):
