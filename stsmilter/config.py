@@ -212,6 +212,7 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "negative_ttl": (_seconds(0, 86400), "300"),
         "failure_backoff": (_seconds(0, 86400), "300"),
         "id_check_interval": (_seconds(0, 86400), "300"),
+        "id_check_min_interval": (_seconds(0, 86400), "60"),
         "refresh_interval": (_seconds(60, 31557600), "86400"),
         "mx_ttl": (_seconds(0, 86400), "300"),
     },

@@ -10,7 +10,10 @@ Rules, in the order the job applies them:
   hide the record); with nothing cached the answer is "none", cached negative_ttl.
 - TXT lookup failed (timeout, SERVFAIL): cached policy if any, else "failed"/dns-error:
   never "none", so a DNS outage cannot switch enforcement off.
-- TXT id equal to the cached policy's id: the cached policy, no fetch.
+- TXT id equal to the cached policy's id: the cached policy, no fetch. The id is checked
+  again once the record's DNS TTL has passed (RFC 8461 §3.3, §5.1: a new id is noticed
+  within the TTL), but not sooner than id_check_min_interval (a TTL of 0 must not mean a
+  DNS query per lookup) and never later than id_check_interval.
 - New id, or nothing cached: fetch; a failed fetch keeps the cached policy until it
   expires and is not retried for this domain/id for failure_backoff.
 """
@@ -54,7 +57,8 @@ def _block_signals() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    id_check_interval: float = 300.0
+    id_check_interval: float = 300.0  # the longest a TXT id goes unchecked
+    id_check_min_interval: float = 60.0  # the floor under a short TXT TTL
     refresh_interval: float = 86400.0
     mx_ttl: float = 300.0
     max_concurrent: int = 32
@@ -66,6 +70,7 @@ class Settings:
     def from_config(cls, config) -> "Settings":
         return cls(
             id_check_interval=config.cache.id_check_interval,
+            id_check_min_interval=config.cache.id_check_min_interval,
             refresh_interval=config.cache.refresh_interval,
             mx_ttl=config.cache.mx_ttl,
             max_concurrent=config.fetch.max_concurrent,
@@ -104,6 +109,15 @@ class Discovery:
         and the pool stay (the pool size is fixed until restart)."""
         self.resolver, self.fetcher, self.settings = resolver, fetcher, settings
 
+    def id_check_interval(self, entry: Entry) -> float:
+        """Seconds after entry.checked_at until its TXT id is checked again: the record's
+        TTL (RFC 8461 §3.3, §5.1), at least id_check_min_interval, at most
+        id_check_interval (which alone applies when the TTL is not known)."""
+        settings = self.settings
+        if entry.txt_ttl is None:
+            return settings.id_check_interval
+        return min(settings.id_check_interval, max(float(entry.txt_ttl), settings.id_check_min_interval))
+
     # --- front-end API
 
     def _cached_answer(self, domain: str, entry: Optional[Entry], now: float, background: bool) -> Optional[Result]:
@@ -112,7 +126,7 @@ class Discovery:
         re-check the caller waits for."""
         if entry is None or entry.expires <= now:
             return None
-        if now - entry.checked_at < self.settings.id_check_interval:
+        if now - entry.checked_at < self.id_check_interval(entry):
             _HIT.inc()
             return entry.result
         if not background:
@@ -202,19 +216,20 @@ class Discovery:
             with self._lock:
                 self._jobs.pop(key, None)
 
-    def _read_txt(self, domain: str) -> Tuple[Optional[policy.TxtRecord], Optional[str]]:
-        """(record, None) or (None, reason): no-txt-record, invalid-txt-record, dns-error."""
+    def _read_txt(self, domain: str) -> Tuple[Optional[policy.TxtRecord], Optional[int], Optional[str]]:
+        """(record, its TTL, None) or (None, None, reason): no-txt-record,
+        invalid-txt-record, dns-error."""
         try:
-            strings = self.resolver.txt("_mta-sts." + domain)
+            txt = self.resolver.txt("_mta-sts." + domain)
         except dns.NoRecord:
-            return None, "no-txt-record"
+            return None, None, "no-txt-record"
         except dns.TempDnsError as e:
             log.info("TXT lookup for _mta-sts.%s failed: %s", domain, e)
-            return None, "dns-error"
-        record = policy.parse_txt(strings)
+            return None, None, "dns-error"
+        record = policy.parse_txt(txt.records)
         if record is not None:
-            return record, None
-        return None, "invalid-txt-record" if policy.sts_record_texts(strings) else "no-txt-record"
+            return record, txt.ttl, None
+        return None, None, "invalid-txt-record" if policy.sts_record_texts(txt.records) else "no-txt-record"
 
     def _discover(self, domain: str, force: bool) -> Result:
         now = self.clock()
@@ -224,38 +239,39 @@ class Discovery:
             return dataclasses.replace(usable.result, source="fetched")
         if not force:
             # A caller that missed the cache just before another job filled it lands here.
-            if usable is not None and now - usable.checked_at < self.settings.id_check_interval:
+            if usable is not None and now - usable.checked_at < self.id_check_interval(usable):
                 return usable.result
             negative = self.cache.negative(domain) if entry is None else None
             if negative is not None:
                 return negative
-        record, problem = self._read_txt(domain)
+        record, txt_ttl, problem = self._read_txt(domain)
         if record is None:
             if usable is not None:
-                if problem != "dns-error":
-                    self.cache.put(dataclasses.replace(usable, checked_at=now))
+                if problem != "dns-error":  # the record is gone: check again as its TTL said
+                    self.cache.put(usable.confirmed(now, None))
                 return usable.result
             result = Result(domain, FAILED if problem == "dns-error" else NONE, reason=problem)
             if problem != "dns-error":
                 self.cache.put_negative(dataclasses.replace(result, source="cache"))
             return result
         if usable is not None and usable.policy_id == record.id and not force:
-            self.cache.put(dataclasses.replace(usable, checked_at=now))
+            self.cache.put(usable.confirmed(now, txt_ttl))
             return usable.result
         failed = self.cache.backoff(domain, record.id)
         if failed is not None:
             if usable is not None:
                 return usable.result
             return Result(domain, FAILED, reason=failed, source="cache", policy_id=record.id)
-        fetched = self._fetch(domain, record.id, now)
+        fetched = self._fetch(domain, record.id, now, txt_ttl)
         if isinstance(fetched, Entry):
             return dataclasses.replace(fetched.result, source="fetched")
         if usable is not None:
             return usable.result
         return Result(domain, FAILED, reason=fetched, policy_id=record.id)
 
-    def _fetch(self, domain: str, policy_id: str, now: float):
-        """Fetch, parse and cache; the new Entry, or the failure reason (backoff set)."""
+    def _fetch(self, domain: str, policy_id: str, now: float, txt_ttl: Optional[int]):
+        """Fetch, parse and cache; the new Entry, or the failure reason (backoff set).
+        txt_ttl: the TTL of the TXT record that named policy_id."""
         started = time.monotonic()
         try:
             body = self.fetcher.fetch(domain)
@@ -268,7 +284,7 @@ class Discovery:
             return e.reason
         metrics.POLICY_FETCHES.labels(result="ok").inc()
         metrics.POLICY_FETCH_SECONDS.observe(time.monotonic() - started)
-        entry = make_entry(domain, policy_id, new_policy, fetched_at=now)
+        entry = make_entry(domain, policy_id, new_policy, fetched_at=now, txt_ttl=txt_ttl)
         self.cache.put(entry)
         return entry
 
@@ -283,12 +299,15 @@ class Discovery:
         entry = self.cache.get(domain)
         if entry is None:
             return self._discover(domain, False)
-        record, _problem = self._read_txt(domain)
-        # A vanished TXT record does not end a cached policy; keep the id we know.
-        policy_id = record.id if record is not None else entry.policy_id
+        record, txt_ttl, _problem = self._read_txt(domain)
+        # A vanished TXT record does not end a cached policy; keep the id (and TTL) we know.
+        if record is None:
+            policy_id, txt_ttl = entry.policy_id, entry.txt_ttl
+        else:
+            policy_id = record.id
         if self.cache.backoff(domain, policy_id) is not None:
             return entry.result
-        fetched = self._fetch(domain, policy_id, now)
+        fetched = self._fetch(domain, policy_id, now, txt_ttl)
         if isinstance(fetched, Entry):
             return fetched.result
         failing = dataclasses.replace(entry, refresh_failures=entry.refresh_failures + 1, last_error=fetched)

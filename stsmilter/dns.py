@@ -35,6 +35,7 @@ MAX_TXT_RECORDS = 50
 MAX_TXT_BYTES = 8192
 MAX_MX_HOSTS = 64
 MAX_ADDRESSES = 16
+MAX_TTL = 2**31 - 1  # RFC 2181 §8
 
 _HOSTNAME = re.compile(r"[a-z0-9._-]+")
 
@@ -59,6 +60,14 @@ class MxSet:
     # The resolver set AD: it validated the answer with DNSSEC. Meaningful only from a
     # validating resolver asked with the DO bit (dane.DaneResolver); False otherwise.
     authenticated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TxtSet:
+    records: Tuple[str, ...]  # one str per TXT record, its character-strings joined
+    # The TXT RRset TTL, lowered by any CNAME on the way: how long the answer may be
+    # reused (RFC 8461 §3.3 / §5.1: a changed id is noticed once it has passed).
+    ttl: int
 
 
 class Resolver:
@@ -88,19 +97,24 @@ class Resolver:
     # -- public API -------------------------------------------------------------------
 
     def txt(self, name, lifetime=None):
-        """One str per TXT record, its character-strings joined without separator.
+        """The TXT RRset as a TxtSet: one str per record, its character-strings joined
+        without separator, and the answer's TTL.
 
         Decoded as latin-1 so that every byte maps to one character: non-ASCII bytes stay
         visibly non-ASCII for the policy parser, which rejects them. An RRset past the
         hostile-DNS caps raises NoRecord (see MAX_TXT_RECORDS).
         """
-        rrset = self._query(name, dns.rdatatype.TXT, lifetime).rrset
+        answer = self._query(name, dns.rdatatype.TXT, lifetime)
+        rrset = answer.rrset
         if rrset is None:
             raise NoRecord("NODATA")
         records = [b"".join(rdata.strings) for rdata in rrset]
         if len(records) > MAX_TXT_RECORDS or sum(map(len, records)) > MAX_TXT_BYTES:
             raise NoRecord("oversized TXT RRset")
-        return [record.decode("latin-1") for record in records]
+        ttl = answer.chaining_result.minimum_ttl  # CNAME TTLs included
+        if ttl > MAX_TTL:  # RFC 2181 §8: a TTL with the top bit set counts as zero
+            ttl = 0
+        return TxtSet(tuple(record.decode("latin-1") for record in records), ttl)
 
     def mx(self, domain, lifetime=None):
         """The domain's MX hosts; implicit MX (RFC 5321 §5.1) if it has none; null MX (RFC 7505)."""

@@ -50,12 +50,15 @@ def make_dane(config):
 
 def open_engine(config, one_shot: bool = False) -> Discovery:
     """A Discovery over the configured store, its memory filled from the store.
-    one_shot (the CLI): a due TXT id re-check is waited for, not left to the background,
-    and a cache that cannot be opened is an error (StoreError)."""
+    one_shot (the CLI): every lookup re-checks the TXT id and waits for it (query and
+    check are how an administrator verifies a change: a new id is fetched at once), and
+    a cache that cannot be opened is an error (StoreError)."""
     resolver = make_resolver(config)
     cache = open_cache(config, one_shot)
     cache.load()
-    settings = dataclasses.replace(Settings.from_config(config), recheck_in_background=not one_shot)
+    settings = Settings.from_config(config)
+    if one_shot:
+        settings = dataclasses.replace(settings, id_check_interval=0.0, recheck_in_background=False)
     discovery = Discovery(resolver, make_fetcher(config, resolver), cache, settings)
     discovery.dane = make_dane(config)
     return discovery

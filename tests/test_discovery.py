@@ -13,7 +13,7 @@ from stsmilter import dns
 from stsmilter.cache import PolicyCache
 from stsmilter.discovery import Discovery, Settings
 from stsmilter.fetch import FetchError, WebPkiError
-from stsmilter.store import MemoryStore, SqliteStore
+from stsmilter.store import Entry, MemoryStore, SqliteStore
 
 ENFORCE = b"version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 86400\n"
 TESTING = b"version: STSv1\nmode: testing\nmx: *.example.com\nmax_age: 86400\n"
@@ -31,6 +31,7 @@ class Clock:
 class FakeResolver:
     def __init__(self):
         self.txt_records = {}  # name -> list[str] | exception
+        self.txt_ttls = {}  # name -> TTL of its TXT answer (default: 3600, above id_check_interval)
         self.txt_queries = 0
         self.delay = 0.0
         self.lock = threading.Lock()
@@ -42,7 +43,7 @@ class FakeResolver:
         value = self.txt_records.get(name, dns.NoRecord("NXDOMAIN"))
         if isinstance(value, Exception):
             raise value
-        return value
+        return dns.TxtSet(tuple(value), self.txt_ttls.get(name, 3600))
 
     def mx(self, domain, lifetime=None):
         return dns.MxSet(hosts=("mx." + domain,), ttl=300, null_mx=False)
@@ -355,3 +356,142 @@ def test_daemon_answers_from_cache_and_rechecks_in_the_background(world):
     assert time.monotonic() - started < 0.2
     disc.submit("example.com").result(timeout=5)
     assert disc.lookup("example.com").policy_id == "a2"
+
+
+# --- the TXT record's TTL (RFC 8461 §3.3, §5.1): a changed id is noticed once the TTL of
+# the _mta-sts record has passed; [cache] id_check_min_interval (60 s) is the floor under
+# a short TTL, id_check_interval (300 s here) the ceiling over a long one.
+
+
+def publish_with_ttl(resolver, fetcher, domain, policy_id, body, ttl):
+    publish(resolver, fetcher, domain, policy_id, body)
+    resolver.txt_ttls["_mta-sts." + domain] = ttl
+
+
+@pytest.mark.parametrize("ttl, unchecked, checked", [
+    (120, 119, 121),  # the TTL decides, between floor and ceiling (RFC 8461 §3.3, §5.1)
+    (0, 59, 61),  # TTL 0: not a TXT query per lookup; the floor
+    (30, 59, 61),  # below the floor: the floor
+    (86400, 299, 301),  # above id_check_interval: id_check_interval
+])
+def test_a_new_id_is_seen_once_the_txt_ttl_has_passed(world, ttl, unchecked, checked):
+    clock, resolver, fetcher, disc = world
+    publish_with_ttl(resolver, fetcher, "example.com", "a1", ENFORCE, ttl)
+    start = clock.now
+    disc.lookup("example.com")
+    publish_with_ttl(resolver, fetcher, "example.com", "a2", TESTING, ttl)
+    clock.now = start + unchecked
+    assert disc.lookup("example.com").policy_id == "a1"
+    assert resolver.txt_queries == 1  # nothing asked before its time
+    clock.now = start + checked
+    r = disc.lookup("example.com")
+    assert (r.policy_id, r.source, r.policy.mode) == ("a2", "fetched", "testing")
+    assert (resolver.txt_queries, fetcher.fetches) == (2, 2)
+
+
+def test_each_confirmation_takes_the_ttl_of_the_answer(world):
+    clock, resolver, fetcher, disc = world
+    publish_with_ttl(resolver, fetcher, "example.com", "a1", ENFORCE, 3600)
+    disc.lookup("example.com")
+    resolver.txt_ttls["_mta-sts.example.com"] = 90  # the domain lowers its TTL before a change
+    clock.now += 301
+    disc.lookup("example.com")  # same id: confirmed, with the new TTL
+    assert disc.cache.peek("example.com").txt_ttl == 90
+    publish(resolver, fetcher, "example.com", "a2", TESTING)
+    clock.now += 89
+    assert disc.lookup("example.com").policy_id == "a1"
+    clock.now += 2
+    assert disc.lookup("example.com").policy_id == "a2"
+    assert disc.cache.peek("example.com").txt_ttl == 90  # the fetched entry keeps the TTL it was named with
+
+
+def test_a_vanished_record_keeps_the_ttl_it_had(world):
+    clock, resolver, fetcher, disc = world
+    publish_with_ttl(resolver, fetcher, "example.com", "a1", ENFORCE, 100)
+    disc.lookup("example.com")
+    del resolver.txt_records["_mta-sts.example.com"]
+    clock.now += 101
+    assert disc.lookup("example.com").policy_id == "a1"  # the cached policy still applies (§5.1)
+    publish_with_ttl(resolver, fetcher, "example.com", "a2", TESTING, 100)  # back, with a new id
+    clock.now += 99
+    assert disc.lookup("example.com").policy_id == "a1"
+    clock.now += 2
+    assert disc.lookup("example.com").policy_id == "a2"
+
+
+def test_floor_above_the_ceiling_leaves_the_ceiling(world):
+    clock, resolver, fetcher, disc = world
+    disc.settings = Settings(id_check_interval=30, id_check_min_interval=60, recheck_in_background=False)
+    publish_with_ttl(resolver, fetcher, "example.com", "a1", ENFORCE, 0)
+    disc.lookup("example.com")
+    clock.now += 31  # id_check_interval is never exceeded
+    disc.lookup("example.com")
+    assert resolver.txt_queries == 2
+
+
+def test_an_entry_without_a_known_ttl_is_checked_every_id_check_interval(world):
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    entry = disc.cache.peek("example.com")
+    disc.cache.put(Entry(entry.result, entry.checked_at, txt_ttl=None))  # stored before TTLs were kept
+    resolver.txt_ttls["_mta-sts.example.com"] = 10
+    clock.now += 299
+    disc.lookup("example.com")
+    assert resolver.txt_queries == 1
+    clock.now += 2
+    disc.lookup("example.com")
+    assert resolver.txt_queries == 2 and disc.cache.peek("example.com").txt_ttl == 10
+
+
+def test_the_daemon_rechecks_in_the_background_once_the_ttl_has_passed(world):
+    clock, resolver, fetcher, disc = world
+    disc.settings = Settings(id_check_interval=300, refresh_interval=3600)  # the daemon's default
+    publish_with_ttl(resolver, fetcher, "example.com", "a1", ENFORCE, 90)
+    disc.lookup("example.com")
+    publish_with_ttl(resolver, fetcher, "example.com", "a2", TESTING, 90)
+    clock.now += 89
+    assert disc.peek("example.com").policy_id == "a1" and resolver.txt_queries == 1
+    clock.now += 2
+    assert disc.peek("example.com").policy_id == "a1"  # answered at once; the re-check starts
+    wait_for(lambda: disc.peek("example.com").policy_id == "a2")
+
+
+def test_the_ttl_survives_a_restart(tmp_path):
+    clock, resolver, fetcher = Clock(), FakeResolver(), FakeFetcher()
+    path = str(tmp_path / "cache.sqlite")
+    publish_with_ttl(resolver, fetcher, "example.com", "a1", ENFORCE, 120)
+    settings = Settings(recheck_in_background=False)
+    cache = PolicyCache(SqliteStore(path), 1000, 60, 300, clock=clock)
+    disc = Discovery(resolver, fetcher, cache, settings, clock=clock)
+    disc.lookup("example.com")
+    disc.close()
+    cache.close()
+
+    publish_with_ttl(resolver, fetcher, "example.com", "a2", TESTING, 120)
+    cache = PolicyCache(SqliteStore(path), 1000, 60, 300, clock=clock)
+    assert cache.load() == 1
+    disc = Discovery(resolver, fetcher, cache, settings, clock=clock)
+    clock.now += 119
+    assert disc.lookup("example.com").policy_id == "a1"
+    clock.now += 2  # the TTL stored with the entry, not id_check_interval (300 s)
+    assert disc.lookup("example.com").policy_id == "a2"
+    disc.close()
+    cache.close()
+
+
+@pytest.mark.parametrize("one_shot, settings", [
+    (True, (0.0, 60.0, False)),  # query/check: every lookup re-checks the id and waits for it
+    (False, (300.0, 60.0, True)),  # the daemon: the TTL, between the configured bounds
+])
+def test_one_shot_commands_recheck_the_id_on_every_lookup(one_shot, settings):
+    from stsmilter import config, engine
+
+    cfg = config.defaults().replace(cache={"path": ""}, socketmap={"dane": "no"})
+    disc = engine.open_engine(cfg, one_shot=one_shot)
+    try:
+        s = disc.settings
+        assert (s.id_check_interval, s.id_check_min_interval, s.recheck_in_background) == settings
+    finally:
+        disc.close()
+        disc.cache.close()

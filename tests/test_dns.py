@@ -13,7 +13,7 @@ import dns.rdatatype
 import pytest
 from prometheus_client import REGISTRY
 
-from stsmilter.dns import MxSet, NoRecord, Resolver, TempDnsError
+from stsmilter.dns import MxSet, NoRecord, Resolver, TempDnsError, TxtSet
 from world.dns_server import DnsServer
 
 pytestmark = pytest.mark.integration
@@ -36,30 +36,48 @@ def timed(call, *args, **kwargs):
 
 def test_txt_single_string(dns_server, resolver):
     dns_server.add("_mta-sts.example.com", "TXT", "v=STSv1; id=20240101")
-    assert resolver.txt("_mta-sts.example.com") == ["v=STSv1; id=20240101"]
-    assert resolver.txt("_MTA-STS.Example.COM.") == ["v=STSv1; id=20240101"]
+    assert resolver.txt("_mta-sts.example.com").records == ("v=STSv1; id=20240101",)
+    assert resolver.txt("_MTA-STS.Example.COM.").records == ("v=STSv1; id=20240101",)
 
 
 def test_txt_strings_of_one_record_are_joined_without_spaces(dns_server, resolver):
     dns_server.add("_mta-sts.example.com", "TXT", ["v=STSv1; ", "id=", "42"])
-    assert resolver.txt("_mta-sts.example.com") == ["v=STSv1; id=42"]
+    assert resolver.txt("_mta-sts.example.com").records == ("v=STSv1; id=42",)
 
 
 def test_txt_one_str_per_record(dns_server, resolver):
     dns_server.add("_mta-sts.example.com", "TXT", "v=STSv1; id=1")
     dns_server.add("_mta-sts.example.com", "TXT", "something else")
-    assert sorted(resolver.txt("_mta-sts.example.com")) == ["something else", "v=STSv1; id=1"]
+    assert sorted(resolver.txt("_mta-sts.example.com").records) == ["something else", "v=STSv1; id=1"]
 
 
 def test_txt_follows_cname_to_another_domain(dns_server, resolver):
     dns_server.add("_mta-sts.example.com", "CNAME", "_mta-sts.provider.net")
     dns_server.add("_mta-sts.provider.net", "TXT", "v=STSv1; id=p1")
-    assert resolver.txt("_mta-sts.example.com") == ["v=STSv1; id=p1"]
+    assert resolver.txt("_mta-sts.example.com").records == ("v=STSv1; id=p1",)
+
+
+def test_txt_carries_the_rrset_ttl(dns_server, resolver):
+    # RFC 8461 §3.3/§5.1: the id is re-checked once the record's TTL has passed.
+    dns_server.add("_mta-sts.example.com", "TXT", "v=STSv1; id=1", ttl=1234)
+    assert resolver.txt("_mta-sts.example.com") == TxtSet(("v=STSv1; id=1",), 1234)
+
+
+@pytest.mark.parametrize("cname_ttl, txt_ttl, expected", [(60, 3600, 60), (3600, 120, 120)])
+def test_txt_ttl_is_lowered_by_a_cname_on_the_way(dns_server, resolver, cname_ttl, txt_ttl, expected):
+    dns_server.add("_mta-sts.example.com", "CNAME", "_mta-sts.provider.net", ttl=cname_ttl)
+    dns_server.add("_mta-sts.provider.net", "TXT", "v=STSv1; id=p1", ttl=txt_ttl)
+    assert resolver.txt("_mta-sts.example.com").ttl == expected
+
+
+def test_txt_ttl_with_the_top_bit_set_counts_as_zero(dns_server, resolver):
+    dns_server.add("_mta-sts.example.com", "TXT", "v=STSv1; id=1", ttl=2**31 + 7)  # RFC 2181 §8
+    assert resolver.txt("_mta-sts.example.com").ttl == 0
 
 
 def test_txt_non_ascii_bytes_stay_non_ascii(dns_server, resolver):
     dns_server.add("_mta-sts.example.com", "TXT", b"v=STSv1; id=\xc3\xa9")
-    [record] = resolver.txt("_mta-sts.example.com")
+    [record] = resolver.txt("_mta-sts.example.com").records
     assert record.startswith("v=STSv1; id=") and not record.isascii()
 
 
@@ -123,7 +141,7 @@ def test_per_call_lifetime_shorter_than_timeout_is_honoured(dns_server, make_res
 def test_slow_answer_within_the_timeout_is_used(dns_server, resolver):
     dns_server.add("_mta-sts.example.com", "TXT", "v=STSv1; id=1")
     dns_server.delay("_mta-sts.example.com", 0.3)
-    assert resolver.txt("_mta-sts.example.com") == ["v=STSv1; id=1"]
+    assert resolver.txt("_mta-sts.example.com").records == ("v=STSv1; id=1",)
 
 
 def test_nobody_listening_is_temporary():
@@ -138,7 +156,7 @@ def test_nobody_listening_is_temporary():
 def test_truncated_answer_is_retried_over_tcp(dns_server, resolver):
     big = "v=STSv1; id=1; " + "x" * 2000  # beyond the 1232-byte EDNS payload
     dns_server.add("_mta-sts.example.com", "TXT", big)
-    assert resolver.txt("_mta-sts.example.com") == [big]
+    assert resolver.txt("_mta-sts.example.com").records == (big,)
     transports = [t for name, _, t in dns_server.queries if name == "_mta-sts.example.com"]
     assert transports == ["udp", "tcp"]
 
@@ -153,7 +171,7 @@ def test_fifty_threads_share_one_resolver(dns_server, resolver):
     def ask(i):
         start.wait()
         try:
-            results[i] = resolver.txt(f"_mta-sts.d{i}.example")
+            results[i] = resolver.txt(f"_mta-sts.d{i}.example").records
         except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 
@@ -163,7 +181,7 @@ def test_fifty_threads_share_one_resolver(dns_server, resolver):
     for thread in threads:
         thread.join(timeout=10)
     assert not errors
-    assert results == {i: [f"v=STSv1; id={i}"] for i in range(50)}
+    assert results == {i: (f"v=STSv1; id={i}",) for i in range(50)}
 
 
 # -- MX ---------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def test_round_trip_keeps_every_field(store):
     entry = store.get("a.example")
     assert (entry.policy_id, entry.policy.mx, entry.fetched_at, entry.expires, entry.refresh_failures) == (
         "i1", ("mx.a.example",), NOW - 10, NOW - 10 + DAY, 3)
+    assert entry.txt_ttl is None  # not known
+    store.put(entry.confirmed(NOW - 5, 120))  # the TXT id confirmed, its record's TTL 120 s
+    entry = store.get("a.example")
+    assert (entry.checked_at, entry.txt_ttl, entry.refresh_failures) == (NOW - 5, 120, 3)
     assert entry.result.status == "valid" and entry.result.source == "cache"
     assert store.delete("a.example") and not store.delete("a.example")
 
@@ -62,13 +66,24 @@ def test_a_damaged_sqlite_row_is_dropped_not_trusted(tmp_path):
 # --- what is read back is checked, not trusted
 
 GOOD = dict(domain="a.example", policy_id="i1", policy='{"version":"STSv1","mode":"enforce","max_age":86400,"mx":["mx.a.example"]}',
-            fetched_at=NOW - 10, checked_at=NOW - 5, refresh_failures=0, last_error=None)
+            fetched_at=NOW - 10, checked_at=NOW - 5, refresh_failures=0, last_error=None, txt_ttl=300)
 
 
 def test_decode_entry_accepts_a_good_entry():
     entry = decode_entry(**GOOD, now=NOW)
-    assert (entry.domain, entry.policy.mode, entry.policy.max_age, entry.expires) == (
-        "a.example", "enforce", 86400, NOW - 10 + 86400)
+    assert (entry.domain, entry.policy.mode, entry.policy.max_age, entry.expires, entry.txt_ttl) == (
+        "a.example", "enforce", 86400, NOW - 10 + 86400, 300)
+
+
+@pytest.mark.parametrize("ttl", [None, 0, 2**31 - 1])
+def test_decode_entry_takes_a_missing_zero_or_largest_txt_ttl(ttl):
+    assert decode_entry(**dict(GOOD, txt_ttl=ttl), now=NOW).txt_ttl == ttl
+
+
+def test_entry_fields_is_what_decode_entry_takes():
+    entry = decode_entry(**GOOD, now=NOW)
+    from stsmilter.store.base import entry_fields
+    assert decode_entry(**entry_fields(entry), now=NOW) == entry
 
 
 @pytest.mark.parametrize("field, value, reason", [
@@ -107,6 +122,11 @@ def test_decode_entry_accepts_a_good_entry():
     ("policy_id", None, "policy id"),
     ("policy_id", "not-valid", "policy id"),
     ("policy_id", "x" * 33, "policy id"),
+    ("txt_ttl", -1, "txt_ttl"),
+    ("txt_ttl", 2**31, "txt_ttl"),  # RFC 2181 §8: at most 2^31 - 1
+    ("txt_ttl", 300.0, "txt_ttl"),
+    ("txt_ttl", "300", "txt_ttl"),
+    ("txt_ttl", True, "txt_ttl"),
 ])
 def test_decode_entry_rejects_wrong_types_and_ranges(field, value, reason):
     with pytest.raises(BadEntry, match=reason):
@@ -192,7 +212,7 @@ def test_a_cache_written_before_schema_versions_is_adopted_with_its_policies(tmp
     s.put(make_entry("new.example", "n1", Policy("STSv1", "testing", 600, ("mx.new.example",)), NOW))
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
     again = SqliteStore(path, clock=lambda: NOW)  # a second start: nothing left to migrate
@@ -200,11 +220,58 @@ def test_a_cache_written_before_schema_versions_is_adopted_with_its_policies(tmp
     again.close()
 
 
+V1_FILE = os.path.join(os.path.dirname(__file__), "data", "cache-v1.sqlite")
+# tests/data/cache-v1.sqlite was written by stsmilter at commit bfc9dc3 (schema version 1,
+# before the TXT record's TTL was kept): its SqliteStore.put() of enforce.example (fetched
+# 1796000000, max_age 604800), testing.example (checked 60 s before 1796000000),
+# none.example and failing.example (3 refresh failures).
+
+
+def test_a_version_1_cache_is_migrated_in_place_with_its_policies(tmp_path):
+    path = str(tmp_path / "cache.sqlite")
+    shutil.copyfile(V1_FILE, path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    s = SqliteStore(path, clock=lambda: 1_796_000_000.0)
+    entries = {e.domain: e for e in s.entries()}
+    assert sorted(entries) == ["enforce.example", "failing.example", "none.example", "testing.example"]
+    enforce = entries["enforce.example"]
+    assert (enforce.policy_id, enforce.policy.mode, enforce.policy.mx, enforce.expires, enforce.txt_ttl) == (
+        "20261201", "enforce", ("mx1.enforce.example", "*.mx.enforce.example"), 1_796_604_800.0, None)
+    assert entries["testing.example"].checked_at == 1_796_000_000.0 - 60
+    assert (entries["failing.example"].refresh_failures, entries["failing.example"].last_error) == (
+        3, "sts-webpki-invalid")
+    assert all(e.txt_ttl is None for e in entries.values()) and s.bad_entries == 0
+    s.put(enforce.confirmed(1_796_000_100.0, 3600))  # the new column takes the TTL
+    s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("SELECT domain, txt_ttl FROM policies ORDER BY domain").fetchall() == [
+        ("enforce.example", 3600), ("failing.example", None), ("none.example", None), ("testing.example", None)]
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    again = SqliteStore(path, clock=lambda: 1_796_000_000.0)  # a second start: nothing left to migrate
+    assert again.get("enforce.example").txt_ttl == 3600 and again.count() == 4
+    again.close()
+
+
+def test_a_version_1_cache_read_only_is_read_without_migrating(tmp_path):
+    path = str(tmp_path / "cache.sqlite")
+    shutil.copyfile(V1_FILE, path)
+    before = open(path, "rb").read()
+    snapshot = SqliteStore(path, uri=f"file:{path}?mode=ro", clock=lambda: 1_796_000_000.0)
+    assert sorted((e.domain, e.txt_ttl) for e in snapshot.entries()) == [
+        ("enforce.example", None), ("failing.example", None), ("none.example", None), ("testing.example", None)]
+    snapshot.close()
+    assert open(path, "rb").read() == before
+
+
 @pytest.mark.parametrize("setup, reason", [
     ("CREATE TABLE users (name TEXT)", "not a stsmilter cache"),
+    ("CREATE TABLE policies (domain TEXT, policy_id TEXT, policy TEXT, fetched_at REAL, expires REAL, mode TEXT,"
+     " checked_at REAL, refresh_failures INTEGER, last_error TEXT); PRAGMA user_version = 2", "lacks txt_ttl"),
     ("CREATE TABLE policies (domain TEXT, policy TEXT)", "lacks policy_id, fetched_at"),
     ("CREATE TABLE policies (domain TEXT); PRAGMA user_version = 1", "lacks"),
-    ("PRAGMA user_version = 7", "schema version 7, this stsmilter knows 1"),
+    ("PRAGMA user_version = 7", "schema version 7, this stsmilter knows 2"),
     ("PRAGMA user_version = -1", "schema version -1"),
 ])
 def test_a_foreign_or_newer_schema_is_unusable_and_left_unchanged(tmp_path, setup, reason):

@@ -225,7 +225,7 @@ CORRUPT = {
     "random-bytes": (_random_bytes, "not a SQLite database"),
     "truncated": (_truncated, "database disk image is malformed"),
     "foreign-schema": (lambda p: _sqlite(p, "CREATE TABLE mailboxes (address TEXT)"), "not a stsmilter cache"),
-    "newer-schema": (lambda p: _sqlite(p, "PRAGMA user_version = 9"), "schema version 9, this stsmilter knows 1"),
+    "newer-schema": (lambda p: _sqlite(p, "PRAGMA user_version = 9"), "schema version 9, this stsmilter knows 2"),
 }
 
 
@@ -360,7 +360,7 @@ def test_a_cache_written_before_schema_versions_keeps_its_policies(start_daemon,
     proc = sts_world.cli("query", "--json", "-c", daemon.config_path, "testing.example")
     assert proc.returncode == 0, proc.stderr
     assert '"source": "cache"' in proc.stdout and '"mode": "testing"' in proc.stdout
-    assert sqlite3.connect(cache).execute("PRAGMA user_version").fetchone()[0] == 1
+    assert sqlite3.connect(cache).execute("PRAGMA user_version").fetchone()[0] == 2
     assert daemon.log().count("WARNING") == 0
     assert_no_traceback(daemon)
 

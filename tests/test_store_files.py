@@ -47,7 +47,7 @@ def foreign(path):
 def newer(path):
     filled(path)
     db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 2")
+    db.execute("PRAGMA user_version = 3")
     db.close()
 
 
@@ -56,7 +56,7 @@ UNUSABLE = {
     "text": (lambda p: open(p, "w").write("hello\n"), "not a SQLite database"),
     "truncated": (truncated, "damaged|malformed"),
     "foreign-schema": (foreign, "not a stsmilter cache"),
-    "newer-schema": (newer, "schema version 2"),
+    "newer-schema": (newer, "schema version 3"),
 }
 
 

@@ -13,6 +13,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from stsmilter import metrics
+from stsmilter.dns import MAX_TTL
 from stsmilter.policy import MAX_AGE_LIMIT, MODES, VALID, Policy, Result, normalize_domain, valid_mx_pattern
 
 # Modes come from a three-word vocabulary; sharing the string objects keeps 100 000
@@ -25,6 +26,13 @@ FUTURE_SLACK = 86400.0
 MAX_LAST_ERROR = 200
 # Many domains share their provider's MX patterns: check each spelling once.
 _valid_pattern = functools.lru_cache(maxsize=8192)(valid_mx_pattern)
+
+
+@functools.lru_cache(maxsize=8192, typed=True)
+def _shared(value):
+    """One object for equal values (bounded): the few usual TTLs are held once, not once
+    per cached policy."""
+    return value
 
 
 class StoreError(Exception):
@@ -54,6 +62,10 @@ class Entry:
     checked_at: float  # when the TXT id was last confirmed (or the policy fetched)
     refresh_failures: int = 0  # consecutive failed refreshes
     last_error: Optional[str] = None
+    # The DNS TTL of the _mta-sts TXT record when its id was last confirmed: the id is
+    # checked again once it has passed (discovery.py). None: not known (an entry stored
+    # before the TTL was kept), [cache] id_check_interval applies.
+    txt_ttl: Optional[int] = None
 
     @property
     def domain(self) -> str:
@@ -80,6 +92,12 @@ class Entry:
         """An enforce/testing policy whose last refresh failed."""
         return bool(self.refresh_failures) and self.policy.mode != "none"
 
+    def confirmed(self, at: float, txt_ttl: Optional[int]) -> "Entry":
+        """This entry with its TXT id confirmed at `at`; txt_ttl: the record's TTL then
+        (None: keep the one known)."""
+        ttl = self.txt_ttl if txt_ttl is None else _shared(txt_ttl)
+        return dataclasses.replace(self, checked_at=at, txt_ttl=ttl)
+
 
 def make_entry(
     domain: str,
@@ -89,6 +107,7 @@ def make_entry(
     checked_at: Optional[float] = None,
     refresh_failures: int = 0,
     last_error: Optional[str] = None,
+    txt_ttl: Optional[int] = None,
 ) -> Entry:
     policy = dataclasses.replace(policy, mode=_MODES.get(policy.mode, policy.mode))
     result = Result(
@@ -100,11 +119,27 @@ def make_entry(
         fetched_at=fetched_at,
         expires=fetched_at + policy.max_age,
     )
-    return Entry(result, fetched_at if checked_at is None else checked_at, refresh_failures, last_error)
+    checked = fetched_at if checked_at is None else checked_at
+    return Entry(result, checked, refresh_failures, last_error, None if txt_ttl is None else _shared(txt_ttl))
 
 
 def policy_json(entry: Entry) -> str:
     return json.dumps(entry.policy.as_dict(), separators=(",", ":"))
+
+
+def entry_fields(entry: Entry) -> Dict[str, Any]:
+    """The stored form of an entry, one value per field (policy as JSON text):
+    decode_entry(**entry_fields(entry)) gives it back. Every backend stores these."""
+    return {
+        "domain": entry.domain,
+        "policy_id": entry.policy_id,
+        "policy": policy_json(entry),
+        "fetched_at": entry.fetched_at,
+        "checked_at": entry.checked_at,
+        "refresh_failures": entry.refresh_failures,
+        "last_error": entry.last_error,
+        "txt_ttl": entry.txt_ttl,
+    }
 
 
 def _is_int(value: Any) -> bool:
@@ -150,9 +185,10 @@ def decode_entry(
     refresh_failures: Any,
     last_error: Any,
     now: Optional[float] = None,
+    txt_ttl: Any = None,
 ) -> Entry:
     """An Entry from stored fields (policy: JSON text or a dict), each checked for type and
-    range; BadEntry says what is wrong."""
+    range; BadEntry says what is wrong. txt_ttl None: not stored (an older entry)."""
     now = time.time() if now is None else now
     try:
         valid_domain = isinstance(domain, str) and normalize_domain(domain) == domain
@@ -166,6 +202,8 @@ def decode_entry(
         raise BadEntry(f"refresh_failures {str(refresh_failures)[:20]!r}")
     if last_error is not None and not isinstance(last_error, str):
         raise BadEntry("last_error is not text")
+    if txt_ttl is not None and not (_is_int(txt_ttl) and 0 <= txt_ttl <= MAX_TTL):
+        raise BadEntry(f"txt_ttl {str(txt_ttl)[:20]!r}")
     return make_entry(
         domain,
         policy_id,
@@ -174,6 +212,7 @@ def decode_entry(
         _time("checked_at", checked_at, now),
         refresh_failures,
         last_error[:MAX_LAST_ERROR] if last_error else None,
+        txt_ttl,
     )
 
 

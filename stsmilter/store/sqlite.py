@@ -2,9 +2,11 @@
 are rare: a fetch, an id check every few minutes per domain).
 
 The schema carries a version (PRAGMA user_version). Files written before it had one
-(user_version 0 with a ``policies`` table) are adopted in place, so an upgrade keeps
-its cache. Opening checks the file (quick_check, schema); what cannot be used raises
-UnusableStore, and the caller (files.open_sqlite) decides whether to move it aside.
+(user_version 0 with a ``policies`` table) are adopted in place, and each later version
+is reached by one migration step, so an upgrade keeps its cache: 1 -> 2 adds the TXT
+record's TTL (``txt_ttl``, NULL for the policies stored before). Opening checks the file
+(quick_check, schema); what cannot be used raises UnusableStore, and the caller
+(files.open_sqlite) decides whether to move it aside.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import threading
 import time
 from typing import Callable, Iterator, List, Optional
 
-from stsmilter.store.base import BadEntry, Entry, Store, StoreError, UnusableStore, decode_entry, policy_json
+from stsmilter.store.base import BadEntry, Entry, Store, StoreError, UnusableStore, decode_entry, entry_fields
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_CREATE = (
+_CREATE_V1 = (
     """CREATE TABLE IF NOT EXISTS policies (
     domain TEXT PRIMARY KEY,
     policy_id TEXT NOT NULL,
@@ -33,8 +35,10 @@ _CREATE = (
     "CREATE INDEX IF NOT EXISTS policies_fetched ON policies (fetched_at)",
     "CREATE INDEX IF NOT EXISTS policies_expires ON policies (expires)",
 )
-_COLUMNS = ("domain", "policy_id", "policy", "fetched_at", "expires", "mode", "checked_at", "refresh_failures",
-            "last_error")
+_V1_COLUMNS = ("domain", "policy_id", "policy", "fetched_at", "expires", "mode", "checked_at", "refresh_failures",
+               "last_error")
+_COLUMNS = _V1_COLUMNS + ("txt_ttl",)
+_INSERT = f"INSERT OR REPLACE INTO policies ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SELECT = "SELECT rowid, domain, policy_id, policy, fetched_at, checked_at, refresh_failures, last_error, expires, mode"
 
 # Errors that say the file's content is bad, not that the disk or the lock is.
@@ -56,16 +60,21 @@ def store_error(e: sqlite3.Error) -> StoreError:
 def _migrate_from_0(db: sqlite3.Connection) -> None:
     """user_version 0: a new file, or one written before the schema had a version (the
     same policies table, which stays as it is)."""
-    for statement in _CREATE:  # (not executescript(): it would commit the migration's transaction)
+    for statement in _CREATE_V1:  # (not executescript(): it would commit the migration's transaction)
         db.execute(statement)
 
 
-_MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migrate_from_0]  # index = from version
+def _migrate_from_1(db: sqlite3.Connection) -> None:
+    """The TXT record's TTL; NULL (not known) for the policies already stored."""
+    db.execute("ALTER TABLE policies ADD COLUMN txt_ttl INTEGER")
 
 
-def _check_columns(db: sqlite3.Connection) -> None:
+_MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migrate_from_0, _migrate_from_1]  # index = from version
+
+
+def _check_columns(db: sqlite3.Connection, version: int) -> None:
     columns = {r[1] for r in db.execute("PRAGMA table_info(policies)")}
-    missing = [c for c in _COLUMNS if c not in columns]
+    missing = [c for c in (_COLUMNS if version >= 2 else _V1_COLUMNS) if c not in columns]
     if missing:
         raise UnusableStore(f"table policies lacks {', '.join(missing)}", "foreign-schema")
 
@@ -80,7 +89,7 @@ def check_schema(db: sqlite3.Connection) -> int:
     if version == 0 and tables - {"policies"}:
         raise UnusableStore(f"not a stsmilter cache (tables: {', '.join(sorted(tables))[:100]})", "foreign-schema")
     if version > 0 or tables:
-        _check_columns(db)
+        _check_columns(db, version)
     return version
 
 
@@ -93,7 +102,7 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
             _MIGRATIONS[version](db)
-            _check_columns(db)
+            _check_columns(db, version + 1)
             db.execute(f"PRAGMA user_version = {version + 1}")
             db.execute("COMMIT")
         except BaseException:
@@ -130,11 +139,14 @@ class SqliteStore(Store):
                     problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
                     if problem != "ok":
                         raise UnusableStore(f"damaged: {problem[:100]}", "SQLITE_CORRUPT")
-                check_schema(self._db)  # before anything writes to a file that may not be ours
+                version = check_schema(self._db)  # before anything writes to a file that may not be ours
                 if uri is None:
                     self._db.execute("PRAGMA journal_mode=WAL")
                     self._db.execute("PRAGMA synchronous=NORMAL")
                     migrate(self._db)
+                    version = SCHEMA_VERSION
+                # A read-only snapshot of an older file has no TTL column: NULL stands in.
+                self._select = _SELECT + (", txt_ttl" if version >= 2 else ", NULL")
         except (sqlite3.Error, StoreError) as e:
             self._db.close()
             if isinstance(e, StoreError):
@@ -145,9 +157,9 @@ class SqliteStore(Store):
         """Entries from rows; a row that fails the checks is counted and deleted."""
         now = self.clock()
         good, bad = [], []
-        for rowid, domain, policy_id, text, fetched_at, checked_at, failures, last_error, expires, mode in rows:
+        for rowid, domain, policy_id, text, fetched_at, checked_at, failures, last_error, expires, mode, ttl in rows:
             try:
-                entry = decode_entry(domain, policy_id, text, fetched_at, checked_at, failures, last_error, now)
+                entry = decode_entry(domain, policy_id, text, fetched_at, checked_at, failures, last_error, now, ttl)
                 if mode != entry.policy.mode or not _is_number(expires) or abs(expires - entry.expires) > 1:
                     raise BadEntry("mode or expires column disagrees with the policy")
             except Exception as e:  # BadEntry, or a check that did not foresee this value
@@ -172,19 +184,19 @@ class SqliteStore(Store):
                 raise store_error(e) from None
 
     def get(self, domain: str) -> Optional[Entry]:
-        entries = self._execute(f"{_SELECT} FROM policies WHERE domain = ?", (domain,), select=True)
+        entries = self._execute(f"{self._select} FROM policies WHERE domain = ?", (domain,), select=True)
         return entries[0] if entries else None
 
     def put(self, entry: Entry) -> None:
-        row = (entry.domain, entry.policy_id, policy_json(entry), entry.fetched_at, entry.expires, entry.policy.mode,
-               entry.checked_at, entry.refresh_failures, entry.last_error)
-        self._execute(f"INSERT OR REPLACE INTO policies ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 9)})", row)
+        # expires and mode: copies for the refresher's queries (checked against the policy on read)
+        row = dict(entry_fields(entry), expires=entry.expires, mode=entry.policy.mode)
+        self._execute(_INSERT, tuple(row[c] for c in _COLUMNS))
 
     def delete(self, domain: str) -> bool:
         return self._execute("DELETE FROM policies WHERE domain = ?", (domain,)).rowcount > 0
 
     def entries(self) -> Iterator[Entry]:
-        return iter(self._execute(f"{_SELECT} FROM policies ORDER BY domain", select=True))
+        return iter(self._execute(f"{self._select} FROM policies ORDER BY domain", select=True))
 
     def count(self) -> int:
         with self._lock:
@@ -195,7 +207,7 @@ class SqliteStore(Store):
 
     def due(self, now: float, interval: float) -> List[Entry]:
         return self._execute(
-            f"{_SELECT} FROM policies WHERE expires > ? AND (fetched_at <= ? OR (? - fetched_at) * 2 >= expires - fetched_at)",
+            f"{self._select} FROM policies WHERE expires > ? AND (fetched_at <= ? OR (? - fetched_at) * 2 >= expires - fetched_at)",
             (now, now - interval, now),
             select=True,
         )

@@ -25,13 +25,13 @@ class StsWorld:
         self.tmp_path = tmp_path
 
     def publish(self, domain, policy_id="id1", body=None, mode="enforce", mx_patterns=("mx.{domain}",),
-                mx_hosts=None, txt=None, **misbehaviour):
-        """TXT _mta-sts.<domain>, A mta-sts.<domain> -> 127.0.0.1, the domain's MX hosts, and
-        the policy file on the HTTPS server (with optional misbehaviour)."""
+                mx_hosts=None, txt=None, txt_ttl=300, **misbehaviour):
+        """TXT _mta-sts.<domain> (TTL txt_ttl), A mta-sts.<domain> -> 127.0.0.1, the domain's MX
+        hosts, and the policy file on the HTTPS server (with optional misbehaviour)."""
         if txt is None:
             txt = [f"v=STSv1; id={policy_id}"]
         for record in txt:
-            self.dns.add(f"_mta-sts.{domain}", "TXT", record)
+            self.dns.add(f"_mta-sts.{domain}", "TXT", record, ttl=txt_ttl)
         self.dns.add(f"mta-sts.{domain}", "A", "127.0.0.1")
         for host in mx_hosts if mx_hosts is not None else [f"mx.{domain}"]:
             self.dns.add(domain, "MX", f"10 {host}.")
@@ -40,9 +40,9 @@ class StsWorld:
             body = policy_text(mode, mx_patterns, domain=domain)
         self.https.serve(f"mta-sts.{domain}", body, **misbehaviour)
 
-    def set_txt_id(self, domain, policy_id):
+    def set_txt_id(self, domain, policy_id, txt_ttl=300):
         self.dns.remove(f"_mta-sts.{domain}", "TXT")
-        self.dns.add(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={policy_id}")
+        self.dns.add(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={policy_id}", ttl=txt_ttl)
 
     def config_text(self, cache_path=None, **sections):
         """A complete config for this world; sections={'milter': {'dry_run': 'yes'}} overrides."""
