@@ -1,8 +1,10 @@
 """The bounded in-memory layer over a persistent store; memory decides, the store remembers.
 
-Three maps, each bounded (cachetools) and guarded by one lock:
-- policies: LRU of Entry, loaded from the store at start so a restart protects at once;
-- negative: "no usable TXT record" Results, for [cache] negative_ttl;
+Three maps, each bounded and guarded by one lock:
+- policies: LRU of Entry (cachetools), loaded from the store at start so a restart
+  protects at once;
+- negative: domains with no usable TXT record, for [cache] negative_ttl (negative_cache.py:
+  compact, since most domains publish no policy);
 - backoff: (domain, policy id) pairs whose fetch failed, for [cache] failure_backoff, so a
   broken policy host is not hammered (RFC 8461 §3.3 leaves the retry policy to senders).
 
@@ -22,9 +24,14 @@ from typing import Callable, Dict, List, Optional, Set
 from cachetools import LRUCache, TTLCache
 
 from stsmilter import metrics
-from stsmilter.policy import Result
+from stsmilter.negative_cache import NegativeCache
+from stsmilter.policy import NONE, Result
 from stsmilter.store import Entry, Store, is_due
 from stsmilter.store.guard import StoreGuard
+
+# negative() hands out one Result object per recently asked domain, so that a front end
+# that reuses its reply while it gets the same object (the socketmap) keeps doing so.
+RECENT_NEGATIVE_RESULTS = 1024
 
 
 class PolicyCache:
@@ -42,10 +49,10 @@ class PolicyCache:
         self._guard = StoreGuard(store, retry_after)
         self._lock = threading.Lock()
         self._policies: LRUCache = LRUCache(maxsize=max_entries)
+        self._negative = NegativeCache(max_entries, negative_ttl, clock)  # ttl 0: nothing kept
+        self._negative_results: Dict[str, Result] = {}  # domain -> Result, recently asked
         # TTLCache rejects ttl=0 poorly; a tiny ttl makes "0" mean "not cached".
-        self._negative: TTLCache = TTLCache(maxsize=max_entries, ttl=max(negative_ttl, 1e-9), timer=clock)
         self._backoff: TTLCache = TTLCache(maxsize=max_entries, ttl=max(failure_backoff, 1e-9), timer=clock)
-        self._negative_enabled = negative_ttl > 0
         self._backoff_enabled = failure_backoff > 0
         self._unsaved: Set[str] = set()  # domains whose newest entry the store refused
         # Failing enforce/testing entries (also those evicted from memory): the gauge
@@ -190,13 +197,23 @@ class PolicyCache:
     # --- negative answers
 
     def negative(self, domain: str) -> Optional[Result]:
+        """The remembered "none" answer for domain (source "cache"), if unexpired."""
         with self._lock:
-            return self._negative.get(domain)
+            reason = self._negative.get(domain)
+            if reason is None:
+                return None
+            result = self._negative_results.get(domain)
+            if result is None or result.reason != (reason or None):
+                if len(self._negative_results) >= RECENT_NEGATIVE_RESULTS:
+                    self._negative_results.clear()
+                result = Result(domain, NONE, reason=reason or None, source="cache")
+                self._negative_results[domain] = result
+            return result
 
     def put_negative(self, result: Result) -> None:
-        if self._negative_enabled:
-            with self._lock:
-                self._negative[result.domain] = result
+        """Remember a "none" answer (only its domain and reason are kept)."""
+        with self._lock:
+            self._negative.put(result.domain, result.reason or "")
 
     # --- fetch failure backoff
 
