@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging
 import re
+import sys
 import unicodedata
 from typing import Iterable, List, Optional, Tuple, Union
 
@@ -25,6 +26,10 @@ PENDING = "pending"  # discovery not finished within the caller's deadline
 MODES = ("enforce", "testing", "none")
 
 log = logging.getLogger("stsmilter.policy")
+
+# Value objects held once per cached domain carry no per-instance dict where the language
+# allows (Python 3.10+): about 50 bytes less each (README "Sizing").
+SLOTS = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 
 class PolicyError(ValueError):
@@ -43,7 +48,7 @@ class TxtRecord:
     extensions: Tuple[Tuple[str, str], ...] = ()  # (name, value) in record order, id excluded
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, **SLOTS)
 class Policy:
     version: str
     mode: str  # "enforce" | "testing" | "none"
@@ -57,7 +62,7 @@ class Policy:
         return {"version": self.version, "mode": self.mode, "max_age": self.max_age, "mx": list(self.mx)}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, **SLOTS)
 class Result:
     """The answer to "which MTA-STS policy applies to this domain right now"."""
 

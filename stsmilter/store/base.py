@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from stsmilter import metrics
 from stsmilter.dns import MAX_TTL
-from stsmilter.policy import MAX_AGE_LIMIT, MODES, VALID, Policy, Result, normalize_domain, valid_mx_pattern
+from stsmilter.policy import MAX_AGE_LIMIT, MODES, SLOTS, VALID, Policy, Result, normalize_domain, valid_mx_pattern
 
 # Modes come from a three-word vocabulary; sharing the string objects keeps 100 000
 # cached policies from carrying 100 000 copies of "enforce".
@@ -30,8 +30,8 @@ _valid_pattern = functools.lru_cache(maxsize=8192)(valid_mx_pattern)
 
 @functools.lru_cache(maxsize=8192, typed=True)
 def _shared(value):
-    """One object for equal values (bounded): the few usual TTLs are held once, not once
-    per cached policy."""
+    """One object for equal values (bounded): provider MX patterns and the few usual TTLs
+    are held once, not once per cached policy."""
     return value
 
 
@@ -54,7 +54,7 @@ class BadEntry(ValueError):
     """One stored entry that cannot be trusted; str() says why."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, **SLOTS)
 class Entry:
     """A cached policy: the Result handed to front ends plus refresh bookkeeping."""
 
@@ -109,7 +109,7 @@ def make_entry(
     last_error: Optional[str] = None,
     txt_ttl: Optional[int] = None,
 ) -> Entry:
-    policy = dataclasses.replace(policy, mode=_MODES.get(policy.mode, policy.mode))
+    policy = dataclasses.replace(policy, mode=_MODES.get(policy.mode, policy.mode), mx=tuple(map(_shared, policy.mx)))
     result = Result(
         domain=domain,
         status=VALID,
