@@ -760,10 +760,55 @@ def start_static_socketmap(root: Path, stack: contextlib.ExitStack) -> Tuple[Sub
     return proc, port
 
 
+def _nxdomain_dns_main(port: int) -> int:
+    """A UDP DNS responder that answers NXDOMAIN to every query, built from the query's
+    bytes (no parsing library): tens of thousands of answers per second, so that a
+    benchmark of a million new domains measures the daemon, not the DNS server."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((LOOPBACK, port))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        wire, peer = sock.recvfrom(4096)
+        pos = 12
+        while pos < len(wire) and wire[pos]:  # the question's name: length-prefixed labels
+            pos += 1 + wire[pos]
+        end = pos + 5  # the root label, QTYPE, QCLASS
+        if len(wire) < 12 or end > len(wire) or wire[4:6] != b"\0\1":
+            continue
+        query_flags = int.from_bytes(wire[2:4], "big")
+        # QR, the query's opcode and RD, AA; RCODE 3 (NXDOMAIN); one question, no records
+        flags = 0x8000 | (query_flags & 0x7900) | 0x0400 | 3
+        sock.sendto(wire[:2] + struct.pack("!HHHHH", flags, 1, 0, 0, 0) + wire[12:end], peer)
+
+
+def start_nxdomain_dns(root: Path, stack: contextlib.ExitStack) -> Tuple[Subprocess, int]:
+    port = free_port()
+    proc = Subprocess([PYTHON, str(Path(__file__).resolve()), "nxdomain-dns", str(port)], root / "nxdomain-dns.log")
+    stack.callback(proc.stop)
+
+    def answers() -> bool:
+        proc.check_alive("NXDOMAIN responder")
+        import dns.message
+        import dns.query
+        import dns.rcode
+
+        try:
+            reply = dns.query.udp(dns.message.make_query("probe.bench.test", "TXT"), LOOPBACK, timeout=0.2, port=port)
+        except Exception:
+            return False
+        return reply.rcode() == dns.rcode.NXDOMAIN
+
+    wait_for(answers, 15, "NXDOMAIN responder")
+    return proc, port
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "nxdomain-dns":
+        sys.exit(_nxdomain_dns_main(int(sys.argv[2])))
     if len(sys.argv) == 3 and sys.argv[1] == "noop-milter":
         sys.exit(_noop_milter_main(sys.argv[2]))
     if len(sys.argv) == 3 and sys.argv[1] == "static-socketmap":
         sys.exit(_static_socketmap_main(int(sys.argv[2])))
-    print("usage: common.py noop-milter SOCKET | static-socketmap PORT", file=sys.stderr)
+    print("usage: common.py noop-milter SOCKET | static-socketmap PORT | nxdomain-dns PORT", file=sys.stderr)
     sys.exit(2)
