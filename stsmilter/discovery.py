@@ -116,7 +116,7 @@ class Discovery:
         settings = self.settings
         if entry.txt_ttl is None:
             return settings.id_check_interval
-        return min(settings.id_check_interval, max(float(entry.txt_ttl), settings.id_check_min_interval))
+        return min(settings.id_check_interval, max(entry.txt_ttl, settings.id_check_min_interval))
 
     # --- front-end API
 
