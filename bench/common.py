@@ -5,9 +5,10 @@ Nothing here is shipped: the benchmarks reuse the loopback test world in tests/w
 
 * an MTA-side milter driver (a small codec with pre-encoded packets, so that the
   driver costs a few microseconds per packet and is not what is being measured);
-* a no-op pymilter milter and a static netstring socketmap responder, run as
-  subprocesses by ``python bench/common.py noop-milter SOCKET`` /
-  ``python bench/common.py static-socketmap PORT``;
+* a no-op pymilter milter, a static netstring socketmap responder and a UDP DNS
+  responder that answers NXDOMAIN to everything, run as subprocesses by
+  ``python bench/common.py noop-milter SOCKET`` / ``static-socketmap PORT`` /
+  ``nxdomain-dns PORT``;
 * a closed-loop multi-process load runner with one time window for all workers;
 * cleanup plumbing: every process and temp directory goes away on return, on error
   and on Ctrl-C / SIGTERM.
