@@ -230,14 +230,13 @@ def parse_policy(body: Union[bytes, str]) -> Policy:
         log.warning("policy max_age %d above %d seconds, capped", max_age, MAX_AGE_LIMIT)
         max_age = MAX_AGE_LIMIT
 
-    patterns, seen = [], set()
-    for pattern in mx_values:
-        if not valid_mx_pattern(pattern):
-            raise PolicyError(f"mx: invalid pattern {_quote(pattern)}")
-        folded = _strip_dot(pattern.lower())
-        if folded not in seen:  # keep the first spelling of each name
-            seen.add(folded)
-            patterns.append(pattern)
+    patterns = []
+    for value in mx_values:
+        pattern = canonical_mx_pattern(value)
+        if pattern is None:
+            raise PolicyError(f"mx: invalid pattern {_quote(value)}")
+        patterns.append(pattern)
+    patterns = list(dict.fromkeys(patterns))  # without duplicates, in policy order
     if mode != "none" and not patterns:
         raise PolicyError(f"mx: mode {mode} needs at least one mx")
     return Policy(version="STSv1", mode=mode, max_age=max_age, mx=tuple(patterns))
@@ -246,16 +245,24 @@ def parse_policy(body: Union[bytes, str]) -> Policy:
 # --- MX patterns (RFC 8461 §4.1)
 
 
-def valid_mx_pattern(pattern: str) -> bool:
-    """An A-label hostname, optionally with "*." as the whole leftmost label."""
+def canonical_mx_pattern(pattern: str) -> Optional[str]:
+    """An mx value -> the form a Policy keeps and the MTA is given: lower-case, without a
+    trailing dot (certificate names and Postfix's match= names have none); None unless it
+    is an A-label host name, optionally with "*." as the whole leftmost label.
+
+    §3.2 spells the value ["*."] Domain (RFC 5321: no trailing dot), but §4.1 compares
+    names, and "mx1.example.com." names the same host: refusing it would drop the
+    domain's enforcement over a spelling.
+    """
     if not isinstance(pattern, str) or not pattern.isascii():  # before lower(): "\u212a" -> "k"
-        return False
+        return None
     name = _strip_dot(pattern.lower())
-    if len(name) > 253:
-        return False
-    if name.startswith("*."):
-        name = name[2:]
-    return _is_hostname(name)
+    host = name[2:] if name.startswith("*.") else name
+    return name if len(name) <= 253 and _is_hostname(host) else None
+
+
+def valid_mx_pattern(pattern: str) -> bool:
+    return canonical_mx_pattern(pattern) is not None
 
 
 def mx_matches(pattern: str, host: str) -> bool:

@@ -34,8 +34,6 @@ import threading
 import time
 from typing import Optional
 
-import idna
-
 from . import dane, metrics, policy
 from .preflight import chmod_socket
 
@@ -61,7 +59,6 @@ SENDMAIL_MAP = b"sts"  # FEATURE(`sts') asks "sts DOMAIN"
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(r"(?:%s\.)*%s" % (_LABEL, _LABEL))
-_PATTERN = re.compile(r"(?:\*\.)?(?:%s\.)*%s" % (_LABEL, _LABEL), re.I)
 
 
 class _Count:
@@ -103,19 +100,13 @@ INTERNAL_ERROR_REPLY = netstring(INTERNAL_ERROR)
 
 def normalize_key(key: bytes) -> Optional[str]:
     """The domain a request key names (lower-case A-labels, no trailing dot), or None for
-    anything else: [host]:port, host:port, IP literals, ".parent" lookups, junk."""
+    anything else: [host]:port, host:port, IP literals, ".parent" lookups, junk, bytes
+    that are not UTF-8. The milter's normalization (U-labels through UTS 46, as Postfix
+    does), so that both front ends look up the same domain."""
     try:
-        text = key.decode("ascii").lower()
-    except UnicodeDecodeError:
-        try:  # U-labels (SMTPUTF8 recipients): UTS 46 mapping, as Postfix does
-            text = idna.encode(key.decode("utf-8").rstrip("."), uts46=True).decode("ascii")
-        except (UnicodeError, idna.IDNAError, ValueError):
-            return None
-    if text.endswith("."):
-        text = text[:-1]
-    if len(text) > 253 or not _DOMAIN.fullmatch(text) or text.rpartition(".")[2].isdigit():
-        return None  # (an all-digit TLD is an IPv4 literal)
-    return text
+        return policy.normalize_domain(key.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        return None
 
 
 def on_timeout_answer(settings) -> bytes:
@@ -147,17 +138,19 @@ def answer(result: policy.Result, settings, verdict: Optional[dane.Verdict] = No
     sts = result.policy
     if not sts.mx:
         return NO_MX  # enforced, yet no MX can satisfy it: defer rather than downgrade
-    # The parser validated these already; checked again because they become Postfix syntax.
-    if sts.version != "STSv1" or not _DOMAIN.fullmatch(result.domain) or not all(map(_PATTERN.fullmatch, sts.mx)):
+    # The parser gives canonical patterns; a policy cached by an older version may not be.
+    # Checked here too because they become Postfix syntax.
+    patterns = [policy.canonical_mx_pattern(p) for p in sts.mx]
+    if sts.version != "STSv1" or not _DOMAIN.fullmatch(result.domain) or None in patterns:
         raise ValueError("unsafe text in the policy of %r" % result.domain)  # -> TEMP internal error
     # Postfix's ".example.com" also matches deeper names, RFC 8461's "*." one label only:
     # a documented, accepted weakening (the certificate must still name the MX host).
-    secure = "OK secure match=%s servername=hostname" % ":".join(p[1:] if p[:2] == "*." else p for p in sts.mx)
+    secure = "OK secure match=%s servername=hostname" % ":".join(p[1:] if p[:2] == "*." else p for p in patterns)
     if settings.tlsrpt:
         # Postfix 3.10 TLSRPT attributes (TLSRPT_README); "{ name = value }" protects spaces.
-        lines = ["version: " + sts.version, "mode: " + sts.mode] + ["mx: " + p for p in sts.mx]
+        lines = ["version: " + sts.version, "mode: " + sts.mode] + ["mx: " + p for p in patterns]
         lines.append("max_age: %d" % sts.max_age)
-        attributes = ["policy_type=sts", "policy_domain=" + result.domain] + ["mx_host_pattern=" + p for p in sts.mx]
+        attributes = ["policy_type=sts", "policy_domain=" + result.domain] + ["mx_host_pattern=" + p for p in patterns]
         reported = " ".join([secure] + attributes + ["{ policy_string = %s }" % line for line in lines])
         if len(reported) <= MAX_REPLY:
             return reported.encode("ascii")

@@ -10,6 +10,7 @@ from stsmilter.policy import (
     Policy,
     PolicyError,
     TxtRecord,
+    canonical_mx_pattern,
     mx_matches,
     normalize_domain,
     parse_policy,
@@ -318,6 +319,31 @@ def test_valid_mx_pattern(pattern):
 )
 def test_invalid_mx_pattern(pattern):
     assert valid_mx_pattern(pattern) is False
+    assert canonical_mx_pattern(pattern) is None
+
+
+@pytest.mark.parametrize(
+    "pattern, canonical",
+    [
+        ("mx.example.com", "mx.example.com"),
+        ("MX.Example.COM", "mx.example.com"),
+        ("mx.example.com.", "mx.example.com"),  # §4.1 compares names: the root dot adds nothing
+        ("*.Example.COM.", "*.example.com"),
+        ("*.x", "*.x"),
+        ("*." + ".".join(["a" * 63] * 3 + ["b" * 59]), "*." + ".".join(["a" * 63] * 3 + ["b" * 59])),  # 253
+    ],
+)
+def test_canonical_mx_pattern(pattern, canonical):
+    """Policies keep, and the socketmap hands Postfix, one spelling per name: lower-case
+    (DNS names compare case-insensitively, RFC 4343) and without the trailing dot that
+    neither certificate names nor Postfix's match= names carry."""
+    assert canonical_mx_pattern(pattern) == canonical
+
+
+def test_parse_policy_keeps_mx_patterns_in_canonical_form():
+    body = text("version: STSv1", "mode: enforce", "max_age: 5", "mx: MX1.Example.COM.", "mx: *.Mail.Example.NET.",
+                "mx: mx1.example.com")
+    assert parse_policy(body).mx == ("mx1.example.com", "*.mail.example.net")
 
 
 @pytest.mark.parametrize(

@@ -236,10 +236,22 @@ def test_answer_too_long_for_postfix_drops_tlsrpt_attributes():
         ("\u2603.example".encode(), None),  # a symbol: not IDNA 2008
         ("ex\u200bample.com".encode(), "example.com"),  # UTS 46 ignores it, as Postfix does
         (b"user@example.com", None),
+        ("b\u00fccher.example..".encode(), None),  # as the milter: one trailing dot only
+        (b"b\xfccher.example", None),  # latin-1
+        (b"\xed\xa0\x80.example", None),  # an encoded surrogate
     ],
 )
 def test_normalize_key(key, expected):
     assert socketmap.normalize_key(key) == expected
+
+
+def test_answer_for_a_policy_cached_before_patterns_were_canonical():
+    # A store written by an older version may hold "MX1.Example.COM." as it was published.
+    old = dataclasses.replace(ENFORCE, mx=("MX1.Example.COM.", "*.Example.NET."))
+    assert socketmap.answer(valid(sts=old), make_settings()) == SECURE
+    tlsrpt = socketmap.answer(valid(sts=old), make_settings(tlsrpt=True))
+    assert b"mx_host_pattern=mx1.example.com mx_host_pattern=*.example.net" in tlsrpt
+    assert b"{ policy_string = mx: *.example.net }" in tlsrpt
 
 
 # --- the server on loopback
