@@ -88,7 +88,8 @@ class _SyslogHandler(logging.handlers.SysLogHandler):
 def import_everything() -> None:
     """Import every module the daemon will use before privileges are dropped: the
     service user may not be able to read the Python installation or the checkout it
-    runs from (a venv under /root), and Python imports lazily (codecs included)."""
+    runs from (a venv under /root), and Python imports lazily (codecs included).
+    tests/world/late_imports.py reports whatever a run still imports after the drop."""
     import codecs
     import importlib
 
@@ -97,10 +98,23 @@ def import_everything() -> None:
         "stsmilter.milter_wake", "stsmilter.metrics_server", "stsmilter.open_files", "resource",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
+        "idna.uts46data",  # loaded by the first U-label's UTS 46 mapping
     ):
         importlib.import_module(name)
-    for codec in ("ascii", "latin-1", "utf-8", "idna"):
+    # IDNA 2008 labels go through the punycode codec (LookupError once it cannot load).
+    for codec in ("ascii", "latin-1", "utf-8", "idna", "punycode"):
         codecs.lookup(codec)
+    # dnspython imports an rdata class per (class, type) on first sight, whatever the
+    # server sends: load them all and turn that off (an unknown type parses as generic).
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+
+    if hasattr(dns.rdata, "load_all_types"):
+        dns.rdata.load_all_types(disable_dynamic_load=True)
+    else:  # Debian 12's dnspython 2.3: the same loading; a type it has no class for stays generic
+        for rdtype in dns.rdatatype.RdataType:
+            dns.rdata.get_rdata_class(dns.rdataclass.IN, rdtype)
 
 
 class Daemon:
@@ -190,9 +204,10 @@ class Daemon:
     def serve_milter(self) -> None:
         import Milter
 
-        from stsmilter.milter import MILTER_FLAGS
+        from stsmilter.milter import MILTER_FLAGS, log_untrapped_exception
 
         Milter.set_flags(MILTER_FLAGS)
+        sys.excepthook = log_untrapped_exception  # what pymilter cannot hand to a callback
         milter_cfg = self.cfg.milter
         # libmilter creates a unix socket under the process umask: make it socket_mode.
         os.umask(0o777 & ~milter_cfg.socket_mode)

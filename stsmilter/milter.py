@@ -78,6 +78,10 @@ HOLD_CAUSES = {
     "mx-dns-error": "MX lookup failed for ",
 }
 
+# What getsymval() gives for a macro value that is not UTF-8: not empty (a SASL login is
+# still a login), and equal to no configured daemon name or mailer.
+UNREADABLE_MACRO = "\ufffd"
+
 # A quiet accept (compliant MX, mode none, no policy) is reused for the same domain for
 # this long: mail to one domain comes in bursts, and a full decision per recipient was
 # the milter's main cost. Violations, testing, dry-run and anything logged are decided
@@ -179,10 +183,20 @@ class StsMilter(NegotiatingMilter):
     accept_memo: dict = {}
 
     def __init__(self) -> None:
-        self.client_in_scope = False  # trusted or address-less client, or a daemon_names daemon
+        # Trusted or address-less client, or a daemon_names daemon. Set by connect(); a
+        # connect that pymilter could not decode (see log_untrapped_exception) never
+        # reaches it, and such a client's mail is checked rather than waved through.
+        self.client_in_scope = True
         self.non_smtp = False  # Postfix non_smtpd_milters session: no recipient can be refused
         self.client = "-"  # the client's IP address, for log lines
         self._reset()
+
+    def getsymval(self, name):
+        # pymilter decodes macro values as strict UTF-8 and raises on anything else.
+        try:
+            return self._ctx.getsymval(name)
+        except UnicodeDecodeError:
+            return UNREADABLE_MACRO
 
     def _reset(self) -> None:
         self.in_scope = False
@@ -324,3 +338,23 @@ class StsMilter(NegotiatingMilter):
             line += f" cause={cause}"
         refused = verdict.action != ACCEPT or verdict.would != ACCEPT
         log.log(logging.WARNING if refused else logging.INFO, line)
+
+
+UNTRAPPED_LOG_INTERVAL = 60.0
+_untrapped = {"next_log": 0.0, "count": 0}
+
+
+def log_untrapped_exception(exc_type, exc, tb) -> None:
+    """sys.excepthook for the daemon. pymilter hands here what it could not pass to a
+    callback and then answers with its exception policy (tempfail). Met in practice: a
+    connect packet whose host name is not UTF-8, which pymilter decodes in C before any
+    of our code runs. One line a minute for those instead of bare exception text."""
+    if not issubclass(exc_type, UnicodeDecodeError):
+        log.error("uncaught exception", exc_info=(exc_type, exc, tb))
+        return
+    _untrapped["count"] += 1
+    now = time.monotonic()
+    if now >= _untrapped["next_log"]:
+        log.warning("milter: %d MTA packet(s) with text that is not UTF-8 where pymilter expects UTF-8"
+                    " (host name); pymilter answered tempfail", _untrapped["count"])
+        _untrapped["next_log"], _untrapped["count"] = now + UNTRAPPED_LOG_INTERVAL, 0
