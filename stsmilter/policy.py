@@ -109,9 +109,11 @@ def _is_hostname(name: str) -> bool:
 
 _STS_VERSION_PREFIX = re.compile(r"v=STSv1[ \t]*;")
 _STS_FIELD = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}=[\x21-\x3a\x3c\x3e-\x7e]+"
-# sts-version 1*(*WSP ";" *WSP sts-field) [";"], plus trailing WSP (and WSP before the final
-# ";", as the ABNF allows before every other ";").
-_STS_RECORD = re.compile(rf"v=STSv1(?:[ \t]*;[ \t]*{_STS_FIELD})+[ \t]*;?[ \t]*")
+# sts-text-record = sts-version 1*(sts-field-delim sts-field) [sts-field-delim], with
+# sts-field-delim = *WSP ";" *WSP: WSP may stand on either side of the optional final ";",
+# but a record that ends in WSP without it is outside the grammar (§3.1: no policy).
+_DELIM = r"[ \t]*;[ \t]*"
+_STS_RECORD = re.compile(rf"v=STSv1(?:{_DELIM}{_STS_FIELD})+(?:{_DELIM})?")
 _STS_ID = re.compile(r"[A-Za-z0-9]{1,32}")
 
 TxtInput = Union[str, bytes, List[Union[str, bytes]], Tuple[Union[str, bytes], ...]]

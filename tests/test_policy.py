@@ -32,7 +32,10 @@ NAME32 = "e" + "x" * 30 + "t"
         (["v=STSv1; id=20160831085700Z;"], TxtRecord("20160831085700Z")),
         (["v=STSv1;id=abc"], TxtRecord("abc")),
         (["v=STSv1 ;\tid=abc ; \t"], TxtRecord("abc")),
-        (["v=STSv1; id=abc  "], TxtRecord("abc")),
+        # §3.1 sts-field-delim = *WSP ";" *WSP, also as the optional final delimiter
+        (["v=STSv1; id=abc \t;"], TxtRecord("abc")),
+        (["v=STSv1; id=abc; \t"], TxtRecord("abc")),
+        (["v=STSv1; id=abc \t; \t"], TxtRecord("abc")),
         ([["v=STSv1; id=2016", "0831085700Z;"]], TxtRecord("20160831085700Z")),
         ([("v=STSv1; ", b"id=abc")], TxtRecord("abc")),
         ([b"v=STSv1; id=abc"], TxtRecord("abc")),
@@ -90,6 +93,19 @@ def test_parse_txt_finds_the_one_valid_record(records, expected):
 )
 def test_parse_txt_rejects(records):
     assert parse_txt(records) is None
+
+
+@pytest.mark.parametrize("record", ["v=STSv1; id=policy1 ", "v=STSv1; id=policy1\t", "v=STSv1; id=1; ext=a  ",
+                                    "v=STSv1;id=1 ; x=y \t"])
+def test_parse_txt_rejects_whitespace_after_the_last_field_without_a_delimiter(record):
+    """RFC 8461 §3.1: sts-text-record = sts-version 1*(sts-field-delim sts-field)
+    [sts-field-delim], sts-field-delim = *WSP ";" *WSP. WSP after the last field belongs
+    to no rule unless a ";" follows, and "if the resulting record is syntactically
+    invalid, senders MUST assume the recipient domain does not have an available
+    MTA-STS policy"."""
+    assert parse_txt([record]) is None
+    assert parse_txt([record.rstrip(" \t") + ";"]) is not None
+    assert parse_txt([record + ";"]) is not None  # the same WSP before a final ";" is allowed
 
 
 @pytest.mark.parametrize("records", ["v=STSv1; id=abc", b"v=STSv1; id=abc", [42]])
