@@ -123,8 +123,7 @@ def _mismatch_text(domain: str, result: policy.Result, mx: Tuple[str, ...], note
 
 
 def _is_address_literal(address: str) -> bool:
-    text = address.strip().rstrip(">")
-    return "@" in text and text.rsplit("@", 1)[1].startswith("[")
+    return "@" in address and address.rsplit("@", 1)[1].startswith("[")
 
 
 class Decider:

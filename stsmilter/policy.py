@@ -139,13 +139,10 @@ def _parse_sts_record(text: str) -> Optional[TxtRecord]:
         return None
     ids, extensions = [], []
     for field in text.split(";")[1:]:  # values cannot contain ";", so this split is exact
-        field = field.strip(_WSP)
-        if not field:
-            continue  # the optional final delimiter
-        name, _, value = field.partition("=")
+        name, _, value = field.strip(_WSP).partition("=")
         if name == "id":
             ids.append(value)
-        else:
+        elif name:  # not the empty field after the optional final delimiter
             extensions.append((name, value))
     if len(ids) != 1 or not _STS_ID.fullmatch(ids[0]):
         return None
@@ -272,13 +269,11 @@ def mx_matches(pattern: str, host: str) -> bool:
     if not (isinstance(pattern, str) and isinstance(host, str) and pattern.isascii() and host.isascii()):
         return False
     pattern, host = _strip_dot(pattern.lower()), _strip_dot(host.lower())
-    if not pattern or not host:
-        return False
     if pattern.startswith("*.") and len(pattern) > 2:
         suffix = pattern[1:]  # ".example.com"
         label = host[: -len(suffix)] if host.endswith(suffix) else ""
         return bool(label) and "." not in label
-    return host == pattern
+    return bool(host) and host == pattern
 
 
 # --- recipient domains

@@ -270,3 +270,125 @@ def test_as_dict_json_shape():
     }
     accepted = Decision("<postmaster>", None, "accept", "accept", "no-domain").as_dict()
     assert accepted["reply"] is None and accepted["mx"] == [] and accepted["mode"] is None
+
+
+# --- gaps found by mutation testing (tests/mutation/mutate.py)
+
+NO_MX = dns.NoRecord("NXDOMAIN")
+
+
+@pytest.mark.parametrize(
+    "recipient, fake, expected",
+    [
+        ("<u@exa mple..com>", {}, Decision("<u@exa mple..com>", None, "accept", "accept", "bad-domain")),
+        ("<u@Local.Example.>", {}, Decision("<u@Local.Example.>", "local.example", "accept", "accept",
+                                           "local-domain")),
+        (R, dict(result=PENDING), Decision(R, DOMAIN, "accept", "accept", "pending")),
+        (R, dict(result=PENDING, on_pending="tempfail"),
+         Decision(R, DOMAIN, "tempfail", "tempfail", "pending", reply=TEMPFAIL_PENDING)),
+        (R, dict(result=Result(DOMAIN, "none")), Decision(R, DOMAIN, "accept", "accept", "no-policy")),
+        (R, dict(result=Result(DOMAIN, "failed")), Decision(R, DOMAIN, "accept", "accept", "discovery-failed")),
+        (R, dict(result=valid("none")),
+         Decision(R, DOMAIN, "accept", "accept", "mode-none", "none", "20240101", patterns=PATTERNS)),
+        (R, dict(mx=NO_MX), Decision(R, DOMAIN, "accept", "accept", "no-mx", "enforce", "20240101",
+                                     patterns=PATTERNS)),
+        (R, dict(result=valid("testing"), mx=dns.TempDnsError("SERVFAIL")),
+         Decision(R, DOMAIN, "accept", "tempfail", "mx-dns-error", "testing", "20240101", patterns=PATTERNS)),
+        (R, dict(mx=dns.TempDnsError("SERVFAIL")),
+         Decision(R, DOMAIN, "tempfail", "tempfail", "mx-dns-error", "enforce", "20240101", patterns=PATTERNS,
+                  reply=TEMPFAIL_MX_DNS)),
+        ("<postmaster>", {}, Decision("<postmaster>", None, "accept", "accept", "no-domain")),
+    ],
+)
+def test_every_field_of_each_decision(recipient, fake, expected):
+    # The milter logs and counts these fields and `stsmilter check` prints them.
+    fake = dict(fake)
+    settings = {key: fake.pop(key) for key in list(fake) if key == "on_pending"}
+    assert decide(recipient, FakeDiscovery(**fake), **settings) == expected
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    # RFC 5321 §4.1.2: the domain follows the last "@" outside a Quoted-string; an
+    # empty or quoted local part does not exempt a recipient from its domain's policy.
+    ["<@example.com>", '<"a@b"@example.com>', '<"@"@example.com>', "@example.com"],
+)
+def test_empty_and_quoted_local_parts_are_checked(recipient):
+    fake = FakeDiscovery(mx=OTHER_MX)
+    d = decide(recipient, fake)
+    assert (d.domain, d.action, d.reason) == ("example.com", "tempfail", "mx-mismatch")
+    assert [c[:2] for c in fake.calls] == [("lookup", "example.com"), ("mx", "example.com")]
+
+
+def test_address_literal_after_a_quoted_at():
+    assert decide('<"a@b"@[192.0.2.1]>').reason == "address-literal"
+    assert decide('<"a@[b]"@example.com>').reason == "mx-match"
+
+
+class PerDomainDiscovery(FakeDiscovery):
+    """Every domain has a policy; only good.example's MX hosts match it."""
+
+    def lookup(self, domain, timeout=None, force=False):
+        self.calls.append(("lookup", domain, timeout, force))
+        return valid(domain=domain, patterns=("*.good.example",))
+
+    def mx(self, domain, timeout):
+        self.calls.append(("mx", domain, timeout, False))
+        hosts = ("mx.good.example",) if domain == "good.example" else ("mx.evil.example",)
+        return dns.MxSet(hosts, 300)
+
+
+def test_the_mx_set_checked_is_the_recipient_domains():
+    # RFC 8461 §4.1: the MX hosts of the recipient domain are checked against its policy.
+    fake = PerDomainDiscovery()
+    decider = make_decider(fake)
+    assert decider.decide("<u@good.example>").reason == "mx-match"
+    assert decider.decide("<u@bad.example>").reason == "mx-mismatch"
+    assert [c[:2] for c in fake.calls if c[0] == "mx"] == [("mx", "good.example"), ("mx", "bad.example")]
+
+
+@pytest.mark.parametrize("status", ["failed", "none", "pending"])
+@pytest.mark.parametrize("on_violation", ["tempfail", "reject", "hold"])
+def test_a_result_that_is_not_valid_never_enforces(status, on_violation):
+    # RFC 8461 §5: only a policy that applies is enforced; a failed discovery that still
+    # carries a (stale) policy object must not turn into a refusal.
+    stale = Result(DOMAIN, status, source="cache", policy_id="1", policy=Policy("STSv1", "enforce", 86400, PATTERNS))
+    fake = FakeDiscovery(result=stale, mx=OTHER_MX, forced=valid(source="fetched"))
+    d = decide(R, fake, on_violation=on_violation)
+    assert (d.action, d.would, d.mode) == ("accept", "accept", None)
+    assert [c[0] for c in fake.calls] == ["lookup"]  # no MX lookup, no refetch
+
+
+def test_a_valid_result_without_a_policy_is_not_enforced():
+    d = decide(R, FakeDiscovery(result=Result(DOMAIN, "valid", source="cache"), mx=OTHER_MX))
+    assert (d.action, d.reason) == ("accept", "discovery-failed")
+
+
+def test_reply_line_fits_rfc_5321():
+    # RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets including the code and
+    # CRLF. The longest text (every name at its longest) still fits.
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])
+    host = ".".join(["c" * 63] * 3 + ["d" * 61])
+    fake = FakeDiscovery(result=valid(patterns=(name,) * 10, policy_id="i" * 32), mx=dns.MxSet((host,) * 10, 300))
+    for settings in ({}, REJECT):
+        fake.forced = valid(patterns=(name,) * 10, policy_id="i" * 32, source="fetched")
+        code, xcode, text = decide("<u@%s>" % name, fake, **settings).reply
+        assert len(f"{code} {xcode} {text}\r\n".encode()) <= 512
+        assert text.endswith("...")
+
+
+@pytest.mark.parametrize("length", [decision.MAX_TEXT - 1, decision.MAX_TEXT, decision.MAX_TEXT + 1, 1000])
+def test_cap_text_keeps_what_fits_and_marks_the_cut(length):
+    text = "x" * length
+    capped = decision.cap_text(text)
+    if length <= decision.MAX_TEXT:
+        assert capped == text
+    else:
+        assert capped == "x" * (decision.MAX_TEXT - 3) + "..."
+
+
+def test_safe_names_limit_and_safe_id_of_nothing():
+    five = [f"mx{i}.example" for i in range(5)]
+    assert decision.safe_names(five) == ", ".join(five)  # exactly the limit: no "..."
+    assert decision.safe_names(five + ["mx5.example"]) == ", ".join(five) + ", ..."
+    assert decision.safe_id(None) == "" and decision.safe_id("") == ""

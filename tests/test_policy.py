@@ -476,3 +476,158 @@ def test_recipient_domain(address, expected):
 def test_recipient_domain_rejects(address):
     with pytest.raises(ValueError):
         recipient_domain(address)
+
+
+# --- gaps found by mutation testing (tests/mutation/mutate.py)
+
+
+def test_parse_txt_counts_only_the_exact_version_prefix():
+    """RFC 8461 §3.1: records that do not begin with "v=STSv1;" are discarded, and the
+    ABNF spells it %s"v=STSv1" (RFC 7405: case-sensitive). An upper-case look-alike is
+    not a second STSv1 record, so the real one is still the only one."""
+    assert parse_txt(["V=STSv1; id=a", "v=STSv1; id=b"]) == TxtRecord("b")
+    assert parse_txt(["v=STSV1; id=a", "v=stsv1; id=c", "v=STSv1; id=b"]) == TxtRecord("b")
+
+
+@pytest.mark.parametrize("record", ["v=STSv1;;id=1", "v=STSv1; id=1;;", "v=STSv1; ;id=1", "v=STSv1 ; ; id=1"])
+def test_parse_txt_rejects_empty_fields(record):
+    """RFC 8461 §3.1: sts-field-delim separates fields (1*(sts-field-delim sts-field));
+    two delimiters in a row leave an empty field, which no rule allows."""
+    assert parse_txt([record]) is None
+
+
+def test_parse_txt_final_delimiter_adds_no_extension():
+    # §3.1: [sts-field-delim] at the end is a delimiter, not an empty extension field.
+    assert parse_txt(["v=STSv1; id=1; a=b;"]) == TxtRecord("1", (("a", "b"),))
+    assert parse_txt(["v=STSv1; id=1 ; \t"]) == TxtRecord("1")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: parse_txt("v=STSv1; id=1"), "parse_txt takes a list of records, not a single record"),
+        (lambda: parse_txt([1]), "TXT record must be str, bytes or a list of them, not int"),
+        (lambda: parse_policy(7), "policy body must be bytes or str, not int"),
+        (lambda: __import__("stsmilter.policy").policy.sts_record_texts(b"v=STSv1"),
+         "takes a list of records, not a single record"),
+    ],
+)
+def test_type_errors_name_the_mistake(call, message):
+    with pytest.raises(TypeError) as caught:
+        call()
+    assert str(caught.value) == message
+
+
+def test_policy_not_utf8_message():
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(b"version: STSv1\nmode: none\nmax_age: 1\nx: \xff\n")
+    assert str(caught.value) == "not valid UTF-8"
+
+
+@pytest.mark.parametrize("length, shown", [(40, "'" + "m" * 40 + "'"), (41, "'" + "m" * 40 + "'...")])
+def test_untrusted_values_in_messages_are_cut_at_40_characters(length, shown):
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text("version: STSv1", "max_age: 1", "mode: " + "m" * length))
+    assert str(caught.value) == "mode: must be enforce, testing or none, not " + shown
+
+
+def test_capped_max_age_warning_text(caplog):
+    with caplog.at_level(logging.WARNING, logger="stsmilter.policy"):
+        parse_policy(text("version: STSv1", "mode: none", "max_age: 31557601"))
+    assert caplog.records[0].getMessage() == "policy max_age 31557601 above 31557600 seconds, capped"
+
+
+@pytest.mark.parametrize("line", ["\x0b", "\x0c", "\u00a0", "\u2003"])
+def test_a_line_of_other_white_space_is_not_blank(line):
+    # §3.2: fields are separated by LF or CRLF, with WSP (SP, HTAB) around values; a line
+    # holding only some other space character is neither a field nor a blank line.
+    with pytest.raises(PolicyError):
+        parse_policy(text(*RFC_EXAMPLE, line))
+
+
+def test_policy_as_dict():
+    sts = policy("enforce", 604800, "mail.example.com", "*.example.net")
+    assert sts.as_dict() == {"version": "STSv1", "mode": "enforce", "max_age": 604800,
+                             "mx": ["mail.example.com", "*.example.net"]}
+
+
+LABEL63 = "a" * 63
+
+
+@pytest.mark.parametrize(
+    "pattern, valid",
+    [
+        # RFC 8461 §4.1: "*." is the whole leftmost label, matching one label
+        ("*.x", True),
+        ("*.-x.example", False),  # the label after the wildcard must be an LDH label (RFC 5321 Domain)
+        ("*.x-.example", False),
+        ("", False),
+        ("*.", False),
+        # RFC 1035 §2.3.4 / RFC 5321 §4.5.3.1.2: a name is at most 253 octets in text form
+        ("*." + ".".join([LABEL63] * 3 + ["b" * 59]), True),  # 253 octets with the "*."
+        ("*." + ".".join([LABEL63] * 3 + ["b" * 60]), False),  # 254
+        (".".join([LABEL63] * 3 + ["b" * 61]), True),  # 253
+        (".".join([LABEL63] * 3 + ["b" * 61]) + ".", True),  # 253 and the root dot
+        (".".join([LABEL63] * 3 + ["b" * 62]), False),  # 254
+    ],
+)
+def test_mx_pattern_boundaries(pattern, valid):
+    assert valid_mx_pattern(pattern) is valid
+
+
+@pytest.mark.parametrize(
+    "pattern, host, expected",
+    [
+        ("*.x", "a.x", True),  # a one-character suffix is still a suffix (§4.1)
+        ("*.x", "x", False),
+        ("*.x", "a.b.x", False),
+        ("", "mx.example.com", False),  # an empty pattern or host matches nothing
+        ("mx.example.com", "", False),
+        ("*.example.com", "", False),
+        ("*..", "a..", False),  # "*." alone (after its root dot) has no suffix to match against
+        ("*.", "a.", False),
+    ],
+)
+def test_mx_matches_edges(pattern, host, expected):
+    assert mx_matches(pattern, host) is expected
+
+
+@pytest.mark.parametrize(
+    "domain, expected",
+    [
+        (".".join([LABEL63] * 3 + ["b" * 61]), ".".join([LABEL63] * 3 + ["b" * 61])),  # 253: the longest name
+        (".".join([LABEL63] * 3 + ["b" * 61]) + ".", ".".join([LABEL63] * 3 + ["b" * 61])),
+    ],
+)
+def test_normalize_domain_longest_name(domain, expected):
+    assert normalize_domain(domain) == expected
+
+
+def test_normalize_domain_254_octets():
+    with pytest.raises(ValueError):
+        normalize_domain(".".join([LABEL63] * 3 + ["b" * 62]))
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        # RFC 5321 §4.1.2: Mailbox = Local-part "@" Domain; the domain follows the last
+        # "@" outside a Quoted-string, whatever the local part looks like.
+        ("<@example.com>", "example.com"),
+        ("@example.com", "example.com"),
+        ('<"a@b"@example.com>', "example.com"),
+        ('"a@b"@example.com', "example.com"),
+        ('<"@"@example.com>', "example.com"),
+        ('<"a\\"@b"@example.com>', "example.com"),
+        ("<a@b@example.com>", "example.com"),
+    ],
+)
+def test_recipient_domain_with_empty_or_quoted_local_parts(address, expected):
+    assert recipient_domain(address) == expected
+
+
+@pytest.mark.parametrize("address", ["<u@example.com", "u@example.com>", "postmaster>", "<postmaster"])
+def test_unbalanced_brackets_message(address):
+    with pytest.raises(ValueError) as caught:
+        recipient_domain(address)
+    assert str(caught.value) == f"unbalanced angle brackets: {address!r}"

@@ -657,3 +657,57 @@ def test_postmap_client(serve, discovery):
 def test_answer_refuses_text_that_would_change_postfix_syntax(mx):
     with pytest.raises(ValueError):
         socketmap.answer(valid(sts=dataclasses.replace(ENFORCE, mx=mx)), make_settings(tlsrpt=True))
+
+
+# --- gaps found by mutation testing (tests/mutation/mutate.py)
+
+
+def test_answer_for_an_upper_case_mx_pattern_is_lower_case():
+    # DNS names compare case-insensitively (RFC 4343); the match= list is canonical.
+    sts = dataclasses.replace(ENFORCE, mx=("MX1.Example.COM", "*.EXAMPLE.net"))
+    assert socketmap.answer(valid(sts=sts), make_settings()) == SECURE
+
+
+def test_longest_legal_domain_key():
+    # RFC 1035 §2.3.4 / RFC 5321 §4.5.3.1.2: 253 octets is the longest name in text form.
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])
+    assert socketmap.normalize_key(longest.encode()) == longest
+    assert socketmap.normalize_key(longest.encode() + b".") == longest
+    assert socketmap.normalize_key(longest.encode() + b"b") is None
+    discovery = FakeDiscovery()
+    discovery.cached[longest] = valid(longest)
+    assert socketmap.answer(valid(longest), make_settings()) == SECURE
+
+
+@pytest.mark.parametrize("status", ["failed", "none", "bogus"])
+def test_a_result_that_is_not_valid_never_enforces_even_with_a_policy(status):
+    # A failed discovery may still carry the policy it failed to refresh: only "valid"
+    # (RFC 8461 §5.1: a policy that applies) turns into "secure".
+    assert socketmap.answer(Result("example.com", status, policy=ENFORCE), make_settings()) == b"NOTFOUND "
+
+
+@pytest.mark.parametrize("result", [valid(sts=dataclasses.replace(ENFORCE, version="STSv2")), valid("bad domain")])
+def test_answer_refuses_a_policy_it_cannot_vouch_for(result):
+    # RFC 8461 §3.2: only version STSv1 is defined. An enforce policy the socketmap cannot
+    # turn into Postfix syntax is TEMP (retry), never NOTFOUND (delivery in clear).
+    with pytest.raises(ValueError) as caught:
+        socketmap.answer(result, make_settings())
+    assert str(caught.value) == "unsafe text in the policy of %r" % result.domain
+
+
+def test_tlsrpt_attributes_up_to_exactly_the_postfix_reply_limit():
+    # The longest reply the Postfix socketmap client takes is MAX_REPLY octets: a reply of
+    # exactly that length keeps its TLSRPT attributes, a longer one drops them.
+    def reply(length, max_age, count=None):
+        base = tuple("mx%04d.%s.example" % (i, "a" * 50) for i in range(count or base_count))
+        last = ".".join(["c" * 60] * (length // 61) + ["c" * max(1, length % 61)])
+        sts = dataclasses.replace(ENFORCE, mx=base + (last,), max_age=max_age)
+        return socketmap.answer(valid(sts=sts), make_settings(tlsrpt=True))
+
+    per_pattern = len(reply(1, 1, 2)) - len(reply(1, 1, 1))
+    base_count = (socketmap.MAX_REPLY - len(reply(1, 1, 1)) - 100) // per_pattern
+    length = (socketmap.MAX_REPLY - len(reply(1, 1))) // 3  # each octet of the last name is there 3 times
+    replies = [reply(n, max_age) for n in range(length - 2, length + 3) for max_age in (1, 10, 100)]
+    with_attributes = {len(r) for r in replies if b"policy_type" in r}
+    assert max(with_attributes) == socketmap.MAX_REPLY
+    assert any(b"policy_type" not in r and r.endswith(b"servername=hostname") for r in replies)  # dropped
