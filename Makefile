@@ -5,6 +5,8 @@
 #   make test   the whole test suite, exactly as CI runs it (sh contrib/bootstrap.sh test)
 #   make deb    the Debian 12 package, dist/stsmilter_VERSION_all.deb (as root: installs
 #               the build dependencies of debian/control with apt when missing)
+#   make mutate mutation testing (mutmut) of the modules that decide: one score line per
+#               module (tests/mutation/mutate.py; ~5 minutes on 2 cores; not part of CI)
 #
 # Both need the Debian packages postfix and libmilter-dev (pymilter builds against it);
 # `sh contrib/bootstrap.sh test`, run once as root, installs everything.
@@ -17,13 +19,18 @@ DEBS    := postfix libmilter-dev
 DIST    ?= dist
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' stsmilter/__init__.py)
 
-.PHONY: demo test venv debs deb deb-deps
+.PHONY: demo test venv debs deb deb-deps mutate
 
 demo: debs venv
 	$(VPY) contrib/demo.py
 
 test:
 	sh contrib/bootstrap.sh test
+
+mutate: venv
+	@$(VPY) -c 'import mutmut, hypothesis' 2>/dev/null || \
+	    $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,mutation]'
+	$(VPY) tests/mutation/mutate.py
 
 # The demo's Debian dependencies: say what is missing instead of failing half-way.
 debs:

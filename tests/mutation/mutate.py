@@ -1,0 +1,206 @@
+"""`make mutate`: mutation testing (mutmut 3) of the modules that decide what happens to mail.
+
+Runs mutmut in a throw-away copy of the checkout (its mutants/ tree and setup.cfg never
+touch the working tree), then prints one line per module:
+
+    mutation_score <module> <killed>/<total>
+
+A mutant counts as killed when a test failed or timed out. Survivors judged equivalent
+(no test can tell them apart from the original) are listed, each with a one-line reason,
+in tests/mutation/equivalent.txt; they are left out of the total. They are matched by
+content (function, original line, mutated line), not by mutmut's numbering, which
+shifts whenever a function changes. Every other survivor is printed as a diff.
+
+Exit status: 0 when every module scores at least MIN_SCORE, 1 otherwise, 2 on errors.
+Not part of .ci/run: it takes minutes (see HACKING.rst).
+"""
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+EQUIVALENT = Path(__file__).with_name("equivalent.txt")
+MIN_SCORE = 0.97
+
+# One line per mutated module: the file, the functions to mutate (mutmut's names: "x_f"
+# for a function, "xǁClassǁmethod" for a method; globs allowed), and its fast unit tests.
+MODULES = [
+    ("stsmilter/policy.py", ["*"], ["tests/test_policy.py"]),
+    ("stsmilter/decision.py", ["*"], ["tests/test_decision.py"]),
+    ("stsmilter/socketmap.py", ["x_netstring", "x_normalize_key", "x_on_timeout_answer", "x_answer"],
+     ["tests/test_socketmap.py"]),
+]
+
+KILLED = {"killed", "timeout"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str  # stsmilter.policy.x_parse_txt__mutmut_3
+    module: str  # stsmilter.policy
+    function: str  # parse_txt, or Class.method
+    removed: tuple  # original lines (stripped) the mutation changed
+    added: tuple  # the lines it put there
+
+
+def module_name(path):
+    return path[:-3].replace("/", ".")
+
+
+def function_of(mutant_name):
+    """x_parse_txt__mutmut_3 -> parse_txt; xǁPolicyǁmatches__mutmut_1 -> Policy.matches."""
+    local = mutant_name.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
+    if local.startswith("xǁ"):
+        return ".".join(local[2:].split("ǁ"))
+    return local[2:]
+
+
+def mutmut_config(tests):
+    files = "\n    ".join(path for path, _, _ in MODULES)
+    selection = "\n    ".join(dict.fromkeys(tests))
+    return (
+        "[mutmut]\n"
+        "source_paths = stsmilter\n"
+        f"only_mutate =\n    {files}\n"
+        f"pytest_add_cli_args_test_selection =\n    {selection}\n"
+        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n"
+    )
+
+
+def copy_checkout(workdir):
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "mutants", ".hypothesis")
+    for name in ("stsmilter", "tests"):
+        shutil.copytree(REPO / name, workdir / name, ignore=ignore)
+    shutil.copy(REPO / "pytest.ini", workdir / "pytest.ini")
+
+
+def run_mutmut(workdir, globs, children, log):
+    mutmut = Path(sys.executable).with_name("mutmut")
+    if not mutmut.exists():
+        sys.exit("mutate: mutmut is not installed: pip install -e '.[test,mutation]'")
+    argv = [str(mutmut), "run", "--max-children", str(children), *globs]
+    with open(log, "wb") as out:
+        run = subprocess.run(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+    if run.returncode != 0:
+        sys.exit(f"mutate: mutmut run failed ({run.returncode}); see {log}")
+    results = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=workdir, capture_output=True, text=True)
+    statuses = {}
+    for line in results.stdout.splitlines():
+        name, sep, status = line.strip().rpartition(": ")
+        if sep:
+            statuses[name] = status
+    return statuses
+
+
+def function_sources(mutated_file):
+    tree = ast.parse(mutated_file.read_text())
+    text = mutated_file.read_text()
+    return {node.name: ast.get_source_segment(text, node) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name}
+
+
+def describe(name, sources):
+    """The Mutant for a mutmut name: what it changed, from the mutated module's source."""
+    local = name.rsplit(".", 1)[1]
+    base = local.rsplit("__mutmut_", 1)[0]
+    original = sources[base + "__mutmut_orig"].replace(base + "__mutmut_orig", base, 1).splitlines()
+    mutated = sources[local].replace(local, base, 1).splitlines()  # the def line may be mutated too
+    removed, added = [], []
+    for line in difflib.ndiff(original, mutated):
+        if line.startswith("- "):
+            removed.append(line[2:].strip())
+        elif line.startswith("+ "):
+            added.append(line[2:].strip())
+    return Mutant(name, name.rsplit(".", 1)[0], function_of(name), tuple(removed), tuple(added))
+
+
+def read_equivalents(path=EQUIVALENT):
+    """{(module, function, removed, added): reason} from the blocks of equivalent.txt."""
+    entries = {}
+    blocks = re.split(r"\n\s*\n", "\n".join(line for line in path.read_text().splitlines()
+                                             if not line.startswith("#")))
+    for block in blocks:
+        lines = [line for line in block.splitlines() if line.strip()]
+        if not lines:
+            continue
+        module, function = lines[0].split()
+        removed = tuple(line[2:].strip() for line in lines[1:] if line.startswith("- "))
+        added = tuple(line[2:].strip() for line in lines[1:] if line.startswith("+ "))
+        reasons = [line[4:].strip() for line in lines[1:] if line.startswith("why:")]
+        if len(reasons) != 1 or not reasons[0]:
+            sys.exit(f"mutate: {path.name}: the entry for {module} {function} needs one 'why:' line")
+        entries[(module, function, removed, added)] = reasons[0]
+    return entries
+
+
+def block(mutant, reason="..."):
+    lines = [f"{mutant.module} {mutant.function}"]
+    lines += [f"- {line}" for line in mutant.removed] + [f"+ {line}" for line in mutant.added]
+    return "\n".join(lines + [f"why: {reason}"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-j", "--children", type=int, default=os.cpu_count() or 1, help="mutmut --max-children")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (mutants/, log)")
+    args = parser.parse_args()
+    equivalents = read_equivalents()
+    workdir = Path(tempfile.mkdtemp(prefix="stsmilter-mutate-"))
+    started = time.monotonic()
+    try:
+        copy_checkout(workdir)
+        (workdir / "setup.cfg").write_text(mutmut_config([t for _, _, tests in MODULES for t in tests]))
+        globs = [f"{module_name(path)}.{pattern}__mutmut_*" for path, patterns, _ in MODULES for pattern in patterns]
+        statuses = run_mutmut(workdir, globs, args.children, workdir / "mutmut.log")
+        used, below, survivors = set(), [], []
+        for path, patterns, _ in MODULES:
+            module = module_name(path)
+            wanted = [f"{module}.{pattern}__mutmut_*" for pattern in patterns]
+            names = sorted(n for n in statuses if any(fnmatch.fnmatchcase(n, w) for w in wanted))
+            sources = function_sources(workdir / "mutants" / path)
+            killed = equivalent = 0
+            for name in names:
+                if statuses[name] in KILLED:
+                    killed += 1
+                    continue
+                mutant = describe(name, sources)
+                key = (mutant.module, mutant.function, mutant.removed, mutant.added)
+                if key in equivalents:
+                    used.add(key)
+                    equivalent += 1
+                else:
+                    survivors.append((statuses[name], mutant))
+            total = len(names) - equivalent
+            print(f"mutation_score {module} {killed}/{total}"
+                  + (f" ({100.0 * killed / total:.1f} %, {equivalent} equivalent excluded)" if total else ""))
+            if not names or killed < MIN_SCORE * total:
+                below.append(module)
+        for status, mutant in survivors:
+            print(f"\n# {mutant.name}: {status}\n{block(mutant)}")
+        for module, function, removed, added in sorted(set(equivalents) - used):
+            print(f"\nmutate: note: no surviving mutant matches the equivalent entry for {module} {function}"
+                  f" ({' / '.join(removed)} -> {' / '.join(added)}): remove it from {EQUIVALENT.name}")
+        print(f"\nmutate: {len(statuses)} mutants generated, {time.monotonic() - started:.0f} s", file=sys.stderr)
+        if below:
+            print(f"mutate: below {MIN_SCORE:.0%}: {', '.join(below)}", file=sys.stderr)
+        return 1 if below else 0
+    finally:
+        if args.keep:
+            print(f"mutate: work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
