@@ -1,16 +1,18 @@
 """`stsmilter run -c CONFIG` that reports every module imported after the privilege drop.
 
 Usage: python tests/world/late_imports.py CONFIG. Runs the daemon exactly as
-`python -m stsmilter run` does, and from the moment daemon.drop_privileges() returns
+`python -m stsmilter run` does, and from the moment preflight.drop_privileges() returns
 prints one line ``late-import: NAME`` on stderr for each module (codecs included: they
 are modules under ``encodings``) that Python has to find on disk. A service user that
 cannot read the interpreter's library (a pyenv under /root) fails on each of these, so
-daemon.import_everything() must have loaded them all before the drop.
+daemon.import_everything() must have loaded them all before the drop. Without a user
+to drop to (not root), the daemon skips import_everything(); this wrapper runs it at the
+same point, so that the run shows what a real drop would have left out.
 """
 
 import sys
 
-from stsmilter import cli, daemon
+from stsmilter import cli, daemon, preflight
 
 
 class _Reporter:
@@ -23,15 +25,17 @@ class _Reporter:
         return None
 
 
-_drop_privileges = daemon.drop_privileges
+_drop_privileges = preflight.drop_privileges
 
 
-def _drop_and_report(ids):
-    _drop_privileges(ids)
+def _drop_and_report(identity):
+    if identity is None:
+        daemon.import_everything()  # what enter_service_identity() runs before a real drop
+    _drop_privileges(identity)
     sys.meta_path.insert(0, _Reporter())
 
 
-daemon.drop_privileges = _drop_and_report
+preflight.drop_privileges = _drop_and_report
 
 if __name__ == "__main__":
     sys.exit(cli.main(["run", "-c", sys.argv[1]]))
