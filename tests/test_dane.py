@@ -56,6 +56,8 @@ def test_usable_tlsa(record, usable):
     (bytes([0x30, 0x84, 0, 0, 0, 3]) + b"abc", True),  # four length bytes: the most allowed
     (bytes([0x30, 0x85, 0, 0, 0, 0, 3]) + b"abc", False),  # five
     (bytes([0x30, 0x80]) + b"abc\x00\x00", False),  # indefinite length: not DER
+    (bytes([0x30, 0x80]) + b"x" * 0x80, False),  # 0x80 is not a short-form length of 128 (X.690 §8.1.3)
+    (bytes([0x30, 0x81]), False),  # the length byte it announces is missing
     (bytes([0x30, 0x82, 0x01]), False),  # length bytes cut off
     (bytes([0x31, 0x00]), False),  # a SET, not a SEQUENCE
     (b"", False),

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from stsmilter import dane, dns
+from stsmilter.decision import Decision
 from test_decision import GOOD_MX, OTHER_MX, PATTERNS, R, TEMPFAIL_MISMATCH, FakeDiscovery, make_decider, valid
 
 TEMPFAIL_DANE = ("451", "4.7.5", "MTA-STS policy of example.com: DNSSEC lookup for DANE failed, try again later")
@@ -83,3 +84,17 @@ def test_no_checker_keeps_todays_decisions():
     discovery = FakeDiscovery(mx=OTHER_MX)
     assert not hasattr(discovery, "dane")
     assert make_decider(discovery).decide(R).reason == "mx-mismatch"
+
+
+def test_dane_is_asked_about_the_recipient_domain():
+    # RFC 8461 §2 / RFC 7672 §2.2: the DANE question is about the recipient domain's MX hosts.
+    discovery = FakeDiscovery(result=valid(domain="dane.example"), mx=OTHER_MX)
+    discovery.dane = FakeChecker(dane.DANE)
+    assert make_decider(discovery).decide("<u@dane.example>").reason == "dane"
+    assert [domain for domain, _ in discovery.dane.calls] == ["dane.example"]
+
+
+def test_every_field_of_a_dane_failure():
+    decision, _checker = decide(dane.DNS_ERROR)
+    assert decision == Decision(R, "example.com", "tempfail", "tempfail", "mx-dns-error", "enforce", "20240101",
+                                mx=OTHER_MX.hosts, patterns=PATTERNS, reply=TEMPFAIL_DANE)
