@@ -37,9 +37,10 @@ MIN_SCORE = 0.97
 # for a function, "xǁClassǁmethod" for a method; globs allowed), and its fast unit tests.
 MODULES = [
     ("stsmilter/policy.py", ["*"], ["tests/test_policy.py"]),
-    ("stsmilter/decision.py", ["*"], ["tests/test_decision.py"]),
-    ("stsmilter/socketmap.py", ["x_netstring", "x_normalize_key", "x_on_timeout_answer", "x_answer"],
-     ["tests/test_socketmap.py"]),
+    ("stsmilter/decision.py", ["*"], ["tests/test_decision.py", "tests/test_decision_dane.py"]),
+    ("stsmilter/socketmap.py", ["x_netstring", "x_normalize_key", "x_on_timeout_answer", "x_enforced", "x_answer"],
+     ["tests/test_socketmap.py", "tests/test_socketmap_dane.py"]),
+    ("stsmilter/dane.py", ["x__der_sequence", "x_usable_tlsa", "x_host_has_dane", "x_evaluate"], ["tests/test_dane.py"]),
 ]
 
 KILLED = {"killed", "timeout"}
@@ -73,7 +74,8 @@ def mutmut_config(tests):
         "[mutmut]\n"
         "source_paths = stsmilter\n"
         f"only_mutate =\n    {files}\n"
-        f"pytest_add_cli_args_test_selection =\n    {selection}\n"
+        # fast unit tests only: the integration tests (real servers) take seconds each
+        f"pytest_add_cli_args_test_selection =\n    -m\n    not integration\n    {selection}\n"
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -q\n"
     )
 
