@@ -171,21 +171,25 @@ def main():
             wanted = [f"{module}.{pattern}__mutmut_*" for pattern in patterns]
             names = sorted(n for n in statuses if any(fnmatch.fnmatchcase(n, w) for w in wanted))
             sources = function_sources(workdir / "mutants" / path)
-            killed = equivalent = 0
+            killed = equivalent = timeouts = 0
             for name in names:
-                if statuses[name] in KILLED:
+                if statuses[name] == "killed":
                     killed += 1
                     continue
                 mutant = describe(name, sources)
                 key = (mutant.module, mutant.function, mutant.removed, mutant.added)
-                if key in equivalents:
+                if key in equivalents:  # also when it timed out: a busy machine, not a test
                     used.add(key)
                     equivalent += 1
+                elif statuses[name] in KILLED:
+                    killed += 1
+                    timeouts += 1
                 else:
                     survivors.append((statuses[name], mutant))
             total = len(names) - equivalent
             print(f"mutation_score {module} {killed}/{total}"
-                  + (f" ({100.0 * killed / total:.1f} %, {equivalent} equivalent excluded)" if total else ""))
+                  + (f" ({100.0 * killed / total:.1f} %, {equivalent} equivalent excluded, {timeouts} by timeout)"
+                     if total else ""))
             if not names or killed < MIN_SCORE * total:
                 below.append(module)
         for status, mutant in survivors:
