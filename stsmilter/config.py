@@ -168,6 +168,28 @@ def _http_listen(raw: str) -> Optional[Listen]:
     return parse_listen(raw, unix_ok=False)
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(raw: str) -> str:
+    """A URL redis-py's from_url() accepts (checked here by form only: redis-py is imported
+    only when the key is set); empty: no Redis."""
+    value = raw.strip()
+    if not value:
+        return ""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in _REDIS_SCHEMES or not rest or any(c.isspace() for c in value):
+        raise ValueError("redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH (or empty)")
+    return value
+
+
+def _redis_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9:._{}-]{1,64}", value):
+        raise ValueError("1 to 64 letters, digits or :._{}-")
+    return value
+
+
 # --- the schema: section -> key -> (converter, default as written in the file)
 
 SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
@@ -215,6 +237,9 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "id_check_min_interval": (_seconds(0, 86400), "60"),
         "refresh_interval": (_seconds(60, 31557600), "86400"),
         "mx_ttl": (_seconds(0, 86400), "300"),
+        "redis": (_redis_url, ""),
+        "redis_prefix": (_redis_prefix, "stsmilter:"),
+        "redis_timeout": (_seconds(0.05, 10), "0.5"),
     },
     "socketmap": {
         "listen": (_listen, "inet:127.0.0.1:8461"),

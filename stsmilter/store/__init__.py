@@ -9,9 +9,9 @@ damaged file costs persistence, never enforcement.
 - base.py: the ``Store`` interface, ``Entry``, the checks applied to everything read
   back (``decode_entry``), ``MemoryStore``;
 - sqlite.py: ``SqliteStore``, the embedded default, with its versioned schema;
-- files.py: opening the sqlite file whatever it looks like (moved aside if unusable).
-A shared store (e.g. Redis) is one more module implementing ``Store``, chosen in
-open_store().
+- files.py: opening the sqlite file whatever it looks like (moved aside if unusable);
+- redis.py: ``RedisStore``, shared by several daemons ([cache] redis), imported only
+  when chosen (redis-py is an optional extra).
 """
 
 from stsmilter.store.base import (  # noqa: F401 (the package's interface)
@@ -24,6 +24,7 @@ from stsmilter.store.base import (  # noqa: F401 (the package's interface)
     decode_entry,
     is_due,
     make_entry,
+    redacted,
 )
 from stsmilter.store.files import open_sqlite
 from stsmilter.store.sqlite import SCHEMA_VERSION, SqliteStore  # noqa: F401
@@ -38,3 +39,25 @@ def open_store(path: str, recover: bool = True) -> Store:
     if not path:
         return MemoryStore()
     return open_sqlite(path, recover)
+
+
+def open_configured(cache, recover: bool = True) -> Store:
+    """The store the [cache] section names: Redis when redis is set, else open_store(path).
+    Without recover (the one-shot commands) an unreachable Redis raises StoreError."""
+    if not cache.redis:
+        return open_store(cache.path, recover)
+    from stsmilter.store.redis import RedisStore
+
+    store = RedisStore(cache.redis, cache.redis_prefix, cache.redis_timeout, cache.refresh_interval)
+    if not recover:
+        try:
+            store.ping()
+        except StoreError:
+            store.close()
+            raise
+    return store
+
+
+def configured_name(cache) -> str:
+    """What messages call the store the [cache] section names."""
+    return redacted(cache.redis) if cache.redis else cache.path

@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import re
 import threading
 import time
+import urllib.parse
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from stsmilter import metrics
 from stsmilter.dns import MAX_TTL
-from stsmilter.policy import MAX_AGE_LIMIT, MODES, SLOTS, VALID, Policy, Result, normalize_domain, valid_mx_pattern
+from stsmilter.policy import (
+    FAILED,
+    MAX_AGE_LIMIT,
+    MODES,
+    NONE,
+    SLOTS,
+    VALID,
+    Policy,
+    Result,
+    normalize_domain,
+    valid_mx_pattern,
+)
 
 # Modes come from a three-word vocabulary; sharing the string objects keeps 100 000
 # cached policies from carrying 100 000 copies of "enforce".
@@ -142,6 +155,68 @@ def entry_fields(entry: Entry) -> Dict[str, Any]:
     }
 
 
+# A key-value store (Redis) keeps entry_fields() as one object: without the domain (the
+# key names it), the policy as an object, and without the fields that hold their default.
+# A reader passes on every name decode_entry() takes and ignores others, and a missing
+# one takes its default, so a new field needs nothing here, and daemons of two releases
+# can share one store during an upgrade.
+_DEFAULTS: Dict[str, Any] = {"refresh_failures": 0, "last_error": None, "txt_ttl": None}
+
+
+def stored_fields(entry: Entry) -> Dict[str, Any]:
+    fields = entry_fields(entry)
+    del fields["domain"]
+    fields["policy"] = entry.policy.as_dict()
+    return {name: value for name, value in fields.items() if name not in _DEFAULTS or value != _DEFAULTS[name]}
+
+
+def decode_fields(domain: Any, fields: Any, now: Optional[float] = None) -> Entry:
+    """An Entry from stored_fields() read back (a dict), checked like decode_entry()."""
+    if not isinstance(fields, dict):
+        raise BadEntry("not an object")
+    args = dict(_DEFAULTS)
+    args.update((name, value) for name, value in fields.items() if name in _DECODE_ARGS)
+    missing = _DECODE_ARGS.difference(args)
+    if missing:
+        raise BadEntry(f"no {', '.join(sorted(missing))}")
+    return decode_entry(domain, now=now, **args)
+
+
+# Answers without a policy ("none" for negative_ttl, "failed" for failure_backoff) in a
+# shared store: "STATUS REASON [ID]", a few bytes (there can be many).
+_ANSWER_REASON = re.compile(r"[a-z0-9-]{1,40}")
+
+
+def encode_answer(result: Result) -> str:
+    return " ".join(p for p in (result.status, result.reason or "", result.policy_id or "") if p)
+
+
+def decode_answer(domain: str, text: Any) -> Result:
+    if not isinstance(text, str) or len(text) > 100:
+        raise BadEntry("answer is not short text")
+    parts = text.split(" ")
+    status, reason = parts[0], parts[1] if len(parts) > 1 else ""
+    policy_id = parts[2] if len(parts) == 3 else None
+    # "none" carries no id, "failed" the id whose fetch failed
+    valid = len(parts) == (2 if status == NONE else 3) and status in (NONE, FAILED)
+    if not valid or not _ANSWER_REASON.fullmatch(reason) or (policy_id and not _POLICY_ID.fullmatch(policy_id)):
+        raise BadEntry(f"answer {text[:40]!r}")
+    return Result(domain, status, reason=reason, source="cache", policy_id=policy_id)
+
+
+def redacted(url: str) -> str:
+    """A store URL without its password, for log lines and messages."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.rpartition("@")[2]
+    if password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -216,6 +291,10 @@ def decode_entry(
     )
 
 
+# The names decode_fields() passes on (decode_entry's stored fields).
+_DECODE_ARGS = frozenset(inspect.signature(decode_entry).parameters) - {"domain", "now"}
+
+
 class Store:
     """Persistence behind PolicyCache: the cache decides, a store only remembers.
 
@@ -226,6 +305,10 @@ class Store:
     """
 
     name = "memory"  # what log lines call this store (a path, a URL)
+    # Several daemons share this store (fleet.py coordinates them); such a store also
+    # offers claim(), release(), announce() and read_events() (store/redis.py).
+    shared = False
+    retry_after = 30.0  # seconds the guard leaves the store alone after a failure
 
     def __init__(self) -> None:
         self.bad_entries = 0  # entries found unusable so far (skipped, and dropped if possible)
@@ -260,6 +343,15 @@ class Store:
 
     def close(self) -> None:
         pass
+
+    # Answers without a policy: kept in memory only unless the store is shared.
+
+    def get_answer(self, domain: str) -> Optional[Result]:
+        """A shared "none" or "failed" answer for domain (source "cache"), or None."""
+        return None
+
+    def put_answer(self, result: Result, ttl: float) -> None:
+        """Share a "none" or "failed" answer for ttl seconds."""
 
     def _skip_bad(self, key: Any, reason: str) -> None:
         metrics.STORE_BAD_ENTRIES.inc()
