@@ -25,13 +25,18 @@ from cachetools import LRUCache, TTLCache
 
 from stsmilter import metrics
 from stsmilter.negative_cache import NegativeCache
-from stsmilter.policy import NONE, Result
+from stsmilter.policy import FAILED, NONE, Result
 from stsmilter.store import Entry, Store, is_due
 from stsmilter.store.guard import StoreGuard
 
 # negative() hands out one Result object per recently asked domain, so that a front end
 # that reuses its reply while it gets the same object (the socketmap) keeps doing so.
 RECENT_NEGATIVE_RESULTS = 1024
+
+
+def _newer(entry: Entry, than: Optional[Entry]) -> bool:
+    """entry was fetched, or its id confirmed, after than (another daemon's, say)."""
+    return than is None or (entry.fetched_at, entry.checked_at) > (than.fetched_at, than.checked_at)
 
 
 class PolicyCache:
@@ -105,6 +110,12 @@ class PolicyCache:
             self._failing.pop(entry.domain, None)
 
     def delete(self, domain: str) -> bool:
+        in_memory = self.forget(domain)
+        _ok, in_store = self._guard.call("delete", self.store.delete, domain)
+        return bool(in_store) or in_memory
+
+    def forget(self, domain: str) -> bool:
+        """Drop everything memory knows about domain (a purge); True if a policy was held."""
         with self._lock:
             in_memory = self._policies.pop(domain, None) is not None
             self._negative.pop(domain, None)
@@ -112,8 +123,67 @@ class PolicyCache:
             self._unsaved.discard(domain)
             for key in [k for k in self._backoff if k[0] == domain]:
                 del self._backoff[key]
-        _ok, in_store = self._guard.call("delete", self.store.delete, domain)
-        return bool(in_store) or in_memory
+        return in_memory
+
+    def forget_all(self) -> int:
+        """Drop every policy and answer memory holds (a purge --all); returns the policies."""
+        with self._lock:
+            held = len(self._policies)
+            for part in (self._policies, self._negative_results, self._backoff, self._failing, self._unsaved):
+                part.clear()
+            self._negative = NegativeCache(self._negative.maxsize, self._negative.ttl, self.clock)
+        return held
+
+    def snapshot(self) -> List[Entry]:
+        """The policies memory serves, by domain."""
+        with self._lock:
+            entries = list(self._policies.values())
+        return sorted(entries, key=lambda e: e.domain)
+
+    # --- a store shared with other daemons (fleet.py)
+
+    @property
+    def guard(self) -> StoreGuard:
+        return self._guard
+
+    def reload(self, domain: str) -> Optional[Entry]:
+        """The store's entry for domain, bypassing memory (another daemon may have written
+        it); memory takes it if it is newer than what memory holds."""
+        _ok, stored = self._guard.call("read", self.store.get, domain)
+        if stored is not None:
+            with self._lock:
+                if _newer(stored, self._policies.get(domain)):
+                    self._policies[domain] = stored
+                    self._negative.pop(domain, None)
+                    self._unsaved.discard(domain)
+                    self._track_failing(stored)
+        return stored
+
+    def stored_answer(self, domain: str) -> Optional[Result]:
+        """A "none" or "failed" answer another daemon shared (never memory's own)."""
+        _ok, answer = self._guard.call("read", self.store.get_answer, domain)
+        return answer
+
+    def resync(self) -> Optional[int]:
+        """After missing the fleet's events (Redis was away): take what the store holds
+        that memory lacks or holds older, and offer the store again what it lacks (a Redis
+        restarted empty), which flush() writes. Returns how many entries wait to be
+        written; None if the store cannot be read (now)."""
+        ok, stored = self._guard.call("read", lambda: {e.domain: e for e in self.store.entries()})
+        if not ok:
+            return None
+        with self._lock:
+            for domain, held in list(self._policies.items()):
+                if domain not in stored:
+                    self._unsaved.add(domain)
+            for domain, newer in stored.items():
+                held = self._policies.get(domain)
+                if held is None and len(self._policies) >= self._policies.maxsize:
+                    continue  # memory is full: the store answers for it (get())
+                if _newer(newer, held):
+                    self._policies[domain] = newer
+                    self._track_failing(newer)
+            return len(self._unsaved)
 
     @property
     def max_entries(self) -> int:
@@ -210,10 +280,13 @@ class PolicyCache:
                 self._negative_results[domain] = result
             return result
 
-    def put_negative(self, result: Result) -> None:
-        """Remember a "none" answer (only its domain and reason are kept)."""
+    def put_negative(self, result: Result, share: bool = True) -> None:
+        """Remember a "none" answer (only its domain and reason are kept). share: offer it
+        to a shared store too (not when it came from there)."""
         with self._lock:
             self._negative.put(result.domain, result.reason or "")
+        if share and self.store.shared and self._negative.ttl > 0:
+            self._guard.call("write", self.store.put_answer, result, self._negative.ttl)
 
     # --- fetch failure backoff
 
@@ -222,7 +295,10 @@ class PolicyCache:
         with self._lock:
             return self._backoff.get((domain, policy_id))
 
-    def set_backoff(self, domain: str, policy_id: str, reason: str) -> None:
+    def set_backoff(self, domain: str, policy_id: str, reason: str, share: bool = True) -> None:
         if self._backoff_enabled:
             with self._lock:
                 self._backoff[(domain, policy_id)] = reason
+            if share and self.store.shared:  # the fleet does not hammer a broken host either
+                failed = Result(domain, FAILED, reason=reason, source="cache", policy_id=policy_id)
+                self._guard.call("write", self.store.put_answer, failed, self._backoff.ttl)

@@ -33,6 +33,7 @@ from cachetools import LRUCache
 from stsmilter import dns, metrics, policy
 from stsmilter.cache import PolicyCache
 from stsmilter.fetch import FetchError, Fetcher
+from stsmilter.fleet import Fleet
 from stsmilter.policy import FAILED, NONE, PENDING, Result
 from stsmilter.store import Entry, make_entry
 
@@ -85,12 +86,15 @@ class Discovery:
         cache: PolicyCache,
         settings: Settings = Settings(),
         clock: Callable[[], float] = time.time,
+        fleet: Optional[Fleet] = None,
     ) -> None:
         self.resolver = resolver
         self.fetcher = fetcher
         self.cache = cache
         self.settings = settings
         self.clock = clock
+        # Other daemons sharing the store (fleet.SharedFleet), or nobody (Fleet).
+        self.fleet = fleet if fleet is not None else Fleet()
         self._lock = threading.Lock()
         self._jobs: Dict[Tuple[str, str], concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -244,6 +248,13 @@ class Discovery:
             negative = self.cache.negative(domain) if entry is None else None
             if negative is not None:
                 return negative
+            if usable is None:  # a first lookup: in a fleet, one daemon discovers it for all
+                return self.fleet.once(domain, lambda: self._shared_answer(domain),
+                                       lambda: self._discover_now(domain, False, None))
+        return self._discover_now(domain, force, usable)
+
+    def _discover_now(self, domain: str, force: bool, usable: Optional[Entry]) -> Result:
+        now = self.clock()
         record, txt_ttl, problem = self._read_txt(domain)
         if record is None:
             if usable is not None:
@@ -262,7 +273,12 @@ class Discovery:
             if usable is not None:
                 return usable.result
             return Result(domain, FAILED, reason=failed, source="cache", policy_id=record.id)
-        fetched = self._fetch(domain, record.id, now, txt_ttl)
+        if usable is None:
+            fetched = self._fetch(domain, record.id, now, txt_ttl)
+        else:  # a new id, or a forced re-check: in a fleet, one daemon fetches it for all
+            newer_than = now - FORCE_FRESH_SECONDS if force else usable.fetched_at
+            fetched = self.fleet.once(domain, lambda: self._shared_fetch(domain, record.id, newer_than),
+                                      lambda: self._fetch(domain, record.id, now, txt_ttl))
         if isinstance(fetched, Entry):
             return dataclasses.replace(fetched.result, source="fetched")
         if usable is not None:
@@ -288,6 +304,38 @@ class Discovery:
         self.cache.put(entry)
         return entry
 
+    # --- answers another daemon of the fleet put in the shared store
+
+    def _shared_answer(self, domain: str) -> Optional[Result]:
+        """For a first lookup: a policy, or an answer without one, from the store."""
+        entry = self.cache.reload(domain)
+        if entry is not None and entry.expires > self.clock():
+            return entry.result
+        answer = self.cache.stored_answer(domain)
+        if answer is not None:
+            if answer.status == FAILED:
+                self.cache.set_backoff(domain, answer.policy_id, answer.reason, share=False)
+            else:
+                self.cache.put_negative(answer, share=False)
+        return answer
+
+    def _shared_fetch(self, domain: str, policy_id: str, newer_than: float):
+        """For a fetch of policy_id: the Entry another daemon fetched after newer_than, or
+        the reason its fetch failed; None if neither is in the store."""
+        entry = self.cache.reload(domain)
+        if entry is not None and entry.policy_id == policy_id and entry.fetched_at > newer_than:
+            return entry
+        answer = self.cache.stored_answer(domain)
+        if answer is not None and answer.status == FAILED and answer.policy_id == policy_id:
+            self.cache.set_backoff(domain, policy_id, answer.reason, share=False)
+            return answer.reason
+        return None
+
+    def _shared_refresh(self, domain: str, entry: Entry) -> Optional[Result]:
+        """For a refresh: the entry another daemon refetched since ours, if any."""
+        stored = self.cache.reload(domain)
+        return stored.result if stored is not None and stored.fetched_at > entry.fetched_at else None
+
     # --- proactive refresh (RFC 8461 §10.2)
 
     def refresh(self, domain: str) -> Result:
@@ -295,10 +343,16 @@ class Discovery:
         return self._start(domain, "refresh", self._refresh).result()
 
     def _refresh(self, domain: str, _force: bool) -> Result:
-        now = self.clock()
         entry = self.cache.get(domain)
         if entry is None:
             return self._discover(domain, False)
+        # In a fleet one daemon refreshes it; the others skip it (and hear of the result).
+        refreshed = self.fleet.once(domain, lambda: self._shared_refresh(domain, entry),
+                                    lambda: self._refresh_now(domain, entry), wait=False)
+        return refreshed if refreshed is not None else entry.result
+
+    def _refresh_now(self, domain: str, entry: Entry) -> Result:
+        now = self.clock()
         record, txt_ttl, _problem = self._read_txt(domain)
         # A vanished TXT record does not end a cached policy; keep the id (and TTL) we know.
         if record is None:
@@ -346,6 +400,7 @@ class Discovery:
     def close(self) -> None:
         if self.dane is not None:
             self.dane.close()
+        self.fleet.close()
         self._stopping.set()
         if self._refresher is not None:
             self._refresher.join(timeout=5)

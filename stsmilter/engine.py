@@ -13,7 +13,8 @@ from stsmilter.config import ConfigError
 from stsmilter.cache import PolicyCache
 from stsmilter.discovery import Discovery, Settings
 from stsmilter.fetch import Fetcher
-from stsmilter.store import open_store
+from stsmilter.fleet import Fleet, SharedFleet
+from stsmilter.store import open_configured
 
 
 def make_resolver(config) -> dns.Resolver:
@@ -29,10 +30,21 @@ def make_fetcher(config, resolver: dns.Resolver) -> Fetcher:
 
 
 def open_cache(config, one_shot: bool = False) -> PolicyCache:
-    """one_shot (the CLI): a cache file that cannot be used raises StoreError; the daemon
-    moves it aside or runs memory-only instead (store/files.py)."""
+    """one_shot (the CLI): a cache file (or Redis) that cannot be used raises StoreError;
+    the daemon moves it aside or runs memory-only instead (store/files.py)."""
     c = config.cache
-    return PolicyCache(open_store(c.path, recover=not one_shot), c.max_entries, c.negative_ttl, c.failure_backoff)
+    store = open_configured(c, recover=not one_shot)
+    return PolicyCache(store, c.max_entries, c.negative_ttl, c.failure_backoff, retry_after=store.retry_after)
+
+
+def make_fleet(config, cache: PolicyCache, listening: bool = True) -> Fleet:
+    """Coordination with the other daemons sharing the store, if it is shared. Without
+    listening (a one-shot command) a wait for another daemon's answer polls more often."""
+    if not cache.store.shared:
+        return Fleet()
+    # The lock outlives one discovery: a TXT lookup plus a fetch, each within its timeout.
+    lock_seconds = config.dns.timeout + config.fetch.timeout + 1.0
+    return SharedFleet(cache, lock_seconds, poll=1.0 if listening else 0.2)
 
 
 def _dane_parts(config):
@@ -59,8 +71,11 @@ def open_engine(config, one_shot: bool = False) -> Discovery:
     settings = Settings.from_config(config)
     if one_shot:
         settings = dataclasses.replace(settings, id_check_interval=0.0, recheck_in_background=False)
-    discovery = Discovery(resolver, make_fetcher(config, resolver), cache, settings)
+    fleet = make_fleet(config, cache, listening=not one_shot)
+    discovery = Discovery(resolver, make_fetcher(config, resolver), cache, settings, fleet=fleet)
     discovery.dane = make_dane(config)
+    if not one_shot:
+        discovery.fleet.start()  # the daemon hears the fleet's events; a command only polls
     return discovery
 
 

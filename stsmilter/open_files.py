@@ -30,6 +30,8 @@ def needed(cfg) -> int:
         total += cfg.socketmap.max_connections
     if cfg.metrics.listen is not None:
         total += METRICS_CONNECTIONS
+    if cfg.cache.redis:  # a Redis connection per discovery at most, plus the refresher's and the events'
+        total += cfg.fetch.max_concurrent + 4
     return total
 
 
