@@ -66,17 +66,17 @@ def _as_service_user(cfg: config_mod.Config, *kinds: str) -> None:
     that user if missing, then drop to it; everything else happens as that user."""
     from stsmilter import daemon, preflight
 
-    preflight.enter_service_identity(cfg, create=True, kinds=kinds, before_drop=daemon.import_everything)
+    preflight.enter_service_identity(cfg, create=True, kinds=kinds, before_drop=lambda: daemon.import_everything(cfg))
 
 
 def _engine(cfg: config_mod.Config, no_cache: bool = False):
     from stsmilter import engine, preflight
 
     if no_cache:
-        cfg = cfg.replace(cache={"path": ""})
+        cfg = cfg.replace(cache={"path": "", "redis": ""})
     _as_service_user(cfg, preflight.CACHE, preflight.FETCH)
     try:
-        with _cache_errors(cfg.cache.path):
+        with _cache_errors(_cache_name(cfg)):
             return engine.open_engine(cfg, one_shot=True)
     except CommandError as e:
         raise CommandError(f"{e} (--no-cache does without it)") from None
@@ -171,7 +171,7 @@ def cmd_check_config(args) -> int:
 
     cfg = _load_config(args)
     # What `run` would refuse, checked the same way and as the same user; nothing created.
-    preflight.enter_service_identity(cfg, create=False, before_drop=daemon.import_everything)
+    preflight.enter_service_identity(cfg, create=False, before_drop=lambda: daemon.import_everything(cfg))
     warning = preflight.cache_warning(cfg)  # not a refusal: run starts, without the file
     if warning:
         print(f"stsmilter: warning: {warning}", file=sys.stderr)
@@ -188,48 +188,75 @@ def cmd_check_config(args) -> int:
     return EXIT_OK
 
 
+def _cache_name(cfg) -> str:
+    from stsmilter.store import configured_name
+
+    return configured_name(cfg.cache)
+
+
 def _read_store(cfg, read):
     """read(store) on the configured store, opened strictly and closed again."""
-    from stsmilter.store import open_store
+    from stsmilter.store import open_configured
 
-    with _cache_errors(cfg.cache.path):
-        store = open_store(cfg.cache.path, recover=False)
+    with _cache_errors(_cache_name(cfg)):
+        store = open_configured(cfg.cache, recover=False)
         try:
             value = read(store)
         finally:
             store.close()
     if store.bad_entries:
         key, reason = store.last_bad
-        print(f"stsmilter: cache {cfg.cache.path}: skipped {store.bad_entries} unusable entries"
+        print(f"stsmilter: cache {_cache_name(cfg)}: skipped {store.bad_entries} unusable entries"
               f" (latest: {key}: {reason})", file=sys.stderr)
     return value
 
 
+def _ask_daemon(cfg, request: str) -> Optional[List[str]]:
+    """The running daemon's answer (its lines) through its control socket, or None when
+    no daemon runs with this PID file (or it has none)."""
+    from stsmilter import control
+
+    path = control.control_path(cfg.daemon.pidfile)
+    if not path:
+        return None
+    try:
+        lines = list(control.request(path, request))
+    except control.NoDaemon:
+        return None
+    except OSError as e:
+        raise CommandError(f"cache control {path}: {e.strerror or e}") from None
+    if not lines or lines[-1].startswith("error "):
+        raise CommandError(f"cache control {path}: {lines[-1] if lines else 'no answer'}")
+    return lines
+
+
+def _daemon_rows(cfg) -> Optional[list]:
+    lines = _ask_daemon(cfg, "list")
+    if lines is None:
+        return None
+    if not lines[-1].startswith("end "):
+        raise CommandError("cache control: the daemon's answer ended early")
+    return [json.loads(line) for line in lines[:-1]]
+
+
 def cmd_cache_list(args) -> int:
     cfg = _load_config(args)
-    from stsmilter import preflight
+    from stsmilter import control, preflight
 
     _as_service_user(cfg, preflight.CACHE)
-    rows = [
-        {
-            "domain": e.domain,
-            "id": e.policy_id,
-            "mode": e.policy.mode,
-            "mx": list(e.policy.mx),
-            "fetched": _iso(e.fetched_at),
-            "expires": _iso(e.expires),
-            "refresh_failures": e.refresh_failures,
-            "last_error": e.last_error,
-        }
-        for e in _read_store(cfg, lambda store: list(store.entries()))
-    ]
+    rows = _daemon_rows(cfg)  # what the running daemon serves, if one runs
+    served = rows is not None
+    if rows is None:
+        rows = [control.entry_row(e) for e in _read_store(cfg, lambda store: list(store.entries()))]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for row in rows:
         failing = f" refresh failing x{row['refresh_failures']} ({row['last_error']})" if row["refresh_failures"] else ""
         print(f"{row['domain']} id={row['id']} mode={row['mode']} expires={row['expires']}{failing}")
-    print(f"{len(rows)} cached {'policy' if len(rows) == 1 else 'policies'}", file=sys.stderr)
+    noun = "policy" if len(rows) == 1 else "policies"
+    print(f"{len(rows)} {noun} served by the running daemon" if served else f"{len(rows)} cached {noun}",
+          file=sys.stderr)
     return EXIT_OK
 
 
@@ -245,13 +272,51 @@ def cmd_cache_purge(args) -> int:
     except ValueError as e:
         raise UsageError(f"cache purge: {e}") from None
 
+    named = [d for d in named if d]
+
     def purge(store) -> int:
-        domains = [e.domain for e in store.entries()] if args.all else named
-        return sum(1 for d in domains if d and store.delete(d))
+        if args.all and store.shared:
+            removed = store.purge_all()
+        else:
+            domains = [e.domain for e in store.entries()] if args.all else named
+            removed = sum(1 for d in domains if store.delete(d))
+        if store.shared:  # every daemon sharing the store forgets it too (fleet.py)
+            for domain in [""] if args.all else named:
+                store.announce("purge-all" if args.all else "purge", domain)
+        return removed
 
     removed = _read_store(cfg, purge)
     print(f"purged {removed} {'policy' if removed == 1 else 'policies'}")
+    if cfg.cache.redis:  # the local daemon hears it from Redis like every other one
+        print(f"stsmilter: every daemon sharing {_cache_name(cfg)} forgets it too", file=sys.stderr)
+        return EXIT_OK
+    dropped = _tell_daemon(cfg, None if args.all else named)
+    if dropped is not None:
+        print(f"stsmilter: the running daemon dropped {dropped} from memory", file=sys.stderr)
     return EXIT_OK
+
+
+def _tell_daemon(cfg, domains: Optional[List[str]]) -> Optional[int]:
+    """Make the local daemon forget domains (everything if None); how many policies it
+    dropped, or None if no daemon runs."""
+    from stsmilter.control import MAX_REQUEST
+
+    requests = ["purge-all"] if domains is None else []
+    for domain in domains or ():  # requests under the control socket's size cap
+        if requests and len(requests[-1]) + len(domain) + 1 < MAX_REQUEST:
+            requests[-1] += " " + domain
+        else:
+            requests.append("purge " + domain)
+    dropped = 0
+    for request in requests:
+        lines = _ask_daemon(cfg, request)
+        if lines is None:
+            return None
+        words = lines[-1].split()
+        if len(words) != 2 or words[0] != "purged" or not words[1].isdigit():
+            raise CommandError(f"cache control: unexpected answer {lines[-1][:80]!r}")
+        dropped += int(words[1])
+    return dropped
 
 
 def cmd_run(args) -> int:

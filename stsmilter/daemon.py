@@ -85,17 +85,19 @@ class _SyslogHandler(logging.handlers.SysLogHandler):
             super().handleError(record)
 
 
-def import_everything() -> None:
+def import_everything(cfg=None) -> None:
     """Import every module the daemon will use before privileges are dropped: the
     service user may not be able to read the Python installation or the checkout it
     runs from (a venv under /root), and Python imports lazily (codecs included).
-    tests/world/late_imports.py reports whatever a run still imports after the drop."""
+    tests/world/late_imports.py reports whatever a run still imports after the drop.
+    With [cache] redis, redis-py too, and a client built once (it imports on first use);
+    a redis-py that is missing is reported by preflight.check_access()."""
     import codecs
     import importlib
 
     for name in (
         "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap", "stsmilter.milter_stop",
-        "stsmilter.milter_wake", "stsmilter.metrics_server", "stsmilter.open_files", "resource",
+        "stsmilter.milter_wake", "stsmilter.metrics_server", "stsmilter.open_files", "stsmilter.control", "resource",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
         "idna.uts46data",  # loaded by the first U-label's UTS 46 mapping
@@ -115,6 +117,12 @@ def import_everything() -> None:
     else:  # Debian 12's dnspython 2.3: the same loading; a type it has no class for stays generic
         for rdtype in dns.rdatatype.RdataType:
             dns.rdata.get_rdata_class(dns.rdataclass.IN, rdtype)
+    if cfg is not None and cfg.cache.redis:
+        try:
+            from stsmilter.store import redis as redis_store
+        except ImportError:
+            return
+        redis_store.prepare(cfg.cache.redis, cfg.cache.redis_timeout)
 
 
 class Daemon:
@@ -125,15 +133,25 @@ class Daemon:
         self.discovery = None
         self.socketmap = None
         self.metrics_server = None
+        self.control = None
         self.milter_started = False
         self.reload_thread_id = 0
 
     def start_services(self) -> None:
-        from stsmilter import engine, open_files
+        from stsmilter import control, engine, open_files
 
         socketmap_room = open_files.ensure(self.cfg)  # before anything opens descriptors
         self.discovery = engine.open_engine(self.cfg)
         self.discovery.start_refresher()
+        control_path = control.control_path(self.cfg.daemon.pidfile)
+        if control_path:
+            self.control = control.ControlServer(control_path, self.discovery.cache)
+            try:
+                self.control.start()
+            except OSError as e:
+                self.control = None
+                raise StartupError(f"[daemon] pidfile = {self.cfg.daemon.pidfile}: control socket {control_path}:"
+                                   f" {e.strerror or e}") from None
         listen = self.cfg.metrics.listen
         if listen is not None:
             from stsmilter.metrics_server import MetricsServer
@@ -235,6 +253,8 @@ class Daemon:
             self.socketmap.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.control is not None:
+            self.control.stop()
         if self.discovery is not None:
             self.discovery.close()
             self.discovery.cache.close()
@@ -252,6 +272,9 @@ _RESTART_KEYS = {
     ("cache", "max_entries"),
     ("cache", "negative_ttl"),
     ("cache", "failure_backoff"),
+    ("cache", "redis"),
+    ("cache", "redis_prefix"),
+    ("cache", "redis_timeout"),
     ("fetch", "max_concurrent"),
     ("socketmap", "listen"),
     ("socketmap", "socket_mode"),
@@ -268,7 +291,7 @@ def run(config_path: Optional[str]) -> int:
     pidfile = Pidfile(cfg.daemon.pidfile)
     started = False
     try:
-        preflight.enter_service_identity(cfg, create=True, before_drop=import_everything)
+        preflight.enter_service_identity(cfg, create=True, before_drop=lambda: import_everything(cfg))
         pidfile.write()
         started = True
         daemon.start_services()

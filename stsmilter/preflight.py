@@ -84,9 +84,18 @@ def runtime_paths(cfg, kinds: Iterable[str] = EVERYTHING) -> List[RuntimePath]:
             paths.append(RuntimePath(SOCKET, f"[socketmap] listen = {cfg.socketmap.listen}", cfg.socketmap.listen.path))
     if PIDFILE in kinds and cfg.daemon.pidfile:
         paths.append(RuntimePath(PIDFILE, f"[daemon] pidfile = {cfg.daemon.pidfile}", cfg.daemon.pidfile))
-    if CACHE in kinds and cfg.cache.path and cfg.cache.path != ":memory:":
+    if SOCKET in kinds and cfg.daemon.pidfile:  # the cache control socket beside it (control.py)
+        control = _control_path(cfg.daemon.pidfile)
+        paths.append(RuntimePath(SOCKET, f"[daemon] pidfile = {cfg.daemon.pidfile} (control socket {control})", control))
+    if CACHE in kinds and cfg.cache.path and cfg.cache.path != ":memory:" and not cfg.cache.redis:
         paths.append(RuntimePath(CACHE, f"[cache] path = {cfg.cache.path}", cfg.cache.path))
     return paths
+
+
+def _control_path(pidfile: str) -> str:
+    from stsmilter.control import control_path
+
+    return control_path(pidfile)
 
 
 def _lstat(item: RuntimePath, path: str) -> Optional[os.stat_result]:
@@ -208,6 +217,11 @@ def check_access(cfg, ours: FrozenSet[str] = frozenset(), kinds: Iterable[str] =
             continue
         if not os.access(item.directory, os.W_OK | os.X_OK):
             raise StartupError(f"{item.key}: {_who()} cannot create files in {item.directory}")
+    if CACHE in kinds and cfg.cache.redis:
+        try:
+            import redis  # noqa: F401 (an optional dependency, imported only when used)
+        except ImportError:
+            raise StartupError("[cache] redis: needs redis-py (Debian: python3-redis; pip: stsmilter[redis])") from None
     if FETCH in kinds:
         from stsmilter import engine  # ConfigError naming [fetch] ca_file if unusable
 

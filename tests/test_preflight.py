@@ -36,6 +36,8 @@ def test_runtime_paths_name_their_keys(tmp_path):
         ("socket", f"[milter] socket = unix:{tmp_path}/run/m.sock", f"{tmp_path}/run/m.sock"),
         ("socket", f"[socketmap] listen = unix:{tmp_path}/run/map.sock", f"{tmp_path}/run/map.sock"),
         ("pidfile", f"[daemon] pidfile = {tmp_path}/run/s.pid", f"{tmp_path}/run/s.pid"),
+        ("socket", f"[daemon] pidfile = {tmp_path}/run/s.pid (control socket {tmp_path}/run/s.ctl)",
+         f"{tmp_path}/run/s.ctl"),
         ("cache", f"[cache] path = {tmp_path}/state/c.sqlite", f"{tmp_path}/state/c.sqlite"),
     ]
     inet = make_config(tmp_path, milter={"socket": "inet:1@127.0.0.1"}, socketmap={"listen": "127.0.0.1:2"},
