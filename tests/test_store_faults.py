@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 import pytest
 
 from world.daemon import DaemonProcess, free_port, poll_until, sample, scrape, wait_for_port
+from world.socketmap_client import Socketmap
 
 pytestmark = [
     pytest.mark.integration,
@@ -29,32 +29,6 @@ V0_FILE = os.path.join(os.path.dirname(__file__), "data", "cache-v0.sqlite")
 # setpriv: still uid 0, but without the capabilities that let root ignore file modes,
 # so a file mode of 000 or a read-only directory means what it says.
 NO_DAC = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
-
-
-class Socketmap:
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        self.buffer = b""
-
-    def ask(self, domain):
-        request = f"postfix {domain}".encode()
-        self.sock.sendall(b"%d:%s," % (len(request), request))
-        while b":" not in self.buffer:
-            self.buffer += self._recv()
-        length, rest = self.buffer.split(b":", 1)
-        while len(rest) < int(length) + 1:
-            rest += self._recv()
-        self.buffer = rest[int(length) + 1 :]
-        return rest[: int(length)].decode()
-
-    def _recv(self):
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("socketmap closed the connection")
-        return data
-
-    def close(self):
-        self.sock.close()
 
 
 def secure(domain):
