@@ -28,14 +28,15 @@ if [ "$mode" = test ]; then
     # builds contrib/sendmail/stsmilter.mc; mandoc lints the man pages; sasl2-bin
     # (saslpasswd2) and libsasl2-modules (PLAIN) give the shipped submission services'
     # test a private Cyrus SASL user; unbound: the DANE tests start a private validating
-    # resolver (never the system service).
-    pkgs="$pkgs postfix shellcheck sendmail-cf mandoc sasl2-bin libsasl2-modules unbound"
+    # resolver (never the system service); redis-server: the fleet tests start a private
+    # Redis on loopback (never the system service).
+    pkgs="$pkgs postfix shellcheck sendmail-cf mandoc sasl2-bin libsasl2-modules unbound redis-server"
     # The second run uses Debian 12's own libraries, the ones the .deb depends on
     # (setuptools and wheel build stsmilter into that venv); tests/test_deb.py builds
     # the package with make (its build dependencies come from debian/control), checks
-    # it with lintian and reads its man page with man.
+    # it with lintian and reads its man page with man. python3-redis (4.3): [cache] redis.
     pkgs="$pkgs python3-milter python3-dnspython python3-cachetools python3-prometheus-client python3-idna"
-    pkgs="$pkgs python3-setuptools python3-wheel make lintian man-db"
+    pkgs="$pkgs python3-redis python3-setuptools python3-wheel make lintian man-db"
 fi
 for p in $pkgs; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_apt="$need_apt $p"

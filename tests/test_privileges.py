@@ -10,12 +10,16 @@ import pwd
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from world.daemon import DaemonProcess, free_port, poll_until, sample, scrape, wait_for_port
+from world.socketmap_client import ask
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,7 +60,7 @@ class Box:
             f"[daemon]\nuser = {values['user']}\ngroup = {values['group']}\npidfile = {values['pidfile']}\n"
             "log = stderr\n"
             f"[milter]\nsocket = {values['socket']}\n"
-            f"[cache]\npath = {values['cache']}\n"
+            f"[cache]\npath = {values['cache']}\n" + (f"redis = {values['redis']}\n" if values.get("redis") else "") +
             f"[socketmap]\nlisten = {values['socketmap']}\n"
             f"[metrics]\nlisten = {values['metrics']}\n"
             "[dns]\nnameservers = 127.0.0.1\nport = 9\ntimeout = 0.5\n"
@@ -276,3 +280,47 @@ def test_a_directory_the_service_user_cannot_write_is_refused(box):
     line = refused(box.start())
     assert f"[daemon] pidfile = {box.pidfile}: user nobody cannot create files in {box.run}" in line
     assert os.stat(box.run).st_uid == 0
+
+
+def test_a_symlink_at_the_control_socket_is_refused_and_never_followed(box):
+    box.service_dir(box.run)
+    link = box.run / "s.ctl"
+    link.symlink_to(box.target)
+    line = refused(box.start())
+    assert f"[daemon] pidfile = {box.pidfile} (control socket {link})" in line and "symbolic link" in line
+    assert box.target_untouched() and link.is_symlink()
+
+
+def test_a_root_start_on_redis_talks_to_it_and_to_the_cli_as_the_service_user(box, redis_server):
+    """redis-py imports some modules on first use: they must be loaded before the drop
+    (the interpreter here is one nobody cannot read)."""
+    from stsmilter.policy import Policy
+    from stsmilter.store import make_entry
+    from stsmilter.store.redis import RedisStore
+
+    socketmap_port = free_port()
+    daemon = box.start(redis=redis_server.url, socketmap=f"inet:127.0.0.1:{socketmap_port}")
+    serving(box, daemon)
+    control = box.run / "s.ctl"
+    poll_until(control.exists, 10, "the control socket")
+    st = os.lstat(control)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY.pw_uid, 0o600)
+    other = RedisStore(redis_server.url)  # another daemon of the fleet fetched a policy
+    other.put(make_entry("fleet.example", "f1", Policy("STSv1", "enforce", 86400, ("mx.fleet.example",)),
+                         time.time()))
+    other.announce("changed", "fleet.example")
+    other.close()
+
+    def listed():
+        proc = subprocess.run([sys.executable, "-m", "stsmilter", "cache", "list", "-c", daemon.config_path],
+                              capture_output=True, text=True, timeout=30)
+        return proc.stderr == "1 policy served by the running daemon\n" and proc.stdout.startswith("fleet.example ")
+
+    poll_until(listed, 10, "the daemon to take the policy another daemon fetched", detail=daemon.log)
+    # A domain nobody knows: the domain's lock taken, released and the work announced
+    # (its TXT lookup fails: there is no DNS server here).
+    assert ask(socketmap_port, "unknown.example") == "NOTFOUND "
+    poll_until(lambda: redis_server.client().xlen(b"stsmilter:events") == 2, 10, "the announcement")
+    assert "Traceback" not in daemon.log() and "cache redis" not in daemon.log(), daemon.log()  # no store fault
+    assert daemon.stop() == 0
+    assert not control.exists()
