@@ -172,6 +172,40 @@ def test_redis_down_is_not_mail_down_and_redis_back_is_used_again(sts_world, fle
     assert_no_traceback(*daemons)
 
 
+def test_a_hung_redis_costs_a_bounded_wait_then_none(sts_world, fleet):
+    daemons = [fleet(name) for name in ("a", "b")]
+    cached = "cached.example"
+    sts_world.publish(cached)
+    assert [ask(d.socketmap_port, cached) for d in daemons] == [secure(cached)] * 2
+    fleet.redis.pause()
+    try:
+        new = "new-while-hung.example"
+        sts_world.publish(new)
+        for daemon in daemons:
+            started = time.monotonic()
+            assert ask(daemon.socketmap_port, cached) == secure(cached)  # from memory: no wait at all
+            assert time.monotonic() - started < 0.5
+            started = time.monotonic()
+            assert ask(daemon.socketmap_port, new) == secure(new)
+            # one [cache] redis_timeout (0.5 s), after which Redis rests: the fetch goes on alone
+            assert time.monotonic() - started < 3
+        for daemon in daemons:
+            daemon.wait_log("read failed: redis: Timeout", timeout=10)
+    finally:
+        fleet.redis.resume()
+    client = fleet.redis.client()
+    attempts = iter(range(1000))
+
+    def a_new_domain_lands_in_redis(daemon):
+        domain = f"after{next(attempts)}.example"
+        sts_world.publish(domain)
+        return ask(daemon.socketmap_port, domain) == secure(domain) and client.exists(f"{fleet.prefix}p:{domain}")
+
+    for daemon in daemons:  # each uses Redis again, once the rest after its last failure is over
+        poll_until(lambda: a_new_domain_lands_in_redis(daemon), 15, "Redis to be used again", interval=0.5)
+    assert_no_traceback(*daemons)
+
+
 def test_a_lone_daemon_takes_a_purge_within_2_seconds_and_lists_what_it_serves(sts_world, start_daemon):
     daemon = start_daemon(socketmap={"dane": "no"})  # the default sqlite store
     domain = "lone.example"

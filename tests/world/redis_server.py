@@ -73,7 +73,7 @@ class RedisServer:
     def stop(self):
         """Kill it at once (an outage, not a shutdown); its data is gone (no persistence)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            self.proc.send_signal(signal.SIGKILL)  # (also ends a paused one)
             self.proc.wait(10)
         self.proc = None
         deadline = time.monotonic() + 5
@@ -83,6 +83,13 @@ class RedisServer:
             except OSError:
                 return
             time.sleep(0.05)
+
+    def pause(self):
+        """A hung Redis: connections are accepted (by the kernel) and never answered."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
 
     def close(self):
         self.stop()
