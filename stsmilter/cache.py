@@ -195,8 +195,9 @@ class PolicyCache:
         with self._lock:
             for domain in [d for d, e in self._failing.items() if e.expires <= now]:
                 del self._failing[domain]
-            if ok and not removed:
-                return 0  # nothing expired in the store: nothing in memory either
+            if ok and not removed and not self.store.shared:
+                return 0  # nothing expired in the store: nothing in memory either (in a fleet,
+                #           another daemon may have purged what memory still holds)
             expired = [d for d, e in self._policies.items() if e.expires <= now]
             for domain in expired:
                 del self._policies[domain]

@@ -326,3 +326,15 @@ def test_a_dns_failure_is_not_shared_the_next_daemon_tries_itself(fleet):
     assert a.lookup("flaky.example").reason == "dns-error"
     publish(fleet.resolver, fleet.fetcher, "flaky.example", "f1", ENFORCE)
     assert b.lookup("flaky.example").status == "valid"
+
+
+def test_expired_policies_leave_every_daemons_memory_whoever_purged_the_store(fleet):
+    a, b = fleet.daemons
+    publish(fleet.resolver, fleet.fetcher, "example.com", "a1", ENFORCE)
+    a.lookup("example.com")
+    wait_until(lambda: b.cache.peek("example.com") is not None)
+    fleet.clock.now += 86401
+    a.cache.purge_expired(fleet.clock.now)
+    assert fleet.backing.policies.count() == 0
+    b.cache.purge_expired(fleet.clock.now)  # the store has nothing left to purge
+    assert b.cache.snapshot() == []
