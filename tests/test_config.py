@@ -67,3 +67,25 @@ def test_missing_default_file_means_defaults(tmp_path, monkeypatch):
     assert config.load().milter.socket == "inet:8894@127.0.0.1"
     with pytest.raises(config.ConfigError, match="no such file"):
         config.load(str(tmp_path / "named.conf"))
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://:secret@redis.example:6380/2",
+                                 "unix:///run/redis/redis.sock?db=1", "REDIS://h:1/0"])
+def test_a_redis_url_redis_py_accepts(url):
+    assert config.loads(f"[cache]\nredis = {url}\n").cache.redis == url
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[cache]\nredis = http://127.0.0.1:6379/0\n", "[cache] redis = 'http://127.0.0.1:6379/0': expected redis://"),
+    ("[cache]\nredis = 127.0.0.1:6379\n", "[cache] redis"),
+    ("[cache]\nredis = redis://\n", "[cache] redis"),
+    ("[cache]\nredis = redis://a b:1/0\n", "[cache] redis"),
+    ("[cache]\nredis_prefix =\n", "[cache] redis_prefix = '': expected 1 to 64"),
+    ("[cache]\nredis_prefix = a b\n", "[cache] redis_prefix"),
+    ("[cache]\nredis_prefix = " + "x" * 65 + "\n", "[cache] redis_prefix"),
+    ("[cache]\nredis_timeout = 0\n", "[cache] redis_timeout = '0': expected a number of seconds from 0.05 to 10"),
+])
+def test_a_bad_redis_setting_names_its_key(text, fragment):
+    with pytest.raises(config.ConfigError) as e:
+        config.loads(text, "t.conf")
+    assert fragment in str(e.value) and str(e.value).startswith("t.conf:2: ")

@@ -31,6 +31,9 @@ def test_needed_counts_the_socketmap_the_metrics_and_a_reserve():
     assert open_files.needed(cfg) == open_files.RESERVE + 2 * 32 + 1000 + 32
     assert open_files.needed(cfg.replace(socketmap={"listen": None}, metrics={"listen": None})) == (
         open_files.RESERVE + 64)
+    # a Redis connection per discovery at most, plus the refresher's and the events reader's
+    assert open_files.needed(cfg.replace(cache={"redis": "redis://127.0.0.1:6379/0"})) == (
+        open_files.RESERVE + 2 * 32 + 1000 + 32 + 32 + 4)
 
 
 def test_the_daemon_raises_its_soft_limit_as_far_as_it_needs(start_daemon):
