@@ -234,9 +234,12 @@ def _daemon_rows(cfg) -> Optional[list]:
     lines = _ask_daemon(cfg, "list")
     if lines is None:
         return None
-    if not lines[-1].startswith("end "):
-        raise CommandError("cache control: the daemon's answer ended early")
-    return [json.loads(line) for line in lines[:-1]]
+    try:
+        if not lines[-1].startswith("end "):
+            raise ValueError("it ended early")
+        return [json.loads(line) for line in lines[:-1]]
+    except ValueError as e:
+        raise CommandError(f"cache control: the daemon's answer is not a list: {e}") from None
 
 
 def cmd_cache_list(args) -> int:
