@@ -46,8 +46,10 @@ def fleet(sts_world, redis_server, start_daemon, request):  # (daemons stop befo
     prefix = f"t{os.getpid()}-{request.node.name[-20:]}:"
 
     def start(name):
+        # (generous timeouts: the domain's lock lasts the DNS plus the fetch timeout, and a
+        # loaded machine must not let it expire under a slow fetch)
         return start_daemon(name=name, cache={"redis": redis_server.url, "redis_prefix": prefix, "path": ""},
-                            socketmap={"dane": "no"})
+                            socketmap={"dane": "no"}, dns={"timeout": "5"}, fetch={"timeout": "10"})
 
     start.prefix = prefix
     start.redis = redis_server
