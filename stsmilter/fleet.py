@@ -13,8 +13,9 @@ others hear of it. The seam discovery.py talks to:
 
 A lone daemon (a store that is not shared: sqlite, memory) has nobody to ask: once()
 is work(). When Redis is unreachable every daemon works on its own (the cache's guard
-counts and logs that) and the events thread retries quietly; once Redis answers again,
-the daemon takes from it what it missed and gives back what it lacks (cache.resync()).
+counts and logs that) and the events thread retries; once Redis answers again, the
+daemon reads the events it missed, then takes from Redis what it holds newer and gives
+back what it lacks, a Redis restarted empty included (cache.resync(), cache.flush()).
 """
 
 from __future__ import annotations

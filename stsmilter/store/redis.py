@@ -87,10 +87,10 @@ def make_client(url: str, timeout: float) -> "redis.Redis":
 def prepare(url: str, timeout: float) -> None:
     """Build (and drop) a client before privileges are dropped: redis-py imports some of
     its modules on first use, which the service user may not be able to read."""
-    import hashlib  # noqa: F401 (scripts' SHA1, lock tokens: used lazily by some releases)
-    import secrets  # noqa: F401
-    import uuid  # noqa: F401
+    import importlib
 
+    for name in ("hashlib", "secrets", "uuid"):  # scripts' SHA1 and tokens: imported lazily by some releases
+        importlib.import_module(name)
     client = make_client(url, timeout)
     client.lock("x", timeout=1, blocking=False, thread_local=False)
     client.close()
