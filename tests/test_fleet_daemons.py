@@ -153,6 +153,9 @@ def test_redis_down_is_not_mail_down_and_redis_back_is_used_again(sts_world, fle
     for daemon in daemons:
         daemon.wait_log("reading the fleet's events failed")
         assert store_errors(daemon) > 0
+        # each kind of failure logged once (at most once a minute), however often it repeats
+        faults = [line.split(" WARNING ", 1)[1] for line in daemon.log().splitlines() if " WARNING " in line]
+        assert faults and len(faults) == len(set(faults)), faults
 
     fleet.redis.start()  # back, empty
     client = fleet.redis.client()
