@@ -115,7 +115,7 @@ def test_purge_expired_drops_the_schedule_of_keys_redis_expired(store, client):
     (json.dumps({"policy_id": "i1", "policy": {"version": "STSv1", "mode": "enforce", "max_age": 1e400,
                                                "mx": ["mx.a.example"]}, "fetched_at": 1, "checked_at": 1}), "max_age"),
     (json.dumps({"policy_id": "not valid", "policy": {}, "fetched_at": 1, "checked_at": 1}), "policy id"),
-])
+], ids=["not-json", "deep", "list", "huge", "max-age", "policy-id"])
 def test_a_bad_value_is_skipped_counted_and_dropped(store, client, value, reason):
     store.put(policy_entry("good.example"))
     client.set("t:p:bad.example", value)
@@ -169,7 +169,7 @@ def test_unknown_names_are_ignored_and_missing_ones_take_their_default(store, cl
 
 @pytest.mark.parametrize("value", [b"none", b"none no-txt-record id1", b"failed sts-webpki-invalid",
                                    b"failed sts-webpki-invalid not-an-id", b"valid x", b"none NO", b"\xff",
-                                   b"none " + b"a" * 200, b""])
+                                   b"none " + b"a" * 200, b""], ids=lambda v: repr(v[:30]))
 def test_a_bad_answer_is_skipped_counted_and_dropped(store, client, value):
     client.set("t:n:a.example", value)
     assert store.get_answer("a.example") is None and store.bad_entries == 1
