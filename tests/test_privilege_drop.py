@@ -171,7 +171,7 @@ def exercise(daemon_log, ports):
     assert "stsmilter_socketmap_lookups_total" in metrics
 
 
-def config_for(world, rundir, ports, **daemon):
+def config_for(world, rundir, ports, cache=None, **daemon):
     milter_port, socketmap_port, metrics_port = ports
     ca_file = os.path.join(rundir, "ca.pem")  # readable by the service user
     shutil.copyfile(world.https.ca_file, ca_file)
@@ -183,6 +183,7 @@ def config_for(world, rundir, ports, **daemon):
         socketmap={"listen": f"inet:127.0.0.1:{socketmap_port}", "lookup_timeout": "5"},
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
         daemon={"log": "stderr", "log_level": "debug", "pidfile": os.path.join(rundir, "run", "s.pid"), **daemon},
+        cache=cache or {},
     )
     path = os.path.join(rundir, "drop.conf")  # the service user reads it again on USR1
     with open(path, "w") as f:
@@ -218,10 +219,22 @@ def assert_clean(text):
         assert bad not in text, text
 
 
-def drive_daemon(world, rundir, argv_prefix, **daemon_keys):
+def cache_control(world, conf, socketmap_port, daemon_log):
+    """`stsmilter cache list` and `cache purge` against the running daemon, and the
+    purged domain discovered again."""
+    listed = world.cli("cache", "list", "--json", "-c", conf)
+    assert listed.returncode == 0 and "good.example" in listed.stdout, listed.stderr + daemon_log()
+    before = world.https.count("mta-sts.good.example")
+    purged = world.cli("cache", "purge", "-c", conf, "good.example")
+    assert (purged.returncode, purged.stdout) == (0, "purged 1 policy\n"), purged.stderr + daemon_log()
+    poll_until(lambda: socketmap_ask(socketmap_port, [b"good.example"]) == [KEYS[0][1]]
+               and world.https.count("mta-sts.good.example") == before + 1, 10, "a new fetch")
+
+
+def drive_daemon(world, rundir, argv_prefix, cache=None, **daemon_keys):
     publish_world(world)
     ports = (free_port(), free_port(), free_port())
-    conf = config_for(world, rundir, ports, **daemon_keys)
+    conf = config_for(world, rundir, ports, cache=cache, **daemon_keys)
     log_path = os.path.join(rundir, "log")
     proc = run_daemon(argv_prefix + [conf], log_path)
     try:
@@ -231,6 +244,7 @@ def drive_daemon(world, rundir, argv_prefix, **daemon_keys):
         proc.send_signal(signal.SIGUSR1)
         poll_until(lambda: "configuration reloaded" in read_log(log_path), 10, "the reload")
         exercise(lambda: read_log(log_path), ports)  # now from the cache
+        cache_control(world, conf, ports[1], lambda: read_log(log_path))
         assert terminate(proc) == 0
     finally:
         terminate(proc)
@@ -245,6 +259,15 @@ def test_nothing_is_imported_after_the_privilege_drop(sts_world, rundir):
     assert_clean(text)
     # The undecodable host name: one line for both rounds (rate-limited), no exception text.
     assert text.count("text that is not UTF-8 where pymilter expects UTF-8") == 1, text
+
+
+def test_nothing_is_imported_after_the_privilege_drop_on_redis(sts_world, rundir, redis_server):
+    """The same on a shared store: redis-py's locks, events and answers, the fleet's
+    events thread and the cache control socket load nothing late either."""
+    text = drive_daemon(sts_world, rundir, [sys.executable, LATE_IMPORTS], cache={"redis": redis_server.url},
+                        user="", group="")
+    assert "configuration reloaded" in text and "good.example purged" in text and "stopping" in text
+    assert_clean(text)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

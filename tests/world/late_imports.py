@@ -12,7 +12,7 @@ same point, so that the run shows what a real drop would have left out.
 
 import sys
 
-from stsmilter import cli, daemon, preflight
+from stsmilter import cli, config, daemon, preflight
 
 
 class _Reporter:
@@ -29,8 +29,8 @@ _drop_privileges = preflight.drop_privileges
 
 
 def _drop_and_report(identity):
-    if identity is None:
-        daemon.import_everything()  # what enter_service_identity() runs before a real drop
+    if identity is None:  # what enter_service_identity() runs before a real drop
+        daemon.import_everything(config.load(sys.argv[1]))
     _drop_privileges(identity)
     sys.meta_path.insert(0, _Reporter())
 
