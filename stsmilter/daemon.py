@@ -96,7 +96,7 @@ def import_everything(cfg=None) -> None:
     import importlib
 
     for name in (
-        "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap", "stsmilter.milter_stop",
+        "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap_server", "stsmilter.milter_stop",
         "stsmilter.milter_wake", "stsmilter.metrics_server", "stsmilter.open_files", "stsmilter.control", "resource",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
@@ -163,7 +163,7 @@ class Daemon:
                 self.metrics_server = None
                 raise StartupError(f"[metrics] listen {listen}: {e.strerror or e}") from None
         if self.cfg.socketmap.listen is not None:
-            from stsmilter.socketmap import SocketmapServer
+            from stsmilter.socketmap_server import SocketmapServer
 
             self.socketmap = SocketmapServer(self.discovery, self.cfg.socketmap)
             self.socketmap.connection_limit = socketmap_room

@@ -23,11 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from Milter import testctx  # never Milter.test: importing it changes Milter.NOREPLY
 
-from stsmilter import config, dns, milter, policy, socketmap
+from stsmilter import config, dns, milter, policy, socketmap, socketmap_server, tlspolicy
 from stsmilter.decision import Decider
 from stsmilter.policy import Policy, PolicyError, Result
 from test_socketmap import FakeDiscovery as SocketmapDiscovery
-from test_socketmap import make_settings, read_replies, request
+from test_socketmap import read_replies, request
+from test_tlspolicy import make_settings
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -123,10 +124,10 @@ def test_every_accepted_policy_is_answered_by_both_front_ends(text, data):
         return
     result = Result("policy.example", "valid", source="fetched", policy_id="id1", policy=sts)
     for strict, tlsrpt in ((False, False), (True, True)):
-        payload = socketmap.answer(result, make_settings(strict_testing=strict, tlsrpt=tlsrpt))
+        payload = tlspolicy.answer(result, make_settings(strict_testing=strict, tlsrpt=tlsrpt))
         assert isinstance(payload, bytes) and payload.split(b" ", 1)[0] in (b"OK", b"NOTFOUND", b"TEMP")
         assert b"\n" not in payload and b"," not in payload[:payload.find(b" ") + 1]
-    secure = socketmap.answer(result, make_settings())
+    secure = tlspolicy.answer(result, make_settings())
     hosts = data.draw(mx_hosts_for(sts.mx))
     for on_violation in ("tempfail", "reject", "hold"):
         verdict = decider_for(OneDomainDiscovery(result, dns.MxSet(hosts, 300)), on_violation).decide(
@@ -154,7 +155,7 @@ def test_trailing_dot_policy_enforced_alike_by_socketmap_and_milter():
     sts = policy.parse_policy("version: STSv1\nmode: enforce\nmax_age: 86400\nmx: MX1.Example.com.\nmx: *.Example.NET.\n")
     assert sts.mx == ("mx1.example.com", "*.example.net")
     result = Result("example.com", "valid", source="fetched", policy_id="id1", policy=sts)
-    assert socketmap.answer(result, make_settings()) == b"OK secure match=mx1.example.com:.example.net servername=hostname"
+    assert tlspolicy.answer(result, make_settings()) == b"OK secure match=mx1.example.com:.example.net servername=hostname"
     for host, reason in (("mx1.example.com", "mx-match"), ("a.example.net", "mx-match"), ("mx2.example.com", "mx-mismatch")):
         assert decider_for(OneDomainDiscovery(result, dns.MxSet((host,), 300))).decide("u@example.com").reason == reason
 
@@ -168,7 +169,7 @@ def test_every_key_gets_one_well_formed_reply():
     for domain in ("example.com", "xn--bcher-kva.example"):
         discovery.cached[domain] = Result(domain, "valid", source="cache", policy_id="1", policy=enforce)
     discovery.fetched["slow.example"] = Result("slow.example", "valid", policy_id="1", policy=enforce)
-    server = socketmap.SocketmapServer(discovery, make_settings(lookup_timeout=2))
+    server = socketmap_server.SocketmapServer(discovery, make_settings(lookup_timeout=2))
     server.start()
     connection = {}
 
@@ -197,7 +198,7 @@ def test_every_key_gets_one_well_formed_reply():
     def check(key, name):
         reply = ask(request(key, name=name))
         kind = reply.split(b" ", 1)[0]
-        domain = socketmap.normalize_key(key)
+        domain = tlspolicy.normalize_key(key)
         if len(name) + 1 + len(key) > socketmap.MAX_REQUEST:
             assert reply == b"PERM malformed request"
             return

@@ -1,7 +1,7 @@
-"""socketmap.py: the answer table, key normalization, and a real server on loopback."""
+"""socketmap.py and socketmap_server.py: a real server on loopback (the answers
+themselves: test_tlspolicy.py)."""
 
 import concurrent.futures
-import dataclasses
 import os
 import shutil
 import signal
@@ -15,23 +15,9 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from stsmilter import config, socketmap
-from stsmilter.policy import Policy, Result
-
-ENFORCE = Policy("STSv1", "enforce", 86400, ("mx1.example.com", "*.example.net"))
-TESTING = dataclasses.replace(ENFORCE, mode="testing")
-SECURE = b"OK secure match=mx1.example.com:.example.net servername=hostname"
-
-
-def valid(domain="example.com", sts=ENFORCE):
-    return Result(domain, "valid", source="cache", policy_id="id1", policy=sts)
-
-
-def make_settings(**changes):
-    changes.setdefault("listen", config.Listen("inet", host="127.0.0.1", port=0))
-    changes.setdefault("lookup_timeout", 0.3)
-    return dataclasses.replace(config.defaults().socketmap, **changes)
-
+from stsmilter import config, socketmap, socketmap_server, tlspolicy
+from stsmilter.policy import Result
+from test_tlspolicy import SECURE, TESTING, make_settings, valid
 
 class FakeDiscovery:
     """peek() answers from `cached`; submit() answers from `fetched` after `delays`."""
@@ -88,8 +74,8 @@ def serve(discovery):
     """serve(**settings) -> a started server; every server is stopped at teardown."""
     servers = []
 
-    def start(idle_timeout=socketmap.IDLE_TIMEOUT, **changes):
-        server = socketmap.SocketmapServer(discovery, make_settings(**changes), idle_timeout=idle_timeout)
+    def start(idle_timeout=socketmap_server.IDLE_TIMEOUT, **changes):
+        server = socketmap_server.SocketmapServer(discovery, make_settings(**changes), idle_timeout=idle_timeout)
         server.start()
         servers.append(server)
         return server
@@ -158,100 +144,6 @@ def assert_closed(sock, within=3.0):
 
 def sample(result):
     return REGISTRY.get_sample_value("stsmilter_socketmap_lookups_total", {"result": result}) or 0.0
-
-
-# --- answer() and normalize_key(): pure
-
-
-@pytest.mark.parametrize(
-    "result, changes, expected",
-    [
-        (valid(), {}, SECURE),
-        (valid(sts=TESTING), {}, b"NOTFOUND "),
-        (valid(sts=TESTING), {"strict_testing": True}, SECURE),
-        (valid(sts=dataclasses.replace(ENFORCE, mode="none", mx=())), {}, b"NOTFOUND "),
-        (valid(sts=dataclasses.replace(ENFORCE, mode="none", mx=())), {"strict_testing": True}, b"NOTFOUND "),
-        (Result("example.com", "none"), {}, b"NOTFOUND "),
-        (Result("example.com", "failed", reason="sts-policy-fetch-error"), {}, b"NOTFOUND "),
-        (Result("example.com", "pending"), {}, b"TEMP MTA-STS policy lookup in progress"),
-        (Result("example.com", "pending"), {"on_timeout": "notfound"}, b"NOTFOUND "),
-        (valid(sts=dataclasses.replace(ENFORCE, mx=("*.a.example", "b.example"))), {},
-         b"OK secure match=.a.example:b.example servername=hostname"),
-        (valid(sts=dataclasses.replace(ENFORCE, mx=())), {}, b"TEMP MTA-STS policy lists no mx"),
-    ],
-)
-def test_answer_table(result, changes, expected):
-    assert socketmap.answer(result, make_settings(**changes)) == expected
-
-
-def test_answer_tlsrpt_attributes():
-    got = socketmap.answer(valid(), make_settings(tlsrpt=True))
-    assert got == (
-        SECURE + b" policy_type=sts policy_domain=example.com"
-        b" mx_host_pattern=mx1.example.com mx_host_pattern=*.example.net"
-        b" { policy_string = version: STSv1 } { policy_string = mode: enforce }"
-        b" { policy_string = mx: mx1.example.com } { policy_string = mx: *.example.net }"
-        b" { policy_string = max_age: 86400 }"
-    )
-    testing = socketmap.answer(valid(sts=TESTING), make_settings(tlsrpt=True, strict_testing=True))
-    assert b"{ policy_string = mode: testing }" in testing
-    assert socketmap.answer(valid(sts=TESTING), make_settings(tlsrpt=True)) == b"NOTFOUND "
-
-
-def test_answer_too_long_for_postfix_drops_tlsrpt_attributes():
-    many = tuple("mx%d.%s.example" % (i, "a" * 50) for i in range(600))
-    got = socketmap.answer(valid(sts=dataclasses.replace(ENFORCE, mx=many)), make_settings(tlsrpt=True))
-    assert got.startswith(b"OK secure match=mx0.") and b"policy_type" not in got
-    assert len(got) <= socketmap.MAX_REPLY
-
-
-@pytest.mark.parametrize(
-    "key, expected",
-    [
-        (b"example.com", "example.com"),
-        (b"Example.COM.", "example.com"),
-        (b"mail-1.sub.example.com", "mail-1.sub.example.com"),
-        (b"xn--bcher-kva.example", "xn--bcher-kva.example"),
-        ("B\u00fccher.example".encode(), "xn--bcher-kva.example"),  # U-labels -> A-labels
-        (b"localhost", "localhost"),
-        (b"", None),
-        (b".", None),
-        (b".example.com", None),  # Postfix parent-domain lookup
-        (b"example..com", None),
-        (b"example.com..", None),
-        (b"[mx.example.com]", None),
-        (b"[mx.example.com]:25", None),
-        (b"mx.example.com:25", None),
-        (b"192.0.2.1", None),
-        (b"[192.0.2.1]", None),
-        (b"2001:db8::1", None),
-        (b"[ipv6:2001:db8::1]", None),
-        (b"exa_mple.com", None),
-        (b"exa mple.com", None),
-        (b"-example.com", None),
-        (b"example-.com", None),
-        (b"a" * 64 + b".com", None),
-        (b".".join([b"a" * 60] * 5), None),  # longer than 253
-        (b"\xff\xfe.example", None),  # not UTF-8
-        ("\u2603.example".encode(), None),  # a symbol: not IDNA 2008
-        ("ex\u200bample.com".encode(), "example.com"),  # UTS 46 ignores it, as Postfix does
-        (b"user@example.com", None),
-        ("b\u00fccher.example..".encode(), None),  # as the milter: one trailing dot only
-        (b"b\xfccher.example", None),  # latin-1
-        (b"\xed\xa0\x80.example", None),  # an encoded surrogate
-    ],
-)
-def test_normalize_key(key, expected):
-    assert socketmap.normalize_key(key) == expected
-
-
-def test_answer_for_a_policy_cached_before_patterns_were_canonical():
-    # A store written by an older version may hold "MX1.Example.COM." as it was published.
-    old = dataclasses.replace(ENFORCE, mx=("MX1.Example.COM.", "*.Example.NET."))
-    assert socketmap.answer(valid(sts=old), make_settings()) == SECURE
-    tlsrpt = socketmap.answer(valid(sts=old), make_settings(tlsrpt=True))
-    assert b"mx_host_pattern=mx1.example.com mx_host_pattern=*.example.net" in tlsrpt
-    assert b"{ policy_string = mx: *.example.net }" in tlsrpt
 
 
 # --- the server on loopback
@@ -365,13 +257,13 @@ def test_perm_waits_for_earlier_pipelined_answers(serve, clients, discovery):
 
 def test_ten_megabytes_without_comma_buffer_at_most_a_request(serve, clients, discovery, monkeypatch):
     largest = []
-    original = socketmap._Connection.data_received
+    original = socketmap.Connection.data_received
 
     def spy(self, data):
         original(self, data)
         largest.append(len(self.buffer))
 
-    monkeypatch.setattr(socketmap._Connection, "data_received", spy)
+    monkeypatch.setattr(socketmap.Connection, "data_received", spy)
     sock = clients(serve())
     sock.sendall(b"1024:")
     sent = 5
@@ -476,13 +368,13 @@ def test_unix_socket_listener(serve, clients, discovery):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert ask(clients(server), b"example.com") == SECURE
         with pytest.raises(OSError, match="another server is listening"):
-            socketmap.SocketmapServer(discovery, make_settings(listen=config.Listen("unix", path=path))).start()
+            socketmap_server.SocketmapServer(discovery, make_settings(listen=config.Listen("unix", path=path))).start()
         server.stop()
         assert not os.path.exists(path)
         with open(path, "w"):
             pass
         with pytest.raises(OSError, match="exists and is not a socket"):
-            socketmap.SocketmapServer(discovery, make_settings(listen=config.Listen("unix", path=path))).start()
+            socketmap_server.SocketmapServer(discovery, make_settings(listen=config.Listen("unix", path=path))).start()
     finally:
         shutil.rmtree(directory)
 
@@ -505,7 +397,7 @@ def test_ipv6_listener(serve, clients, discovery):
 def test_bind_failure_raises_a_clear_oserror(serve, discovery):
     server = serve()
     port = server.address[1]
-    second = socketmap.SocketmapServer(discovery, make_settings(listen=config.Listen("inet", "127.0.0.1", port)))
+    second = socketmap_server.SocketmapServer(discovery, make_settings(listen=config.Listen("inet", "127.0.0.1", port)))
     with pytest.raises(OSError, match=r"socketmap: cannot listen on inet:127\.0\.0\.1:%d: " % port) as caught:
         second.start()
     assert caught.value.errno is not None
@@ -608,7 +500,7 @@ def test_postmap_is_answered_while_a_client_holds_the_limit(serve, clients, disc
 def test_stop_closes_live_connections(discovery, clients):
     discovery.fetched["slow.example"] = valid("slow.example")
     discovery.delays["slow.example"] = 5
-    server = socketmap.SocketmapServer(discovery, make_settings(lookup_timeout=10))
+    server = socketmap_server.SocketmapServer(discovery, make_settings(lookup_timeout=10))
     server.start()
     try:
         idle, busy = clients(server), clients(server)
@@ -629,7 +521,7 @@ def test_loop_thread_blocks_daemon_signals(serve):
     server = serve()
     mask = concurrent.futures.Future()
     server.loop.call_soon_threadsafe(lambda: mask.set_result(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
-    assert socketmap.BLOCKED_SIGNALS <= mask.result(timeout=2)
+    assert socketmap_server.BLOCKED_SIGNALS <= mask.result(timeout=2)
 
 
 def test_postmap_client(serve, discovery):
@@ -646,68 +538,10 @@ def test_postmap_client(serve, discovery):
         run = subprocess.run([postmap, "-q", "example.com", table], env=env, capture_output=True, text=True,
                              timeout=30)
         assert run.returncode == 0, run.stderr
-        assert run.stdout.strip() == socketmap.answer(valid(), server.state[1]).decode()[3:]
+        assert run.stdout.strip() == tlspolicy.answer(valid(), server.state[1]).decode()[3:]
         missing = subprocess.run([postmap, "-q", ".example.com", table], env=env, capture_output=True, timeout=30)
         assert missing.returncode == 1  # NOTFOUND
     finally:
         shutil.rmtree(config_dir)
 
 
-@pytest.mark.parametrize("mx", [("mx.example.com servername=evil",), ("mx.example.com}",), ("*.*.example.com",)])
-def test_answer_refuses_text_that_would_change_postfix_syntax(mx):
-    with pytest.raises(ValueError):
-        socketmap.answer(valid(sts=dataclasses.replace(ENFORCE, mx=mx)), make_settings(tlsrpt=True))
-
-
-# --- gaps found by mutation testing (tests/mutation/mutate.py)
-
-
-def test_answer_for_an_upper_case_mx_pattern_is_lower_case():
-    # DNS names compare case-insensitively (RFC 4343); the match= list is canonical.
-    sts = dataclasses.replace(ENFORCE, mx=("MX1.Example.COM", "*.EXAMPLE.net"))
-    assert socketmap.answer(valid(sts=sts), make_settings()) == SECURE
-
-
-def test_longest_legal_domain_key():
-    # RFC 1035 §2.3.4 / RFC 5321 §4.5.3.1.2: 253 octets is the longest name in text form.
-    longest = ".".join(["a" * 63] * 3 + ["b" * 61])
-    assert socketmap.normalize_key(longest.encode()) == longest
-    assert socketmap.normalize_key(longest.encode() + b".") == longest
-    assert socketmap.normalize_key(longest.encode() + b"b") is None
-    discovery = FakeDiscovery()
-    discovery.cached[longest] = valid(longest)
-    assert socketmap.answer(valid(longest), make_settings()) == SECURE
-
-
-@pytest.mark.parametrize("status", ["failed", "none", "bogus"])
-def test_a_result_that_is_not_valid_never_enforces_even_with_a_policy(status):
-    # A failed discovery may still carry the policy it failed to refresh: only "valid"
-    # (RFC 8461 §5.1: a policy that applies) turns into "secure".
-    assert socketmap.answer(Result("example.com", status, policy=ENFORCE), make_settings()) == b"NOTFOUND "
-
-
-@pytest.mark.parametrize("result", [valid(sts=dataclasses.replace(ENFORCE, version="STSv2")), valid("bad domain")])
-def test_answer_refuses_a_policy_it_cannot_vouch_for(result):
-    # RFC 8461 §3.2: only version STSv1 is defined. An enforce policy the socketmap cannot
-    # turn into Postfix syntax is TEMP (retry), never NOTFOUND (delivery in clear).
-    with pytest.raises(ValueError) as caught:
-        socketmap.answer(result, make_settings())
-    assert str(caught.value) == "unsafe text in the policy of %r" % result.domain
-
-
-def test_tlsrpt_attributes_up_to_exactly_the_postfix_reply_limit():
-    # The longest reply the Postfix socketmap client takes is MAX_REPLY octets: a reply of
-    # exactly that length keeps its TLSRPT attributes, a longer one drops them.
-    def reply(length, max_age, count=None):
-        base = tuple("mx%04d.%s.example" % (i, "a" * 50) for i in range(count or base_count))
-        last = ".".join(["c" * 60] * (length // 61) + ["c" * max(1, length % 61)])
-        sts = dataclasses.replace(ENFORCE, mx=base + (last,), max_age=max_age)
-        return socketmap.answer(valid(sts=sts), make_settings(tlsrpt=True))
-
-    per_pattern = len(reply(1, 1, 2)) - len(reply(1, 1, 1))
-    base_count = (socketmap.MAX_REPLY - len(reply(1, 1, 1)) - 100) // per_pattern
-    length = (socketmap.MAX_REPLY - len(reply(1, 1))) // 3  # each octet of the last name is there 3 times
-    replies = [reply(n, max_age) for n in range(length - 2, length + 3) for max_age in (1, 10, 100)]
-    with_attributes = {len(r) for r in replies if b"policy_type" in r}
-    assert max(with_attributes) == socketmap.MAX_REPLY
-    assert any(b"policy_type" not in r and r.endswith(b"servername=hostname") for r in replies)  # dropped

@@ -1,64 +1,16 @@
-"""socketmap.py with DANE first: answer() with a verdict, and the server asking a DANE
-checker (fast path from peek(), slow path through submit(), Sendmail's "sts" map)."""
+"""The socketmap server with DANE first: asking a DANE checker (fast path from peek(),
+slow path through submit(), Sendmail's "sts" map). answer() with a verdict: test_tlspolicy.py."""
 
 import concurrent.futures
-import dataclasses
 import threading
 
 import pytest
 from prometheus_client import REGISTRY
 
-from stsmilter import dane, socketmap
+from stsmilter import socketmap_server
 from stsmilter.policy import Result
-from test_socketmap import (  # noqa: F401 - fixtures
-    ENFORCE, SECURE, TESTING, FakeDiscovery, clients, make_settings, read_replies, request, valid,
-)
-
-NOW = 1000.0
-
-
-def verdict(kind, expires=NOW + 300):
-    return dane.Verdict(kind, expires, NOW)
-
-
-DANE = verdict(dane.DANE)
-NO_DANE = verdict(dane.NO_DANE)
-DNS_ERROR = verdict(dane.DNS_ERROR)
-PENDING = verdict(dane.PENDING)
-
-
-@pytest.mark.parametrize("result, changes, the_verdict, expected", [
-    (valid(), {}, DANE, b"OK dane-only"),
-    (valid(), {}, NO_DANE, SECURE),
-    (valid(), {}, None, SECURE),  # not checked ([socketmap] dane = no, or Sendmail's map)
-    (valid(), {}, DNS_ERROR, b"TEMP DNSSEC lookup for DANE failed"),
-    (valid(), {}, PENDING, b"TEMP MTA-STS policy lookup in progress"),
-    (valid(), {"on_timeout": "notfound"}, PENDING, b"NOTFOUND "),
-    (valid(sts=TESTING), {}, DANE, b"NOTFOUND "),  # nothing enforced: Postfix's own level applies
-    (valid(sts=TESTING), {"strict_testing": True}, DANE, b"OK dane-only"),
-    (valid(sts=dataclasses.replace(ENFORCE, mx=())), {}, DANE, b"OK dane-only"),  # DANE ignores the mx list
-    (valid(sts=dataclasses.replace(ENFORCE, mx=())), {}, NO_DANE, b"TEMP MTA-STS policy lists no mx"),
-    (valid(sts=dataclasses.replace(ENFORCE, mode="none")), {}, DANE, b"NOTFOUND "),
-    (Result("example.com", "none"), {}, DANE, b"NOTFOUND "),
-    (Result("example.com", "failed", reason="dns-error"), {}, DNS_ERROR, b"NOTFOUND "),
-    (Result("example.com", "pending"), {}, DANE, b"TEMP MTA-STS policy lookup in progress"),
-])
-def test_answer_with_a_verdict(result, changes, the_verdict, expected):
-    assert socketmap.answer(result, make_settings(**changes), the_verdict) == expected
-
-
-@pytest.mark.parametrize("result, changes, expected", [
-    (valid(), {}, True),
-    (valid(sts=TESTING), {}, False),
-    (valid(sts=TESTING), {"strict_testing": True}, True),
-    (valid(sts=dataclasses.replace(ENFORCE, mode="none")), {"strict_testing": True}, False),
-    (valid(sts=dataclasses.replace(ENFORCE, mx=())), {}, True),
-    (Result("example.com", "none"), {}, False),
-    (Result("example.com", "valid"), {}, False),  # valid without a policy: never enforced
-    (dataclasses.replace(valid(), status="failed"), {}, False),
-])
-def test_enforced(result, changes, expected):
-    assert socketmap.enforced(result, make_settings(**changes)) is expected
+from test_socketmap import FakeDiscovery, clients, read_replies, request  # noqa: F401 - fixtures
+from test_tlspolicy import DANE, DNS_ERROR, NO_DANE, SECURE, TESTING, make_settings, valid
 
 
 class FakeChecker:
@@ -102,7 +54,7 @@ def serve(world):
     servers = []
 
     def start(**changes):
-        server = socketmap.SocketmapServer(world[0], make_settings(**changes))
+        server = socketmap_server.SocketmapServer(world[0], make_settings(**changes))
         server.start()
         servers.append(server)
         return server
