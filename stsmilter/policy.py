@@ -84,7 +84,7 @@ class Result:
 # \w or \d) because the grammars are ASCII-only and Python's classes are Unicode-aware.
 
 _WSP = " \t"
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # applied to lower-case
+LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # applied to lower-case; also tlspolicy.py
 
 
 def _quote(text: str, limit: int = 40) -> str:
@@ -102,7 +102,7 @@ def _is_hostname(name: str) -> bool:
         return False
     labels = name.split(".")
     # An all-numeric last label is never a TLD (RFC 3696 §2); this rejects "192.0.2.1".
-    return all(_LDH_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+    return all(LDH_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
 
 
 # --- TXT record (RFC 8461 §3.1)

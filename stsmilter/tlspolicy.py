@@ -29,8 +29,7 @@ DANE_ONLY = b"OK dane-only"  # Postfix: DANE or nothing; never "dane" (falls bac
 DANE_DNS_ERROR = b"TEMP DNSSEC lookup for DANE failed"
 SENDMAIL_MAP = b"sts"  # FEATURE(`sts') asks "sts DOMAIN"
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(r"(?:%s\.)*%s" % (_LABEL, _LABEL))
+_DOMAIN = re.compile(r"(?:{0}\.)*{0}".format(policy.LDH_LABEL.pattern))
 
 
 def normalize_key(key: bytes) -> Optional[str]:
