@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from . import metrics, policy
-from .tlspolicy import DANE_ONLY, NOTFOUND, SENDMAIL_MAP, answer, enforced, normalize_key, on_timeout_answer
+from .tlspolicy import DANE_ONLY, NOTFOUND, answer, dane_first, enforced, normalize_key, on_timeout_answer
 
 if TYPE_CHECKING:
     from .socketmap_server import SocketmapServer
@@ -87,7 +87,7 @@ class _Entry:
     def __init__(self, domain: Optional[str], dane_map: bool):
         self.domain, self.dane_map, self.result, self.settings, self.verdict = domain, dane_map, None, None, None
         self.needs_dane = False  # result, settings and map call for a DANE verdict
-        self.reply, self.counter = NOTFOUND_REPLY, _COUNTERS[ord("N")]
+        self.reply, self.counter = NOTFOUND_REPLY, _count(NOTFOUND)
 
 
 class Connection(asyncio.Protocol):
@@ -190,7 +190,7 @@ class Connection(asyncio.Protocol):
                 if len(server.cache) >= CACHE_LIMIT:
                     server.cache.clear()
                 name, _, key = request.partition(b" ")
-                entry = server.cache[request] = _Entry(normalize_key(key), name != SENDMAIL_MAP)
+                entry = server.cache[request] = _Entry(normalize_key(key), dane_first(name))
             if entry.domain is None:
                 return self._send(NOTFOUND_REPLY, entry.counter, started)
             result = discovery.peek(entry.domain)
@@ -211,7 +211,7 @@ class Connection(asyncio.Protocol):
             self._send(entry.reply, entry.counter, started)
         except Exception:
             log.exception("socketmap: lookup of %r failed", request)
-            self._send(INTERNAL_ERROR_REPLY, _COUNTERS[ord("T")], started)
+            self._send(INTERNAL_ERROR_REPLY, _count(INTERNAL_ERROR), started)
 
     def _later(self, entry, discovery, settings, checker, started, result=None):
         """Answer from a task: discovery and/or the DANE check must run first."""
@@ -275,7 +275,7 @@ class Connection(asyncio.Protocol):
         self.request_started = None
         self.server.begun.discard(self)
         self.transport.pause_reading()
-        _COUNTERS[ord("P")].inc()
+        _count(MALFORMED).inc()
         self.queue.append([MALFORMED_REPLY])
         self._flush()
 

@@ -43,6 +43,12 @@ def normalize_key(key: bytes) -> Optional[str]:
         return None
 
 
+def dane_first(map_name: bytes) -> bool:
+    """Whether an enforced policy's answer for this map waits for the DANE verdict: not
+    for Sendmail's "sts" map, whose MTA has run its own DANE before it asks."""
+    return map_name != SENDMAIL_MAP
+
+
 def on_timeout_answer(settings) -> bytes:
     return NOTFOUND if settings.on_timeout == "notfound" else IN_PROGRESS
 

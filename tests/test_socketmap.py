@@ -146,6 +146,10 @@ def sample(result):
     return REGISTRY.get_sample_value("stsmilter_socketmap_lookups_total", {"result": result}) or 0.0
 
 
+def answered(kind):
+    return REGISTRY.get_sample_value("stsmilter_socketmap_answers_total", {"kind": kind}) or 0.0
+
+
 # --- the server on loopback
 
 
@@ -179,11 +183,13 @@ def test_slow_path_submits_and_answers(serve, clients, discovery):
 
 def test_keys_that_are_not_domains_are_not_looked_up(serve, clients, discovery):
     sock = clients(serve())
+    before = sample("notfound"), answered("notfound")
     for key in (b"[mx.example.com]:25", b".example.com", b"192.0.2.1", b""):
         assert ask(sock, key) == b"NOTFOUND "
     sock.sendall(socketmap.netstring(b"postfix"))  # no key at all
     assert read_replies(sock, 1) == [b"NOTFOUND "]
     assert discovery.submits == []
+    assert (sample("notfound"), answered("notfound")) == (before[0] + 5, before[1] + 5)
 
 
 def test_pipelined_replies_keep_request_order(serve, clients, discovery):
@@ -237,12 +243,12 @@ def test_malformed_netstring_gets_perm_and_close(serve, clients, discovery, garb
     discovery.cached["example.com"] = valid()
     server = serve()
     sock = clients(server)
-    before = sample("perm")
+    before, before_kind = sample("perm"), answered("perm")
     assert ask(sock, b"example.com") == SECURE
     sock.sendall(garbage + request(b"example.com"))
     assert read_replies(sock, 1) == [b"PERM malformed request"]
     assert_closed(sock)
-    assert sample("perm") == before + 1
+    assert sample("perm") == before + 1 and answered("perm") == before_kind + 1
     assert ask(clients(server), b"example.com") == SECURE  # others are still served
 
 
@@ -325,6 +331,7 @@ def test_pending_peek_goes_to_discovery(serve, clients, discovery):
 
 def test_engine_exceptions_answer_temp(serve, clients, discovery):
     sock = clients(serve())
+    before = sample("temp"), answered("temp")
     discovery.fetched["broken.example"] = RuntimeError("engine bug")
     assert ask(sock, b"broken.example") == b"TEMP internal error"
     discovery.fetched["cancelled.example"] = "cancel"
@@ -333,7 +340,8 @@ def test_engine_exceptions_answer_temp(serve, clients, discovery):
     discovery.submit_error = RuntimeError("cannot submit")
     assert ask(sock, b"other.example") == b"TEMP internal error"
     discovery.peek_error = RuntimeError("cannot peek")
-    assert ask(sock, b"third.example") == b"TEMP internal error"
+    assert ask(sock, b"third.example") == b"TEMP internal error"  # from the fast path
+    assert (sample("temp"), answered("temp")) == (before[0] + 4, before[1] + 4)
     discovery.peek_error = discovery.submit_error = None
     discovery.cached["example.com"] = valid()
     assert ask(sock, b"example.com") == SECURE

@@ -5,11 +5,10 @@ import concurrent.futures
 import threading
 
 import pytest
-from prometheus_client import REGISTRY
 
 from stsmilter import socketmap_server
 from stsmilter.policy import Result
-from test_socketmap import FakeDiscovery, clients, read_replies, request  # noqa: F401 - fixtures
+from test_socketmap import FakeDiscovery, answered, clients, read_replies, request  # noqa: F401 - fixtures
 from test_tlspolicy import DANE, DNS_ERROR, NO_DANE, SECURE, TESTING, make_settings, valid
 
 
@@ -67,10 +66,6 @@ def serve(world):
 def ask(sock, key, name=b"postfix"):
     sock.sendall(request(key, name))
     return read_replies(sock, 1)[0]
-
-
-def answered(kind):
-    return REGISTRY.get_sample_value("stsmilter_socketmap_answers_total", {"kind": kind}) or 0.0
 
 
 def test_fast_path_answers_dane_only_from_two_peeks(serve, clients, world):

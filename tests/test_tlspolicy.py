@@ -159,6 +159,13 @@ def test_enforced(result, changes, expected):
     assert tlspolicy.enforced(result, make_settings(**changes)) is expected
 
 
+@pytest.mark.parametrize("name, expected", [(b"postfix", True), (b"x", True), (b"sts", False), (b"STS", True)])
+def test_dane_first_for_every_map_but_sendmails(name, expected):
+    # Sendmail 8.17's FEATURE(`sts') asks "sts DOMAIN" after its own DANE (README) and
+    # understands only "secure ..." there; any other map name is Postfix's choice.
+    assert tlspolicy.dane_first(name) is expected
+
+
 @pytest.mark.parametrize("mx", [("mx.example.com servername=evil",), ("mx.example.com}",), ("*.*.example.com",)])
 def test_answer_refuses_text_that_would_change_postfix_syntax(mx):
     with pytest.raises(ValueError):
