@@ -4,8 +4,9 @@ answer() turns a discovery result (and, for an enforced policy, a DANE verdict) 
 reply payload Postfix's smtp_tls_policy_maps and Sendmail 8.17's FEATURE(`sts') map get:
 "OK secure match=... servername=hostname" for an MTA-STS policy the MTA must enforce,
 "OK dane-only" when DANE governs, "NOTFOUND " when the MTA's own TLS level applies, TEMP
-while a lookup is under way or when the answer cannot be vouched for. socketmap.py
-frames it as a netstring. Mutation-tested (tests/mutation/mutate.py).
+while a lookup is under way, when a DNSSEC lookup failed or the policy lists no MX (and,
+through the caller, for a policy it cannot vouch for). socketmap.py frames it as a
+netstring. Mutation-tested (tests/mutation/mutate.py).
 
 DANE first (RFC 8461 §2, [socketmap] dane = auto): for a domain whose MTA-STS policy the
 MTA must enforce, the DANE verdict (dane.py) decides between "dane-only" (DANE governs),
