@@ -13,10 +13,21 @@ cache, metrics and socketmap enabled, info logging to a file, as in production).
 
 Concurrency 1, 4, 16 (one driver process per connection), TCP and unix socket; three
 rounds, A/B order alternating each round; the best round of each configuration counts.
-Last line: milter_overhead_ratio=<stsmilter/noop transactions/s at concurrency 4, TCP>.
+
+Then the milter's own CPU per transaction, which the load generator sharing the cores
+cannot bound as it bounds throughput: utime+stime of each milter process over a round
+(/proc/PID/stat) divided by the transactions, 3 recipients per transaction, warm cache,
+4 connections, TCP; CPU_ROUNDS rounds, A/B order alternating; each round gives the ratio
+stsmilter/no-op of its two adjacent measurements, and the median of those counts.
+
+Last two lines: milter_overhead_ratio=<stsmilter/noop transactions/s at concurrency 4,
+TCP> and milter_cpu_ratio=<stsmilter/noop milter CPU per transaction, median round>.
+Options: --cpu-only (skip the throughput table), --cpu-rounds N.
 """
 
+import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -29,6 +40,10 @@ CONCURRENCY = (1, 4, 16)
 NDOMAINS = 20
 RCPTS = 4
 REWARM_AFTER = 200.0  # seconds; the MX cache lives min(DNS TTL, mx_ttl) = 300 s
+CPU_RCPTS = 3
+CPU_CONCURRENCY = 4
+CPU_DURATION = 3.0  # CPU time is read in clock ticks (10 ms): ~100 ticks per round
+CPU_ROUNDS = 7
 
 
 def warm(spec, transactions):
@@ -45,6 +60,10 @@ def decisions(daemon):
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--cpu-only", action="store_true", help="only the milter CPU rounds")
+    parser.add_argument("--cpu-rounds", type=int, default=CPU_ROUNDS, metavar="N")
+    args = parser.parse_args()
     print(f"# milter_overhead: {common.machine()}")
     with common.bench_session("milter") as (root, stack):
         world = common.BenchWorld(root)
@@ -54,6 +73,7 @@ def main() -> int:
         counts = {m: list(modes.values()).count(m) for m in ("enforce", "testing", "none")}
         print(f"# world: {NDOMAINS} domains {counts}, DNS :{world.dns.port}, HTTPS :{world.https.port}")
 
+        transports = ("tcp",) if args.cpu_only else ("tcp", "unix")
         specs = {
             ("noop", "tcp"): f"inet:{common.free_port()}@127.0.0.1",
             ("noop", "unix"): f"unix:{root}/noop.sock",
@@ -61,7 +81,7 @@ def main() -> int:
             ("sts", "unix"): f"unix:{root}/sts.sock",
         }
         pids, daemons = {}, {}
-        for transport in ("tcp", "unix"):
+        for transport in transports:
             noop = common.start_noop_milter(root, stack, specs[("noop", transport)], f"noop-{transport}")
             pids[("noop", transport)] = noop.pid
             sts = common.StsDaemon(world, root, stack, f"sts-{transport}", milter_spec=specs[("sts", transport)])
@@ -76,31 +96,39 @@ def main() -> int:
             common.wait_for(lambda: daemon.sample("stsmilter_policy_fetches_total", result="ok") >= NDOMAINS,
                             30, f"{NDOMAINS} policy fetches by sts-{transport}")
             warm(specs[("sts", transport)], cover)
-        warmed_at = time.monotonic()
+        warmed_at = [time.monotonic()]
         before = {t: decisions(d) for t, d in daemons.items()}
 
-        results = {}  # (milter, transport, conc) -> list of (tps, p50, p99, milter cpu/tx, client cpu/tx)
-        for rnd in range(ROUNDS):
-            for transport in ("tcp", "unix"):
-                for conc in CONCURRENCY:
-                    order = ("noop", "sts") if (rnd + CONCURRENCY.index(conc)) % 2 == 0 else ("sts", "noop")
-                    for milter in order:
-                        if milter == "sts" and time.monotonic() - warmed_at > REWARM_AFTER:
-                            for t, d in daemons.items():
-                                warm(specs[("sts", t)], cover)
-                            warmed_at = time.monotonic()
-                        spec, pid = specs[(milter, transport)], pids[(milter, transport)]
-                        args = [(spec, transactions, i * 7) for i in range(conc)]
-                        cpu0 = common.cpu_seconds(pid)
-                        total, lat, elapsed, client_cpu = common.run_workers(common.milter_load, args, DURATION)
-                        cpu1 = common.cpu_seconds(pid)
-                        results.setdefault((milter, transport, conc), []).append((
-                            total / elapsed,
-                            common.percentile(lat, 50) * 1e3,
-                            common.percentile(lat, 99) * 1e3,
-                            (cpu1 - cpu0) / total * 1e6,
-                            client_cpu / total * 1e6,
-                        ))
+        def measure(milter, transport, conc, txs, duration):
+            """(tx/s, p50 ms, p99 ms, milter CPU us/tx, driver CPU us/tx) of one run."""
+            if milter == "sts" and time.monotonic() - warmed_at[0] > REWARM_AFTER:
+                for t in daemons:
+                    warm(specs[("sts", t)], cover)
+                warmed_at[0] = time.monotonic()
+            spec, pid = specs[(milter, transport)], pids[(milter, transport)]
+            loads = [(spec, txs, i * 7) for i in range(conc)]
+            cpu0 = common.cpu_seconds(pid)
+            total, lat, elapsed, client_cpu = common.run_workers(common.milter_load, loads, duration)
+            cpu1 = common.cpu_seconds(pid)
+            return (total / elapsed, common.percentile(lat, 50) * 1e3, common.percentile(lat, 99) * 1e3,
+                    (cpu1 - cpu0) / total * 1e6, client_cpu / total * 1e6)
+
+        results = {}  # (milter, transport, conc) -> list of measure() tuples
+        if not args.cpu_only:
+            for rnd in range(ROUNDS):
+                for transport in transports:
+                    for conc in CONCURRENCY:
+                        order = ("noop", "sts") if (rnd + CONCURRENCY.index(conc)) % 2 == 0 else ("sts", "noop")
+                        for milter in order:
+                            results.setdefault((milter, transport, conc), []).append(
+                                measure(milter, transport, conc, transactions, DURATION))
+
+        cpu_transactions = common.make_transactions(domains, 60, rcpts_per=CPU_RCPTS, seed=3)
+        cpu_rounds = []  # (noop run, sts run) per round
+        for rnd in range(args.cpu_rounds):
+            order = ("noop", "sts") if rnd % 2 == 0 else ("sts", "noop")
+            run = {m: measure(m, "tcp", CPU_CONCURRENCY, cpu_transactions, CPU_DURATION) for m in order}
+            cpu_rounds.append((run["noop"], run["sts"]))
 
         # sanity: every measured recipient got a real decision from a warm cache
         for transport, daemon in daemons.items():
@@ -119,6 +147,32 @@ def main() -> int:
                     print(f"# WARNING sts-{transport} log: {line[:200]}")
                     break
 
+    headline = None
+    if not args.cpu_only:
+        headline = throughput_report(results)
+
+    print()
+    print(f"milter CPU per transaction: {CPU_RCPTS} recipients, {CPU_CONCURRENCY} connections, TCP, "
+          f"{CPU_DURATION:.0f} s rounds (A/B order alternating)")
+    print(f"{'round':>5} {'noop us/tx':>10} {'sts us/tx':>10} {'ratio':>6} {'noop tx/s':>9} {'sts tx/s':>9} "
+          f"{'driver us/tx':>12}")
+    ratios = []
+    for rnd, (noop, sts) in enumerate(cpu_rounds, 1):
+        ratios.append(sts[3] / noop[3])
+        print(f"{rnd:5d} {noop[3]:10.0f} {sts[3]:10.0f} {ratios[-1]:6.3f} {noop[0]:9.0f} {sts[0]:9.0f} "
+              f"{(noop[4] + sts[4]) / 2:12.0f}")
+    noop_median = statistics.median(r[0][3] for r in cpu_rounds)
+    sts_median = statistics.median(r[1][3] for r in cpu_rounds)
+    cpu_ratio = statistics.median(ratios)
+    print(f"median: no-op {noop_median:.0f} us/tx, stsmilter {sts_median:.0f} us/tx; "
+          f"ratio per round {min(ratios):.3f}-{max(ratios):.3f}, median {cpu_ratio:.3f}")
+    if headline is not None:
+        print(f"milter_overhead_ratio={headline:.3f}")
+    print(f"milter_cpu_ratio={cpu_ratio:.3f}")
+    return 0
+
+
+def throughput_report(results) -> float:
     print()
     print(f"{'milter':6} {'sock':4} {'conc':>4} {'tx/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'milter CPU us/tx':>16} {'driver CPU us/tx':>16}   rounds tx/s")
@@ -134,17 +188,15 @@ def main() -> int:
                 print(f"{milter:6} {transport:4} {conc:4d} {top[0]:8.0f} {top[1]:7.2f} {top[2]:7.2f} "
                       f"{cpu:16.0f} {client:16.0f}   " + " ".join(f"{r[0]:.0f}" for r in runs))
     print()
-    print("ratios stsmilter/noop (best-of-rounds throughput; CPU ratio = noop milter CPU/tx over stsmilter's):")
+    print("ratios stsmilter/noop (best-of-rounds throughput; CPU ratio = stsmilter milter CPU/tx over noop's):")
     for transport in ("tcp", "unix"):
         for conc in CONCURRENCY:
             s, n = results[("sts", transport, conc)], results[("noop", transport, conc)]
             ratio = best[("sts", transport, conc)][0] / best[("noop", transport, conc)][0]
             cpu_s = sorted(r[3] for r in s)[len(s) // 2]
             cpu_n = sorted(r[3] for r in n)[len(n) // 2]
-            print(f"  {transport:4} conc {conc:2d}: throughput ratio {ratio:.3f}   milter CPU ratio {cpu_n / cpu_s:.3f}")
-    headline = best[("sts", "tcp", 4)][0] / best[("noop", "tcp", 4)][0]
-    print(f"milter_overhead_ratio={headline:.3f}")
-    return 0
+            print(f"  {transport:4} conc {conc:2d}: throughput ratio {ratio:.3f}   milter CPU ratio {cpu_s / cpu_n:.3f}")
+    return best[("sts", "tcp", 4)][0] / best[("noop", "tcp", 4)][0]
 
 
 if __name__ == "__main__":
