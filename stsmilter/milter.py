@@ -102,7 +102,7 @@ def make_milter_class(decider: decision.Decider, config) -> type:
             "lookup_timeout": config.milter.lookup_timeout,
             "dry_run": config.milter.dry_run,
             "non_smtp_action": config.milter.non_smtp,
-            "trusted_networks": tuple(scope.trusted_networks),
+            "trusted_address": staticmethod(trusted_address_check(tuple(scope.trusted_networks))),
             "daemon_names": frozenset(scope.daemon_names),
             "skip_mailers": frozenset(scope.skip_mailers),
             # per configuration snapshot: a reload starts with an empty memo
@@ -122,22 +122,28 @@ def non_smtp_session(family, hostaddr) -> bool:
     return False
 
 
-def client_trusted(family, hostaddr, networks) -> bool:
-    """True for a client in networks, or without a network address (a unix socket, or
-    smtpd(8) on stdin): local submission."""
-    if family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(hostaddr, tuple) or not hostaddr:
+def client_trusted(family, hostaddr, trusted_address) -> bool:
+    """True for a client whose address trusted_address() accepts, or without a network
+    address (a unix socket, or smtpd(8) on stdin): local submission."""
+    if family not in INET_FAMILIES or not isinstance(hostaddr, tuple) or not hostaddr:
         return True
-    return _address_in(hostaddr[0], networks)
+    return trusted_address(hostaddr[0])
 
 
 def client_text(family, hostaddr) -> str:
     """The client's IP address for log lines; "local" without one (a unix socket)."""
-    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple) and hostaddr:
+    if family in INET_FAMILIES and isinstance(hostaddr, tuple) and hostaddr:
         return str(hostaddr[0])
     return "local"
 
 
-@functools.lru_cache(maxsize=4096)  # MTAs and submission clients come back all day
+def trusted_address_check(networks: tuple):
+    """address -> bool: in one of networks. Remembered per address (MTAs and submission
+    clients come back all day), one memo per configuration snapshot so that the key is
+    the address alone: hashing the networks on every call cost more than the check."""
+    return functools.lru_cache(maxsize=4096)(functools.partial(_address_in, networks=networks))
+
+
 def _address_in(address: str, networks: tuple) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -177,7 +183,7 @@ class StsMilter(NegotiatingMilter):
     lookup_timeout: float = 5.0
     dry_run: bool = False
     non_smtp_action: str = ACCEPT
-    trusted_networks: tuple = ()
+    trusted_address = staticmethod(trusted_address_check(()))
     daemon_names: frozenset = frozenset()
     skip_mailers: frozenset = frozenset()
     accept_memo: dict = {}
@@ -206,15 +212,13 @@ class StsMilter(NegotiatingMilter):
     @Milter.noreply
     @Milter.symlist("{daemon_name}")
     def connect(self, hostname, family, hostaddr):
-        daemon = self.getsymval("{daemon_name}")
-        self.non_smtp = non_smtp_session(family, hostaddr)
-        self.client = "local" if self.non_smtp else client_text(family, hostaddr)
+        self.non_smtp = non_smtp = non_smtp_session(family, hostaddr)
+        self.client = "local" if non_smtp else client_text(family, hostaddr)
         # Non-SMTP mail is local submission: in scope whatever trusted_networks says.
-        self.client_in_scope = (
-            self.non_smtp
-            or client_trusted(family, hostaddr, self.trusted_networks)
-            or (daemon is not None and daemon in self.daemon_names)
-        )
+        in_scope = non_smtp or client_trusted(family, hostaddr, self.trusted_address)
+        if not in_scope and self.daemon_names:  # the macro is read only where it can matter
+            in_scope = self.getsymval("{daemon_name}") in self.daemon_names
+        self.client_in_scope = in_scope
         return Milter.CONTINUE
 
     @Milter.noreply

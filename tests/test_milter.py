@@ -305,6 +305,16 @@ def test_trusted_networks(monkeypatch, ip, family, in_scope):
     assert ctx.rcpt("<u@example.com>") == (Milter.REJECT if in_scope else Milter.CONTINUE)
 
 
+def test_a_reload_judges_a_known_client_by_the_new_trusted_networks(monkeypatch):
+    # Client addresses are remembered per configuration snapshot (one class per reload).
+    decider = FakeDecider({"<u@example.com>": violation("<u@example.com>", "reject", ("550", "5.7.5", "x"))})
+    for networks, in_scope in (("10.1.0.0/16", True), ("10.2.0.0/16", False), ("10.1.0.0/16", True)):
+        trusted = config.loads(f"[scope]\ntrusted_networks = {networks}\n").scope.trusted_networks
+        ctx = session(decider, monkeypatch, trusted_networks=trusted).open("10.1.2.3")
+        ctx._envfrom("<s@here.example>")
+        assert ctx.rcpt("<u@example.com>") == (Milter.REJECT if in_scope else Milter.CONTINUE), networks
+
+
 def test_client_without_address_is_local_submission(monkeypatch):
     # Postfix non_smtpd_milters (sendmail(1) submissions): hostname "localhost", no address.
     decider = FakeDecider({"<u@example.com>": violation("<u@example.com>", "reject", ("550", "5.7.5", "x"))})
