@@ -48,7 +48,7 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import Milter
 
@@ -188,14 +188,17 @@ class StsMilter(NegotiatingMilter):
     skip_mailers: frozenset = frozenset()
     accept_memo: dict = {}
 
-    def __init__(self) -> None:
-        # Trusted or address-less client, or a daemon_names daemon. Set by connect(); a
-        # connect that pymilter could not decode (see log_untrapped_exception) never
-        # reaches it, and such a client's mail is checked rather than waved through.
-        self.client_in_scope = True
-        self.non_smtp = False  # Postfix non_smtpd_milters session: no recipient can be refused
-        self.client = "-"  # the client's IP address, for log lines
-        self._reset()
+    # Connection and transaction state starts from these class attributes, so that the
+    # object made for every MTA connection needs no __init__ (nor close() a reset).
+    # Trusted or address-less client, or a daemon_names daemon. Set by connect(); a
+    # connect that pymilter could not decode (see log_untrapped_exception) never
+    # reaches it, and such a client's mail is checked rather than waved through.
+    client_in_scope = True
+    non_smtp = False  # Postfix non_smtpd_milters session: no recipient can be refused
+    client = "-"  # the client's IP address, for log lines
+    in_scope = False
+    queue_id: Optional[str] = None
+    holds: Tuple[Tuple[decision.Decision, str], ...] = ()  # (verdict, why it is held)
 
     def getsymval(self, name):
         # pymilter decodes macro values as strict UTF-8 and raises on anything else.
@@ -206,8 +209,8 @@ class StsMilter(NegotiatingMilter):
 
     def _reset(self) -> None:
         self.in_scope = False
-        self.queue_id: Optional[str] = None
-        self.holds: List[Tuple[decision.Decision, str]] = []  # (verdict, why it is held)
+        self.queue_id = None
+        self.holds = ()
 
     @Milter.noreply
     @Milter.symlist("{daemon_name}")
@@ -268,7 +271,7 @@ class StsMilter(NegotiatingMilter):
             self.setreply(code, xcode, text.replace("%", "%%"))  # libmilter formats it
             return Milter.TEMPFAIL if verdict.action == TEMPFAIL else Milter.REJECT
         if verdict.action == HOLD:
-            self.holds.append((verdict, cause))
+            self.holds += ((verdict, cause),)
         return Milter.CONTINUE
 
     def data(self):
@@ -314,10 +317,6 @@ class StsMilter(NegotiatingMilter):
         return decision.cap_text("MTA-STS: " + "; ".join(parts))
 
     def abort(self):
-        self._reset()
-        return Milter.CONTINUE
-
-    def close(self):
         self._reset()
         return Milter.CONTINUE
 
