@@ -224,12 +224,23 @@ class StsMilter(NegotiatingMilter):
         self.client_in_scope = in_scope
         return Milter.CONTINUE
 
+    def envfrom_bytes(self, sender, *params):
+        # Milter.Base's looks up a decoding strategy on envfrom (an AttributeError caught
+        # on every call) and decodes every argument, none of which envfrom() reads.
+        return self.envfrom(sender)
+
     @Milter.noreply
     @Milter.symlist("{auth_authen}", "i")
     def envfrom(self, sender, *params):
         self._reset()
         self.in_scope = self.client_in_scope or bool(self.getsymval("{auth_authen}"))
         return Milter.CONTINUE
+
+    def envrcpt_bytes(self, to, *params):
+        # The recipient as Milter.Base's gives it (UTF-8 with surrogateescape, which
+        # cannot fail), without its decoding-strategy lookup on every call; the ESMTP
+        # parameters are not read.
+        return self.envrcpt(to.decode("utf-8", "surrogateescape"))
 
     @Milter.symlist("{rcpt_mailer}", "i")
     def envrcpt(self, to, *params):

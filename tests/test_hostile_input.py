@@ -230,7 +230,8 @@ def test_every_key_gets_one_well_formed_reply():
 class BytesCtx(testctx.TestCtx):
     """TestCtx as libmilter + pymilter 1.0.5 drive a milter: macro values arrive as
     bytes and getsymval decodes them as strict UTF-8 (Py_BuildValue "s"), recipients go
-    through Milter.Base.envrcpt_bytes."""
+    through envrcpt_bytes (StsMilter's own, which hands envrcpt() what Milter.Base's
+    would: test_envrcpt_gets_the_recipient_as_milter_base_decodes_it)."""
 
     def getsymval(self, name):
         value = super().getsymval(name)
@@ -345,6 +346,25 @@ def test_every_recipient_gets_a_reply_that_agrees_with_the_return_code(on_violat
     finally:
         stsmilter_log.removeHandler(records)
         stsmilter_log.setLevel(level)
+
+
+class _RecordingMilter(milter.StsMilter):
+    def envrcpt(self, to, *params):
+        self.seen = (to, params)
+        return Milter.CONTINUE
+
+
+@BOUNDED
+@given(raw=recipients, params=st.lists(st.binary(max_size=12), max_size=3))
+def test_envrcpt_gets_the_recipient_as_milter_base_decodes_it(raw, params):
+    """StsMilter.envrcpt_bytes skips Milter.Base's per-call decoding-strategy lookup; the
+    recipient string it passes on must be exactly Milter.Base's (the ESMTP parameters
+    are not read, so they are not decoded)."""
+    ours, base = _RecordingMilter(), _RecordingMilter()
+    assert ours.envrcpt_bytes(raw, *params) == Milter.Base.envrcpt_bytes(base, raw, *params) == Milter.CONTINUE
+    assert type(ours.seen[0]) is type(base.seen[0]) is str
+    assert ours.seen[0] == base.seen[0]
+    assert ours.seen[0].encode("utf-8", "surrogateescape") == raw
 
 
 # --- the milter's own handling of what pymilter cannot decode
