@@ -136,6 +136,36 @@ def test_mta_without_setsymlist_still_negotiates(monkeypatch):
     assert ctx.rcpt("<u@example.com>") == Milter.REJECT
 
 
+def test_a_failed_negotiation_is_logged_and_falls_back_to_all_options(monkeypatch, caplog):
+    class RefusingCtx(Ctx):
+        def setsymlist(self, stage, macros):
+            raise Milter.error("cannot set symbol list")
+
+    monkeypatch.setattr(Milter, "factory", milter.make_milter_class(FakeDecider(), config.defaults()))
+    ctx = RefusingCtx()
+    with caplog.at_level(logging.WARNING, logger="stsmilter"):
+        assert ctx._negotiate() == Milter.ALL_OPTS
+    assert "milter protocol negotiation failed" in caplog.text
+
+
+def test_macro_lists_are_each_classs_own():
+    # Worked out once per class; a subclass never reuses its base's.
+    class Other(milter.StsMilter):
+        @Milter.symlist("j")
+        def envrcpt(self, to, *params):
+            return Milter.CONTINUE
+
+    bound = milter.make_milter_class(FakeDecider(), config.defaults())
+    assert bound._macro_lists() == milter.StsMilter._macro_lists() == (
+        (Milter.M_CONNECT, "{daemon_name}"), (Milter.M_ENVFROM, "{auth_authen} i"),
+        (Milter.M_ENVRCPT, "{rcpt_mailer} i"), (Milter.M_EOM, "i"),
+    )
+    assert Other._macro_lists() == (
+        (Milter.M_CONNECT, "{daemon_name}"), (Milter.M_ENVFROM, "{auth_authen} i"),
+        (Milter.M_ENVRCPT, "j"), (Milter.M_EOM, "i"),
+    )
+
+
 def test_per_recipient_replies(monkeypatch, caplog):
     text = "MTA-STS policy of example.com (id 20240101) allows no MX host of the domain: a do not match b"
     decider = FakeDecider({"<u@example.com>": violation("<u@example.com>", "tempfail", ("451", "4.7.5", text))})
