@@ -36,6 +36,10 @@ once by end-of-message costs ~40 ms per message over TCP (Nagle against delayed 
 connect and envfrom always continue, so they are @noreply (P_NR_CONN, P_NR_MAIL): with
 Postfix 3.7 over TCP that measured ~15% faster per message and showed no such stall.
 
+Macros asked for (@symlist), each one read: {daemon_name} at connect (only with [scope]
+daemon_names), {auth_authen} at MAIL, {rcpt_mailer} at RCPT, and i at MAIL, RCPT and end
+of message for log lines (Sendmail and non-SMTP mail have the queue id from MAIL on).
+
 Queue ids: Postfix creates the queue file after the first accepted recipient, so the
 first RCPT of a transaction has no "i" macro yet; such lines say queue_id=NOQUEUE,
 as Postfix's own log does.
