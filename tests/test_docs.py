@@ -144,16 +144,27 @@ def test_key_references_in_docs_are_real_keys():
     assert found > 20
 
 
-def test_man5_lists_the_keys_that_need_a_restart():
+def restart_keys_listed(text: str, where: str) -> set:
+    """The ("section", "key") pairs of the 'Keys read only at start need a restart:' list."""
+    text = " ".join(text.replace("``", "").split())
+    m = re.search(r"Keys read only at start need a restart: (.*?)\.(?: |$)", text)
+    assert m, f"{where} lacks the 'Keys read only at start need a restart:' list"
+    return set(re.findall(r"\[(\w+)\] (\w+)", m.group(1)))
+
+
+def sample_comments() -> str:
+    return "\n".join(line[1:] for line in SAMPLE.read_text().splitlines() if line.startswith("#"))
+
+
+@pytest.mark.parametrize("where", ["stsmilter.conf(5)", "README.rst", "etc/stsmilter.conf"])
+def test_docs_list_the_keys_that_need_a_restart(where):
     daemon = pytest.importorskip("stsmilter.daemon")
     restart_keys = getattr(daemon, "_RESTART_KEYS", None)
     if restart_keys is None:
         pytest.skip("stsmilter.daemon has no _RESTART_KEYS")
-    text = " ".join(roff_text(MAN5).split())
-    m = re.search(r"Keys read only at start need a restart: (.*?)\. ", text)
-    assert m, "stsmilter.conf(5) lacks the 'Keys read only at start need a restart:' list"
-    listed = set(re.findall(r"\[(\w+)\] (\w+)", m.group(1)))
-    assert listed == set(restart_keys)
+    text = {"stsmilter.conf(5)": lambda: roff_text(MAN5), "README.rst": README.read_text,
+            "etc/stsmilter.conf": sample_comments}[where]()
+    assert restart_keys_listed(text, where) == set(restart_keys)
 
 
 # --- stsmilter(8) --------------------------------------------------------------------
