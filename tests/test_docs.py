@@ -253,6 +253,24 @@ def test_man_page_renders_without_warnings(page):
 # --- README ------------------------------------------------------------------------
 
 
+def rst_metric_table(path: Path) -> dict:
+    """{name: labels} from the rows of the simple table whose first cell is ``stsmilter_...``."""
+    entries, rows = {}, 0
+    for line in path.read_text().splitlines():
+        m = re.match(r"``(stsmilter_\w+)(?:\{([\w,]*)\})?``(?:\s|$)", line)
+        if m:
+            rows += 1
+            entries[m.group(1)] = tuple(m.group(2).split(",")) if m.group(2) else ()
+    assert rows == len(entries), f"{path.name}: a metric is listed twice"
+    return entries
+
+
+@pytest.mark.parametrize("name", ["README.rst", "HACKING.rst"])
+def test_metrics_table_lists_exactly_the_exposed_metrics_with_their_labels(name):
+    expected = {documented_name(m): tuple(m._labelnames) for m in metric_objects()}
+    assert rst_metric_table(ROOT / name) == expected
+
+
 def test_readme_has_exactly_the_two_setup_commands():
     text = README.read_text()
     assert text.count("sh contrib/bootstrap.sh") == 2
