@@ -498,7 +498,8 @@ def test_rules_structure():
     data = load_rules()
     rules = {rule["alert"]: rule for group in data["groups"] for rule in group["rules"]}
     assert set(rules) == {"StsmilterDown", "StsmilterRefreshFailing", "StsmilterViolationSpike", "StsmilterFetchErrors",
-                          "StsmilterStoreErrors", "StsmilterDnsFailures"}
+                          "StsmilterStoreErrors", "StsmilterDnsFailures", "StsmilterSocketmapEvictions",
+                          "StsmilterDaneDnsErrors"}
     for name, rule in rules.items():
         assert rule["expr"].strip() and rule["labels"]["severity"] and rule["annotations"]["summary"], name
     assert rules["StsmilterDown"]["for"] == "5m"
@@ -507,6 +508,8 @@ def test_rules_structure():
     assert 'result!="ok"' in rules["StsmilterFetchErrors"]["expr"]
     assert "increase(stsmilter_store_errors_total" in rules["StsmilterStoreErrors"]["expr"]
     assert "stsmilter_dns_failures_total" in rules["StsmilterDnsFailures"]["expr"]
+    assert "stsmilter_socketmap_evicted_connections_total" in rules["StsmilterSocketmapEvictions"]["expr"]
+    assert 'verdict="dns-error"' in rules["StsmilterDaneDnsErrors"]["expr"]
 
 
 def test_rules_use_real_metric_names():
