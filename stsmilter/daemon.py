@@ -27,11 +27,9 @@ from typing import Optional
 from stsmilter import __version__, config as config_mod, preflight
 from stsmilter.pidfile import Pidfile
 from stsmilter.preflight import StartupError
+from stsmilter.threads import block_signals
 
 log = logging.getLogger("stsmilter")
-
-_BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
-
 
 SYSLOG_SOCKET = "/dev/log"
 
@@ -286,7 +284,7 @@ _RESTART_KEYS = {
 def run(config_path: Optional[str]) -> int:
     cfg = config_mod.load(config_path)  # ConfigError -> one line, exit 2 (cli)
     setup_logging(cfg.daemon)
-    signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+    block_signals()
     daemon = Daemon(cfg, config_path)
     pidfile = Pidfile(cfg.daemon.pidfile)
     started = False

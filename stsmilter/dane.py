@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import signal
 import threading
 import time
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -56,6 +55,7 @@ import dns.rdtypes.ANY.TLSA  # noqa: F401
 
 from stsmilter import dns as sts_dns
 from stsmilter import metrics
+from stsmilter.threads import block_signals
 
 log = logging.getLogger("stsmilter.dane")
 
@@ -199,11 +199,6 @@ class Settings(NamedTuple):
 _CHECKS = {kind: metrics.DANE_CHECKS.labels(verdict=kind) for kind in (DANE, NO_DANE, DNS_ERROR)}
 
 
-def _block_signals() -> None:
-    # libmilter's own thread handles HUP/TERM/INT; the daemon waits for USR1.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
-
-
 class DaneChecker:
     """Thread-safe. peek() never blocks; check() waits at most its timeout; a check that
     outlives its caller goes on and fills the cache."""
@@ -217,7 +212,7 @@ class DaneChecker:
         self._lock = threading.Lock()
         self._jobs: Dict[str, concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.max_concurrent, thread_name_prefix="sts-dane", initializer=_block_signals
+            max_workers=settings.max_concurrent, thread_name_prefix="sts-dane", initializer=block_signals
         )
         self._warned_at, self._unlogged = float("-inf"), 0
 

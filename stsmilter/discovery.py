@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -36,6 +35,7 @@ from stsmilter.fetch import FetchError, Fetcher
 from stsmilter.fleet import Fleet
 from stsmilter.policy import FAILED, NONE, PENDING, Result
 from stsmilter.store import Entry, make_entry
+from stsmilter.threads import block_signals
 
 log = logging.getLogger("stsmilter.discovery")
 
@@ -49,11 +49,6 @@ _HIT = metrics.CACHE_LOOKUPS.labels(result="hit")
 _NEGATIVE = metrics.CACHE_LOOKUPS.labels(result="negative")
 _MISS = metrics.CACHE_LOOKUPS.labels(result="miss")
 _STALE = metrics.CACHE_LOOKUPS.labels(result="stale")
-
-
-def _block_signals() -> None:
-    # libmilter's own thread handles HUP/TERM/INT; the daemon waits for USR1.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +93,7 @@ class Discovery:
         self._lock = threading.Lock()
         self._jobs: Dict[Tuple[str, str], concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.max_concurrent, thread_name_prefix="sts-discovery", initializer=_block_signals
+            max_workers=settings.max_concurrent, thread_name_prefix="sts-discovery", initializer=block_signals
         )
         self._mx_cache: LRUCache = LRUCache(maxsize=max(1000, cache.max_entries))
         self._refresher: Optional[threading.Thread] = None
@@ -387,7 +382,7 @@ class Discovery:
 
     def start_refresher(self, period: float = 60.0) -> None:
         def loop() -> None:
-            _block_signals()
+            block_signals()
             while not self._stopping.wait(period):
                 try:
                     self.refresh_due()

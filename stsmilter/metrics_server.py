@@ -15,19 +15,17 @@ import asyncio
 import collections
 import gzip
 import logging
-import signal
-import threading
-from typing import Optional
 
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+from stsmilter.threads import LoopServer
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 32
 REQUEST_TIMEOUT = 10.0  # seconds for the request head to arrive and the reply to leave
 MAX_HEAD = 8192
-BLOCKED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
 def _reply(status: str, headers, body: bytes) -> bytes:
@@ -56,63 +54,31 @@ def render(head: bytes, registry=REGISTRY) -> bytes:
     return response[: len(response) - len(body)] if method == "HEAD" else response
 
 
-class MetricsServer:
+class MetricsServer(LoopServer):
     """start() binds and serves from a thread of its own; stop() ends both."""
+
+    thread_name, log, what = "stsmilter-metrics", log, "metrics"
 
     def __init__(self, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
                  request_timeout: float = REQUEST_TIMEOUT, registry=REGISTRY):
+        super().__init__()
         self.host, self.port = host, port
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         self.registry = registry
         self.evicted = 0
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._open = collections.OrderedDict()  # writer -> None, oldest first
-        self._thread: Optional[threading.Thread] = None
-        self._startup_error: Optional[BaseException] = None
-        self._server = None
 
     @property
     def address(self):
-        return self._server.sockets[0].getsockname()[:2]
+        return self._listener.sockets[0].getsockname()[:2]
 
-    def start(self) -> None:
-        """Bind and serve; returns once listening. OSError if the address is unusable."""
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="stsmilter-metrics", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if self._startup_error is not None:
-            self._thread.join()
-            self._thread = None
-            raise self._startup_error
-
-    def stop(self, timeout: float = 2.0) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        thread.join(timeout)
-
-    def _run(self, ready: threading.Event) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)  # libmilter's to handle
-        self.loop = loop = asyncio.new_event_loop()
-        try:
-            try:
-                self._server = loop.run_until_complete(
-                    asyncio.start_server(self._serve, self.host, self.port, backlog=128, limit=MAX_HEAD))
-            except Exception as e:  # OSError: address in use, no such address
-                self._startup_error = e
-                return
-            finally:
-                ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._shutdown())
-        finally:
-            loop.close()
+    async def _bind(self):
+        # OSError: address in use, no such address
+        return await asyncio.start_server(self._serve, self.host, self.port, backlog=128, limit=MAX_HEAD)
 
     async def _shutdown(self) -> None:
-        self._server.close()
+        self._listener.close()
         for writer in list(self._open):
             writer.transport.abort()
         tasks = asyncio.all_tasks() - {asyncio.current_task()}

@@ -15,27 +15,28 @@ import collections
 import errno
 import logging
 import os
-import signal
 import socket
 import stat
-import threading
 import time
 
 from . import metrics
 from .preflight import chmod_socket
 from .socketmap import Connection
+from .threads import LoopServer
 
 log = logging.getLogger("stsmilter.socketmap")  # one logger for the socketmap front end
 
 IDLE_TIMEOUT = 300.0  # Postfix reconnects when we close an idle connection
 EVICTION_SCAN = 64  # at the limit, look this far into the longest-idle for one without a request
-BLOCKED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
-class SocketmapServer:
+class SocketmapServer(LoopServer):
     """start() binds and serves from a thread of its own; stop() ends both."""
 
+    thread_name, log, what = "stsmilter-socketmap", log, "socketmap"
+
     def __init__(self, discovery, settings, idle_timeout: float = IDLE_TIMEOUT):
+        super().__init__()
         # One tuple, so update() swaps all at once; the third is the engine's DANE checker
         # (None with [socketmap] dane = no).
         self.state = (discovery, settings, getattr(discovery, "dane", None))
@@ -48,8 +49,6 @@ class SocketmapServer:
         self.begun = set()  # connections holding an incomplete request
         self.cache = {}  # request key -> _Entry; used by the loop thread only
         self.evicted_connections = collections.Counter()  # reason -> count
-        self.loop = None
-        self._listener = self._thread = self._startup_error = None
 
     def evict_idlest(self) -> None:
         """Close the connection idle the longest, preferring one with no request under
@@ -101,49 +100,16 @@ class SocketmapServer:
             return self.listen.path
         return self._listener.sockets[0].getsockname()[:2]
 
-    def start(self) -> None:
-        """Bind and serve; returns once listening. OSError if the listen address is unusable."""
-        if self._thread is not None:
-            raise RuntimeError("socketmap server already started")
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="stsmilter-socketmap", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if self._startup_error is not None:
-            self._thread.join()
-            self._thread, error, self._startup_error = None, self._startup_error, None
-            raise error
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Close the listener and every connection, and join the thread."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        thread.join(timeout)
-        if thread.is_alive():
-            log.warning("socketmap: the server thread did not stop within %.1f s", timeout)
-
-    def _run(self, ready: threading.Event) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)  # libmilter's to handle
-        self.loop = loop = asyncio.new_event_loop()
-        try:
-            try:
-                self._listener = loop.run_until_complete(self._bind())
-            except Exception as e:
-                if isinstance(e, OSError):
-                    e = OSError(e.errno, "socketmap: cannot listen on %s: %s" % (self.listen, e.strerror or e))
-                self._startup_error = e
-                return
-            finally:
-                ready.set()
-            loop.call_soon(self._expire_requests)
-            loop.run_forever()
-            loop.run_until_complete(self._shutdown())
-        finally:
-            loop.close()
+    def _serving(self) -> None:
+        self.loop.call_soon(self._expire_requests)
 
     async def _bind(self):
+        try:
+            return await self._listen()
+        except OSError as e:
+            raise OSError(e.errno, "socketmap: cannot listen on %s: %s" % (self.listen, e.strerror or e)) from None
+
+    async def _listen(self):
         loop, factory = asyncio.get_running_loop(), lambda: Connection(self)
         if self.listen.family == "unix":
             _remove_stale_socket(self.listen.path)

@@ -15,7 +15,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from stsmilter import config, socketmap, socketmap_server, tlspolicy
+from stsmilter import config, socketmap, socketmap_server, threads, tlspolicy
 from stsmilter.policy import Result
 from test_tlspolicy import SECURE, TESTING, make_settings, valid
 
@@ -529,7 +529,7 @@ def test_loop_thread_blocks_daemon_signals(serve):
     server = serve()
     mask = concurrent.futures.Future()
     server.loop.call_soon_threadsafe(lambda: mask.set_result(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
-    assert socketmap_server.BLOCKED_SIGNALS <= mask.result(timeout=2)
+    assert threads.BLOCKED_SIGNALS <= mask.result(timeout=2)
 
 
 def test_postmap_client(serve, discovery):
