@@ -55,6 +55,7 @@ import dns.rdtypes.ANY.TLSA  # noqa: F401
 
 from stsmilter import dns as sts_dns
 from stsmilter import metrics
+from stsmilter.ratelog import RateLimitedLog
 from stsmilter.threads import block_signals
 
 log = logging.getLogger("stsmilter.dane")
@@ -214,7 +215,9 @@ class DaneChecker:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrent, thread_name_prefix="sts-dane", initializer=block_signals
         )
-        self._warned_at, self._unlogged = float("-inf"), 0
+        # One line per failure, but at most one per WARNING_INTERVAL: a resolver outage
+        # fails every domain at once (stsmilter_dane_checks_total counts them all).
+        self._failures = RateLimitedLog(log, WARNING_INTERVAL, clock, " (%d more DANE check failures not logged)")
 
     def reconfigure(self, resolver: DaneResolver, settings: Settings) -> None:
         """Config reload: new resolver and bounds for checks started from now on."""
@@ -296,18 +299,7 @@ class DaneChecker:
         return self._store(domain, Verdict(kind, now + max(0.0, min(ttls + [settings.mx_ttl])), now, detail))
 
     def _warn(self, message: str, *args) -> None:
-        """One line per failure, but at most one per WARNING_INTERVAL: a resolver outage
-        fails every domain at once (stsmilter_dane_checks_total counts them all)."""
-        now = self.clock()
-        with self._lock:
-            if now - self._warned_at < WARNING_INTERVAL:
-                self._unlogged += 1
-                return
-            unlogged, self._unlogged, self._warned_at = self._unlogged, 0, now
-        if unlogged:
-            message += " (%d more DANE check failures not logged)"
-            args += (unlogged,)
-        log.warning(message, *args)
+        self._failures.log("failure", logging.WARNING, message, *args)
 
     def _store(self, domain: str, verdict: Verdict) -> Verdict:
         with self._lock:

@@ -15,11 +15,16 @@ from typing import Callable, Dict, Hashable, Tuple
 
 class RateLimitedLog:
     def __init__(
-        self, logger: logging.Logger, interval: float = 60.0, clock: Callable[[], float] = time.monotonic
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        left_out: str = " (%d more since the last such line)",  # appended to a line after a gap
     ) -> None:
         self.logger = logger
         self.interval = interval
         self.clock = clock
+        self.left_out_note = left_out
         self._lock = threading.Lock()
         self._kinds: Dict[Hashable, Tuple[float, int]] = {}  # kind -> (last logged, left out since)
 
@@ -35,7 +40,7 @@ class RateLimitedLog:
             if len(self._kinds) > 1000:  # kinds come from small vocabularies; stay bounded anyway
                 self._kinds = {kind: (now, 0)}
         if left_out:
-            message += " (%d more since the last such line)"
+            message += self.left_out_note
             args = (*args, left_out)
         self.logger.log(level, message, *args)
         return True
