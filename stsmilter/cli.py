@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import sys
@@ -50,12 +49,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command}: {message}" if command else message)
 
 
-def _iso(epoch: Optional[float]) -> Optional[str]:
-    if epoch is None:
-        return None
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _load_config(args) -> config_mod.Config:
     return config_mod.load(args.config)
 
@@ -83,6 +76,8 @@ def _engine(cfg: config_mod.Config, no_cache: bool = False):
 
 
 def result_as_dict(result) -> dict:
+    from stsmilter.control import iso_time  # the times as `cache list` shows them
+
     return {
         "domain": result.domain,
         "status": result.status,
@@ -90,8 +85,8 @@ def result_as_dict(result) -> dict:
         "source": result.source,
         "id": result.policy_id,
         "policy": result.policy.as_dict() if result.policy is not None else None,
-        "fetched": _iso(result.fetched_at),
-        "expires": _iso(result.expires),
+        "fetched": iso_time(result.fetched_at),
+        "expires": iso_time(result.expires),
     }
 
 

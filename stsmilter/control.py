@@ -50,7 +50,8 @@ def control_path(pidfile: str) -> str:
     return (pidfile[:-4] if pidfile.endswith(".pid") else pidfile) + ".ctl"
 
 
-def _iso(epoch: Optional[float]) -> Optional[str]:
+def iso_time(epoch: Optional[float]) -> Optional[str]:
+    """A time as the CLI's JSON shows it (UTC, seconds), None as None."""
     if epoch is None:
         return None
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="seconds")
@@ -63,8 +64,8 @@ def entry_row(entry) -> dict:
         "id": entry.policy_id,
         "mode": entry.policy.mode,
         "mx": list(entry.policy.mx),
-        "fetched": _iso(entry.fetched_at),
-        "expires": _iso(entry.expires),
+        "fetched": iso_time(entry.fetched_at),
+        "expires": iso_time(entry.expires),
         "refresh_failures": entry.refresh_failures,
         "last_error": entry.last_error,
     }
