@@ -23,7 +23,7 @@ import os
 import stat
 import time
 import urllib.parse
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 from stsmilter import metrics
 from stsmilter.store.base import MemoryStore, Store, StoreError, UnusableStore
@@ -58,8 +58,9 @@ def ensure_directory(path: str) -> None:
         raise _os_error(f"directory {directory}", e, path) from None
 
 
-def check_files(path: str) -> None:
-    """The cache file and its companions are absent or regular files (not followed)."""
+def _present(path: str) -> Iterator[Tuple[str, str, int]]:
+    """(suffix, name, lstat mode) of the cache file and each companion that exists, in
+    COMPANIONS order, each looked at just before it is yielded (not followed)."""
     for suffix in COMPANIONS:
         name = path + suffix
         try:
@@ -68,6 +69,12 @@ def check_files(path: str) -> None:
             continue
         except OSError as e:
             raise _os_error(name, e, path) from None
+        yield suffix, name, mode
+
+
+def check_files(path: str) -> None:
+    """The cache file and its companions are absent or regular files (not followed)."""
+    for _suffix, name, mode in _present(path):
         if stat.S_ISLNK(mode):
             raise StoreError(f"{name} is a symbolic link: not following it", "symlink")
         if not stat.S_ISREG(mode):
@@ -111,14 +118,7 @@ def move_aside(path: str) -> str:
     while any(os.path.lexists(target + suffix) for suffix in COMPANIONS):
         n += 1
         target = f"{path}.corrupt-{stamp}.{n}"
-    for suffix in COMPANIONS:
-        name = path + suffix
-        try:
-            mode = os.lstat(name).st_mode
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise _os_error(name, e, path) from None
+    for suffix, name, mode in _present(path):
         if not stat.S_ISREG(mode):
             raise StoreError(f"{name} is not a regular file: not moving it", "not-regular")
         try:
