@@ -21,8 +21,6 @@ from stsmilter.store.base import Store, StoreError
 
 log = logging.getLogger("stsmilter.store")
 
-OPS = ("open", "read", "write", "delete")  # the op label's vocabulary
-
 
 class StoreGuard:
     def __init__(self, store: Store, retry_after: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
