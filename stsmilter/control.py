@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Iterator, List, Optional
 
-from stsmilter.policy import normalize_domain
+from stsmilter.policy import is_normalized_domain
 from stsmilter.preflight import chmod_socket
 from stsmilter.ratelog import RateLimitedLog
 
@@ -94,11 +94,7 @@ def parse_request(line: bytes):
     if not args:
         raise BadRequest("purge needs a domain")
     for domain in args:
-        try:
-            valid = normalize_domain(domain) == domain
-        except ValueError:
-            valid = False
-        if not valid:
+        if not is_normalized_domain(domain):
             raise BadRequest(f"not a normalized domain: {domain[:80]!r}")
     return op, args
 

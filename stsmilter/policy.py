@@ -301,6 +301,17 @@ def normalize_domain(domain: str) -> Optional[str]:
     return name
 
 
+def is_normalized_domain(text) -> bool:
+    """text is a domain exactly as normalize_domain() gives it: a key read back from a
+    store, an event or a control request names a domain only in that form."""
+    if not isinstance(text, str):
+        return False
+    try:
+        return normalize_domain(text) == text
+    except ValueError:
+        return False
+
+
 def _last_unquoted_at(address: str) -> int:
     """Index of the "@" that starts the domain: the last one outside a quoted local part."""
     position, quoted, escaped = -1, False, False

@@ -11,6 +11,7 @@ from stsmilter.policy import (
     PolicyError,
     TxtRecord,
     canonical_mx_pattern,
+    is_normalized_domain,
     mx_matches,
     normalize_domain,
     parse_policy,
@@ -444,6 +445,26 @@ def test_normalize_domain(domain, expected):
 def test_normalize_domain_rejects(domain):
     with pytest.raises(ValueError):
         normalize_domain(domain)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("example.com", True),
+        ("xn--bcher-kva.example", True),
+        ("Example.com", False),  # normalizes to another text
+        ("example.com.", False),
+        (" example.com", False),
+        ("b\u00fccher.example", False),  # the U-label of an A-label domain
+        ("[192.0.2.1]", False),  # an address literal: no domain at all
+        ("example..com", False),  # not a domain: ValueError inside
+        ("", False),
+        (b"example.com", False),  # stored bytes, not text
+        (None, False),
+    ],
+)
+def test_is_normalized_domain(text, expected):
+    assert is_normalized_domain(text) is expected
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from stsmilter.policy import (
     VALID,
     Policy,
     Result,
-    normalize_domain,
+    is_normalized_domain,
     valid_mx_pattern,
 )
 
@@ -265,11 +265,7 @@ def decode_entry(
     """An Entry from stored fields (policy: JSON text or a dict), each checked for type and
     range; BadEntry says what is wrong. txt_ttl None: not stored (an older entry)."""
     now = time.time() if now is None else now
-    try:
-        valid_domain = isinstance(domain, str) and normalize_domain(domain) == domain
-    except ValueError:
-        valid_domain = False
-    if not valid_domain:
+    if not is_normalized_domain(domain):
         raise BadEntry(f"domain {str(domain)[:60]!r}")
     if not isinstance(policy_id, str) or not _POLICY_ID.fullmatch(policy_id):
         raise BadEntry(f"policy id {str(policy_id)[:40]!r}")

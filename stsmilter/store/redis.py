@@ -33,7 +33,7 @@ import redis.exceptions
 import redis.lock
 import redis.retry
 
-from stsmilter.policy import Result, normalize_domain
+from stsmilter.policy import Result, is_normalized_domain
 from stsmilter.store.base import (
     BadEntry,
     Entry,
@@ -347,10 +347,6 @@ def _event(fields: Any) -> Optional[Tuple[str, str, str]]:
         return None
     if op not in _OPS or len(domain) > 253 or len(sender) > 32 or (op != "purge-all") != bool(domain):
         return None
-    if domain:
-        try:
-            if normalize_domain(domain) != domain:
-                return None
-        except ValueError:
-            return None
+    if domain and not is_normalized_domain(domain):
+        return None
     return op, domain, sender
