@@ -1,6 +1,7 @@
 """metrics_server.py: the bounded /metrics endpoint, on real sockets (issue 9, item 7)."""
 
 import gzip
+import importlib
 import os
 import socket
 import time
@@ -8,8 +9,10 @@ import urllib.request
 
 import pytest
 
-from stsmilter import metrics, metrics_server  # noqa: F401  (metrics: registers stsmilter's own)
+from stsmilter import metrics_server
 from world.daemon import poll_until, scrape
+
+importlib.import_module("stsmilter.metrics")  # stsmilter's own metrics into the default registry
 
 
 @pytest.fixture

@@ -289,7 +289,7 @@ def test_query_and_check_into_a_closed_pipe_end_quietly(sts_world):
 
 def test_head_1_stops_cache_list_quietly(big_cache):
     proc = subprocess.run(
-        ["bash", "-c", f'"$0" -m stsmilter cache list -c "$1" | head -1; echo "status ${{PIPESTATUS[0]}}" >&2',
+        ["bash", "-c", '"$0" -m stsmilter cache list -c "$1" | head -1; echo "status ${PIPESTATUS[0]}" >&2',
          sys.executable, big_cache],
         capture_output=True, text=True, timeout=60,
     )

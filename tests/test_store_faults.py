@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from world.daemon import DaemonProcess, free_port, poll_until, sample, scrape, wait_for_port
+from world.daemon import poll_until, sample, scrape
 from world.socketmap_client import Socketmap
 
 pytestmark = [
