@@ -138,13 +138,16 @@ def test_decode_entry_rejects_wrong_types_and_ranges(field, value, reason):
         decode_entry(**dict(GOOD, **{field: value}), now=NOW)
 
 
+V1_COLUMNS = ("domain", "policy_id", "policy", "fetched_at", "expires", "mode", "checked_at", "refresh_failures",
+              "last_error")
+
+
 def nullable_file(path, rows):
     """A schema-version-1 file whose columns accept anything (as a file written by
     another program, or damaged, may): the stored values reach the checks unchanged."""
     db = sqlite3.connect(path)
-    db.execute("CREATE TABLE policies (domain, policy_id, policy, fetched_at, expires, mode, checked_at,"
-               " refresh_failures, last_error)")
-    db.executemany("INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.execute(f"CREATE TABLE policies ({', '.join(V1_COLUMNS)})")
+    db.executemany(f"INSERT INTO policies VALUES ({', '.join('?' * len(V1_COLUMNS))})", rows)
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -152,8 +155,7 @@ def nullable_file(path, rows):
 
 def row(**changes):
     values = {**GOOD, "expires": NOW - 10 + 86400, "mode": "enforce", **changes}
-    return tuple(values[c] for c in ("domain", "policy_id", "policy", "fetched_at", "expires", "mode", "checked_at",
-                                     "refresh_failures", "last_error"))
+    return tuple(values[c] for c in V1_COLUMNS)
 
 
 def test_bad_rows_are_skipped_counted_and_dropped(tmp_path):
@@ -326,15 +328,8 @@ def test_the_sqlite_store_survives_any_stored_values(tmp_path):
         values = {**GOOD, "domain": f"d{n}.example", "expires": NOW - 10 + 86400, "mode": "enforce"}
         for field in rng.sample(list(values), rng.randint(0, 2)):
             values[field] = rng.choice(JUNK)
-        rows.append(tuple(values[c] for c in ("domain", "policy_id", "policy", "fetched_at", "expires", "mode",
-                                               "checked_at", "refresh_failures", "last_error")))
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE policies (domain, policy_id, policy, fetched_at, expires, mode, checked_at,"
-               " refresh_failures, last_error)")
-    db.executemany("INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
+        rows.append(tuple(values[c] for c in V1_COLUMNS))
+    nullable_file(path, rows)
     s = SqliteStore(path, clock=lambda: NOW)
     good = list(s.entries())
     assert 0 < len(good) < 2000 and s.bad_entries == 2000 - len(good)
