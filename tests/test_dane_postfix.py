@@ -6,7 +6,6 @@ real Postfix delivering over DANE inside a network namespace (world/dane_deliver
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import pytest
 from world.daemon import poll_until, sample, scrape
 from world.fixtures_dane import SCENARIOS, TEMP_ANSWER
 from world.postfix import processes_under
+from world.socketmap_client import ask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,21 +49,8 @@ def postmap(postmap_config):
 
 def settled_answer(port, key, name="postfix", timeout=15.0):
     """The socketmap's answer once discovery and the DANE check are done."""
-    return poll_until(lambda: (lambda a: a if "in progress" not in a else None)(raw_socketmap(port, key, name)),
+    return poll_until(lambda: (lambda a: a if "in progress" not in a else None)(ask(port, key, name)),
                       timeout, f"a settled socketmap answer for {key}", interval=0.1)
-
-
-def raw_socketmap(port, key, name="postfix"):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        payload = f"{name} {key}".encode()
-        sock.sendall(b"%d:%s," % (len(payload), payload))
-        reply = b""
-        while not reply.endswith(b","):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    return reply.partition(b":")[2][:-1].decode()
 
 
 def test_postmap_answers_dane_first(dane_world, start_daemon, postmap):

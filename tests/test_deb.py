@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from stsmilter import __version__
+from world import milter_client, socketmap_client
 from world.daemon import free_port, scrape
 
 # Building may first install the build dependencies with apt (make deb-deps).
@@ -111,36 +112,10 @@ def wait_until(predicate, timeout=15.0, what=""):
 def milter_negotiates(port: int) -> bool:
     """Send a milter option negotiation (SMFIC_OPTNEG, protocol version 6) and read
     the milter's answer, as an MTA does first on every connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(struct.pack("!IcIII", 13, b"O", 6, 0x1FF, 0x1FFFFF))
-        size = struct.unpack("!I", _read(conn, 4))[0]
-        body = _read(conn, size)
-    return body[:1] == b"O" and struct.unpack("!I", body[1:5])[0] == 6
-
-
-def socketmap_answer(port: int, request: bytes) -> bytes:
-    """One netstring request, the raw netstring reply."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"%d:%s," % (len(request), request))
-        data = b""
-        while True:
-            m = re.match(rb"(\d+):", data)
-            if m and len(data) >= m.end() + int(m.group(1)) + 1:
-                return data
-            chunk = conn.recv(4096)
-            if not chunk:
-                return data
-            data += chunk
-
-
-def _read(conn, size):
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("milter closed the connection")
-        data += chunk
-    return data
+    with milter_client.connect(f"inet:{port}@127.0.0.1") as conn:
+        conn.sendall(milter_client.OPTNEG)
+        command, data = milter_client.read_packet(conn)
+    return command == b"O" and struct.unpack("!I", data[:4])[0] == 6
 
 
 def port_closed(port: int) -> bool:
@@ -316,7 +291,7 @@ def test_init_script_starts_a_daemon_that_answers(installed):
     wait_until(lambda: not port_closed(ports["milter"]), what="the milter port")
     assert milter_negotiates(ports["milter"])
     # An address literal has no MTA-STS policy: answered without any DNS query.
-    assert socketmap_answer(ports["socketmap"], b"postfix [127.0.0.1]") == b"9:NOTFOUND ,"
+    assert socketmap_client.ask(ports["socketmap"], "[127.0.0.1]") == "NOTFOUND "
     metrics = scrape(ports["metrics"])
     assert f'stsmilter_build_info{{version="{__version__}"}} 1.0' in metrics
     assert 'stsmilter_socketmap_lookups_total{result="notfound"} 1.0' in metrics

@@ -27,8 +27,8 @@ from stsmilter import config, dns, milter, policy, socketmap, socketmap_server, 
 from stsmilter.decision import Decider
 from stsmilter.policy import Policy, PolicyError, Result
 from test_socketmap import FakeDiscovery as SocketmapDiscovery
-from test_socketmap import read_replies, request
 from test_tlspolicy import make_settings
+from world.socketmap_client import read_replies, request
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

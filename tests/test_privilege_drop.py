@@ -10,7 +10,6 @@ other starts it as root with [daemon] user = nobody, as an operator would (root 
 
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -18,11 +17,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from world.daemon import free_port, poll_until, scrape, terminate, wait_for_port
+from world.milter_client import OPTNEG, packet, read_packet
+from world.socketmap_client import Socketmap
 
 pytestmark = pytest.mark.integration
 
@@ -30,29 +30,9 @@ LATE_IMPORTS = os.path.join(os.path.dirname(__file__), "world", "late_imports.py
 IDN = "xn--bcher-kva.example"  # bücher.example
 IDN_UTF8 = "bücher.example".encode()
 
-# --- a minimal MTA side of the milter protocol (version 6), enough for one transaction
+# --- one milter transaction (world/milter_client.py: the MTA side of protocol 6)
 
 P_NR_CONN, P_NR_MAIL = 0x1000, 0x4000
-OPTNEG = struct.pack("!IcIII", 13, b"O", 6, 0x1FF, 0x1FFFFF)
-
-
-def _packet(cmd, data=b""):
-    return struct.pack("!I", len(data) + 1) + cmd + data
-
-
-def _read_packet(sock):
-    def exactly(size):
-        data = b""
-        while len(data) < size:
-            chunk = sock.recv(size - len(data))
-            if not chunk:
-                raise EOFError("milter closed the connection")
-            data += chunk
-        return data
-
-    size = struct.unpack("!I", exactly(4))[0]
-    body = exactly(size)
-    return body[:1], body[1:]
 
 
 def milter_rcpts(address, recipients, hostname=b"localhost", mailer=b"smtp", **macros):
@@ -61,45 +41,33 @@ def milter_rcpts(address, recipients, hostname=b"localhost", mailer=b"smtp", **m
     bytes values for {daemon_name} (connect), {auth_authen} and i (MAIL)."""
     with socket.create_connection(address, timeout=20) as sock:
         sock.sendall(OPTNEG)
-        cmd, data = _read_packet(sock)
+        cmd, data = read_packet(sock)
         assert cmd == b"O"
         protocol = struct.unpack("!I", data[8:12])[0]
         daemon = b"{daemon_name}\0" + macros.get("daemon_name", b"smtpd") + b"\0"
-        sock.sendall(_packet(b"D", b"C" + daemon)
-                     + _packet(b"C", hostname + b"\0" + b"4" + struct.pack("!H", 40000) + b"127.0.0.1\0"))
+        sock.sendall(packet(b"D", b"C" + daemon)
+                     + packet(b"C", hostname + b"\0" + b"4" + struct.pack("!H", 40000) + b"127.0.0.1\0"))
         if not protocol & P_NR_CONN:
-            _read_packet(sock)
+            read_packet(sock)
         mail = b"i\0" + macros.get("i", b"4QX1") + b"\0{auth_authen}\0" + macros.get("auth_authen", b"") + b"\0"
-        sock.sendall(_packet(b"D", b"M" + mail) + _packet(b"M", b"<sender@here.example>\0"))
+        sock.sendall(packet(b"D", b"M" + mail) + packet(b"M", b"<sender@here.example>\0"))
         if not protocol & P_NR_MAIL:
-            _read_packet(sock)
+            read_packet(sock)
         replies = []
         for rcpt in recipients:
-            sock.sendall(_packet(b"D", b"R{rcpt_mailer}\0" + mailer + b"\0") + _packet(b"R", rcpt + b"\0"))
-            replies.append(_read_packet(sock))
-        sock.sendall(_packet(b"Q"))
+            sock.sendall(packet(b"D", b"R{rcpt_mailer}\0" + mailer + b"\0") + packet(b"R", rcpt + b"\0"))
+            replies.append(read_packet(sock))
+        sock.sendall(packet(b"Q"))
     return replies
 
 
 def socketmap_ask(port, keys):
-    """The reply payloads for netstring requests "postfix KEY", on one connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        replies, data = [], b""
-        for key in keys:
-            payload = b"postfix " + key
-            sock.sendall(b"%d:%s," % (len(payload), payload))
-            while True:
-                match = re.match(rb"(\d+):", data)
-                if match and len(data) > match.end() + int(match.group(1)):
-                    end = match.end() + int(match.group(1))
-                    assert data[end:end + 1] == b","
-                    replies.append(data[match.end():end])
-                    data = data[end + 1:]
-                    break
-                chunk = sock.recv(65536)
-                assert chunk, "socketmap closed the connection"
-                data += chunk
-        return replies
+    """The reply payloads for requests "postfix KEY", on one connection."""
+    client = Socketmap(port, timeout=20)
+    try:
+        return [client.ask_bytes(key) for key in keys]
+    finally:
+        client.close()
 
 
 def publish_world(world):

@@ -8,7 +8,6 @@ import grp
 import os
 import pwd
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -137,20 +136,6 @@ def _scrape_ok(port) -> bool:
         return False
 
 
-def socketmap_lookup(port: int, domain: str) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        request = f"postfix {domain}".encode()
-        sock.sendall(b"%d:%s," % (len(request), request))
-        reply = b""
-        while not reply.endswith(b","):
-            chunk = sock.recv(4096)
-            assert chunk, "the socketmap closed the connection without an answer"
-            reply += chunk
-    length, _, rest = reply.partition(b":")
-    assert len(rest) == int(length) + 1, reply
-    return rest[:-1].decode()
-
-
 def files_in(directory: Path) -> dict:
     """name -> (kind, owner, mode, content or link target): what a start must not change."""
     found = {}
@@ -186,9 +171,9 @@ def test_a_symlink_at_the_cache_file_is_never_followed_and_the_daemon_serves(box
         assert f"Uid:\t{NOBODY.pw_uid}\t{NOBODY.pw_uid}\t" in f.read()
 
     secure = "OK secure match=mx.enforce.example servername=hostname"
-    assert socketmap_lookup(port, "enforce.example") == secure
+    assert ask(port, "enforce.example") == secure
     sts_world.dns.remove("_mta-sts.enforce.example", "TXT")  # from now on only the cache knows it
-    assert socketmap_lookup(port, "enforce.example") == secure
+    assert ask(port, "enforce.example") == secure
     metrics = scrape(box.metrics_port)
     assert sample(metrics, "stsmilter_store_errors_total", op="open") == 1
     assert sample(metrics, "stsmilter_policy_fetches_total", result="ok") == 1

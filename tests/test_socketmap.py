@@ -18,6 +18,8 @@ from prometheus_client import REGISTRY
 from stsmilter import config, socketmap, socketmap_server, threads, tlspolicy
 from stsmilter.policy import Result
 from test_tlspolicy import SECURE, TESTING, make_settings, valid
+from world.socketmap_client import read_replies, request
+
 
 class FakeDiscovery:
     """peek() answers from `cached`; submit() answers from `fetched` after `delays`."""
@@ -85,51 +87,8 @@ def serve(discovery):
         server.stop()
 
 
-@pytest.fixture
-def clients():
-    """connect(server) -> a blocking client socket; all are closed at teardown."""
-    sockets = []
-
-    def connect(server):
-        family = socket.AF_UNIX if isinstance(server.address, str) else socket.AF_INET
-        if family == socket.AF_INET and ":" in server.address[0]:
-            family = socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sockets.append(sock)
-        sock.settimeout(5)
-        sock.connect(server.address)
-        return sock
-
-    yield connect
-    for sock in sockets:
-        sock.close()
-
-
-def request(key, name=b"postfix"):
-    return socketmap.netstring(name + b" " + key)
-
-
-def read_replies(sock, count):
-    """Exactly `count` reply payloads, and nothing after them."""
-    replies, data = [], b""
-    while len(replies) < count:
-        colon = data.find(b":")
-        if colon > 0 and len(data) > colon + int(data[:colon]):
-            length = int(data[:colon])
-            assert data[colon + 1 + length : colon + 2 + length] == b","
-            replies.append(data[colon + 1 : colon + 1 + length])
-            data = data[colon + 2 + length :]
-            continue
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(replies, data)
-        data += chunk
-    assert data == b""
-    return replies
-
-
-def ask(sock, key):
-    sock.sendall(request(key))
+def ask(sock, key, name=b"postfix"):
+    sock.sendall(request(key, name))
     return read_replies(sock, 1)[0]
 
 

@@ -8,8 +8,9 @@ import pytest
 
 from stsmilter import socketmap_server
 from stsmilter.policy import Result
-from test_socketmap import FakeDiscovery, answered, clients, read_replies, request  # noqa: F401 - fixtures
+from test_socketmap import FakeDiscovery, answered, ask
 from test_tlspolicy import DANE, DNS_ERROR, NO_DANE, SECURE, TESTING, make_settings, valid
+from world.socketmap_client import read_replies, request
 
 
 class FakeChecker:
@@ -61,11 +62,6 @@ def serve(world):
     yield start
     for server in servers:
         server.stop()
-
-
-def ask(sock, key, name=b"postfix"):
-    sock.sendall(request(key, name))
-    return read_replies(sock, 1)[0]
 
 
 def test_fast_path_answers_dane_only_from_two_peeks(serve, clients, world):

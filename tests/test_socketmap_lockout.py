@@ -11,20 +11,9 @@ import time
 import pytest
 
 from world.daemon import poll_until, sample, scrape
+from world.socketmap_client import ask
 
 pytestmark = pytest.mark.integration
-
-
-def lookup(port, key=b"example.test"):
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        payload = b"postfix " + key
-        sock.sendall(b"%d:%s," % (len(payload), payload))
-        reply = b""
-        while not reply.endswith(b","):
-            chunk = sock.recv(4096)
-            assert chunk, "socketmap closed the connection without an answer"
-            reply += chunk
-        return reply
 
 
 def postmap_lookup(port, key="example.test"):
@@ -47,7 +36,7 @@ def test_a_client_holding_every_connection_locks_no_one_out(start_daemon):
     held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(1000)]
     try:
         for _ in range(20):  # another client, one connection per lookup: each finds room
-            assert lookup(port) == b"9:NOTFOUND ,"
+            assert ask(port, "example.test") == "NOTFOUND "
         run = postmap_lookup(port)
         assert run.returncode == 1 and run.stderr == "", run.stderr  # NOTFOUND, no error
         text = scrape(daemon.metrics_port)
