@@ -47,7 +47,7 @@ class PolicyCache:
         negative_ttl: float,
         failure_backoff: float,
         clock: Callable[[], float] = time.time,
-        retry_after: float = 30.0,
+        retry_after: Optional[float] = None,
     ) -> None:
         self.store = store
         self.clock = clock

@@ -34,7 +34,7 @@ def open_cache(config, one_shot: bool = False) -> PolicyCache:
     the daemon moves it aside or runs memory-only instead (store/files.py)."""
     c = config.cache
     store = open_configured(c, recover=not one_shot)
-    return PolicyCache(store, c.max_entries, c.negative_ttl, c.failure_backoff, retry_after=store.retry_after)
+    return PolicyCache(store, c.max_entries, c.negative_ttl, c.failure_backoff)
 
 
 def make_fleet(config, cache: PolicyCache, listening: bool = True) -> Fleet:

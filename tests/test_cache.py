@@ -204,6 +204,12 @@ def test_the_store_is_tried_again_after_retry_after(store, clock):
     assert store.calls.count("put") == 2 and store.inner.get("c.example") is not None
 
 
+def test_the_store_says_how_long_the_guard_rests(store, clock):
+    store.retry_after = 5.0  # as a network store (Redis) does: it comes back by itself
+    assert PolicyCache(store, 1000, 60, 300, clock=clock).guard.retry_after == 5.0
+    assert PolicyCache(store, 1000, 60, 300, clock=clock, retry_after=0.2).guard.retry_after == 0.2
+
+
 # --- through Discovery: the answer never depends on the store
 
 

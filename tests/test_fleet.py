@@ -123,8 +123,7 @@ class Fleet:
 
     def daemon(self, sender, lock_seconds=5.0, listen=True):
         store = FakeSharedStore(self.backing, sender)
-        cache = PolicyCache(store, 1000, negative_ttl=60, failure_backoff=300, clock=self.clock,
-                            retry_after=store.retry_after)
+        cache = PolicyCache(store, 1000, negative_ttl=60, failure_backoff=300, clock=self.clock)  # rests store.retry_after
         cache.load()
         settings = Settings(id_check_interval=300, refresh_interval=3600, recheck_in_background=False)
         fleet = SharedFleet(cache, lock_seconds, poll=0.05)

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from stsmilter import metrics
 from stsmilter.ratelog import RateLimitedLog
@@ -23,9 +23,11 @@ log = logging.getLogger("stsmilter.store")
 
 
 class StoreGuard:
-    def __init__(self, store: Store, retry_after: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, store: Store, retry_after: Optional[float] = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
-        self.retry_after = retry_after
+        self.retry_after = store.retry_after if retry_after is None else retry_after  # the backend's own by default
         self.clock = clock
         self._lock = threading.Lock()
         self._resume_at = 0.0  # monotonic time before which the store is not touched
