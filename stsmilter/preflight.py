@@ -30,6 +30,7 @@ from typing import Callable, FrozenSet, Iterable, List, Optional
 SOCKET, PIDFILE, CACHE, FETCH = "socket", "pidfile", "cache", "fetch"
 EVERYTHING = frozenset((SOCKET, PIDFILE, CACHE, FETCH))
 DIRECTORY_MODE = 0o750
+MAX_SOCKET_PATH = 107  # bytes: sockaddr_un's sun_path holds 108 with the final NUL
 
 
 class StartupError(Exception):
@@ -125,6 +126,9 @@ def plan(cfg, kinds: Iterable[str] = EVERYTHING) -> List[str]:
     (each the last component of its path, under an existing parent)."""
     missing: List[str] = []
     for item in runtime_paths(cfg, kinds):
+        if item.kind == SOCKET and len(os.fsencode(item.path)) > MAX_SOCKET_PATH:
+            raise StartupError(f"{item.key}: {item.path} is longer than a unix socket path can be"
+                               f" ({len(os.fsencode(item.path))} bytes, at most {MAX_SOCKET_PATH})")
         directory = item.directory
         if os.path.isdir(directory):  # an existing directory, or a symlink to one: used as it is
             _check_file(item)

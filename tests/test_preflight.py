@@ -89,6 +89,34 @@ def test_a_socket_path_must_be_a_socket_or_nothing(tmp_path, name):
         preflight.plan(make_config(tmp_path))
 
 
+@pytest.mark.parametrize("key, section, name, prefix, suffix", [
+    ("[milter] socket", "milter", "socket", "unix:", ".ock"),
+    ("[socketmap] listen", "socketmap", "listen", "unix:", ".ock"),
+    ("[daemon] pidfile", "daemon", "pidfile", "", ".pid"),  # its control socket .ctl: as long
+])
+def test_a_socket_path_too_long_to_bind_is_refused_before_anything_is_created(tmp_path, key, section, name, prefix,
+                                                                               suffix):
+    """bind() refuses a unix socket path of more than 107 bytes (sun_path): check-config
+    must refuse it as run does, and run with one line naming the key, not a bind error."""
+    def config_with_path_of(size):
+        directory = f"{tmp_path}/run/"
+        path = directory + "s" * (size - len(directory) - len(suffix)) + suffix
+        assert len(path) == size
+        return make_config(tmp_path, **{section: {name: prefix + path}}), path
+
+    cfg, path = config_with_path_of(preflight.MAX_SOCKET_PATH + 1)
+    for create in (False, True):  # check-config, then run
+        with pytest.raises(StartupError) as e:
+            preflight.prepare(cfg, None, create=create)
+        assert str(e.value).startswith(key + " = ")
+        assert "is longer than a unix socket path can be (108 bytes, at most 107)" in str(e.value)
+    assert os.listdir(tmp_path) == []
+    cfg, path = config_with_path_of(preflight.MAX_SOCKET_PATH)  # the longest that binds
+    preflight.prepare(cfg, None)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path[:-len(suffix)] + ".ctl" if name == "pidfile" else path)
+
+
 @pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
 def test_a_symlinked_cache_file_is_a_warning_not_a_refusal(tmp_path, suffix):
     """The store refuses to follow it and the daemon serves from memory (test_privileges.py),
