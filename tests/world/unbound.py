@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 
 import dns.exception
 import dns.flags
@@ -162,16 +161,3 @@ class UnboundResolver:
 
     def __exit__(self, *exc_info):
         self.stop()
-
-
-def wait_until_answering(resolver, name, rdtype, timeout=10.0):
-    """Poll until the resolver answers name/rdtype with NOERROR (e.g. after a zone change)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if resolver.query(name, rdtype, timeout=1.0).rcode() == 0:
-                return
-        except (OSError, dns.exception.Timeout):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{name} {rdtype} not answered")
