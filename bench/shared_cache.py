@@ -37,21 +37,6 @@ SERVERS = ("sqlite", "redis")
 N_STORED = 100_000
 
 
-def warm(daemon, domains):
-    deadline = time.monotonic() + 60
-    answers = {}
-    for domain in domains:
-        while True:
-            reply = common.socketmap_query(daemon.socketmap_port, domain)
-            if not reply.startswith(b"TEMP"):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"socketmap kept answering {reply!r} for {domain}")
-            time.sleep(0.05)
-        answers[domain] = reply
-    return answers
-
-
 def used_memory(client) -> int:
     return int(client.info("memory")["used_memory"])
 
@@ -109,7 +94,7 @@ def main() -> int:
                                       cache={"redis": redis_server.url, "redis_prefix": "bench:"}),
         }
         for name, daemon in daemons.items():
-            answers = warm(daemon, domains)
+            answers = common.socketmap_warm(daemon.socketmap_port, domains)
             print(f"# {name}: {NDOMAINS} domains warm, e.g. {answers[domains[0]].decode()!r}")
         before = {name: d.sample("stsmilter_cache_lookups_total", result="miss") for name, d in daemons.items()}
         requests = [common.netstring(f"postfix {d}".encode()) for d in domains]
@@ -119,13 +104,8 @@ def main() -> int:
                 order = SERVERS if (rnd + conc) % 2 else SERVERS[::-1]
                 for name in order:
                     daemon = daemons[name]
-                    args = [(daemon.socketmap_port, requests, i * 5) for i in range(conc)]
-                    cpu0 = common.cpu_seconds(daemon.pid)
-                    total, lat, elapsed, client_cpu = common.run_workers(common.socketmap_load, args, DURATION)
-                    cpu1 = common.cpu_seconds(daemon.pid)
-                    results.setdefault((name, conc), []).append((
-                        total / elapsed, common.percentile(lat, 50) * 1e6, common.percentile(lat, 99) * 1e6,
-                        (cpu1 - cpu0) / total * 1e6))
+                    results.setdefault((name, conc), []).append(
+                        common.socketmap_round(daemon.socketmap_port, daemon.pid, requests, conc, DURATION))
         for name, daemon in daemons.items():
             misses = daemon.sample("stsmilter_cache_lookups_total", result="miss") - before[name]
             if misses:

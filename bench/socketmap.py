@@ -21,7 +21,6 @@ socketmap_ratio=<stsmilter as shipped / static lookups/s at 4 connections>.
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -50,22 +49,6 @@ def publish_dane(world, domains, modes):
     return signed, anchors
 
 
-def warm(daemon, domains):
-    """Ask each domain until it is answered from the warm path (not TEMP in progress)."""
-    answers = {}
-    deadline = time.monotonic() + 60
-    for domain in domains:
-        while True:
-            reply = common.socketmap_query(daemon.socketmap_port, domain)
-            if not reply.startswith(b"TEMP"):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"socketmap kept answering {reply!r} for {domain}")
-            time.sleep(0.05)
-        answers[domain] = reply
-    return answers
-
-
 def main() -> int:
     from world.unbound import UnboundResolver
 
@@ -87,7 +70,7 @@ def main() -> int:
         static, static_port = common.start_static_socketmap(root, stack)
 
         for name, daemon in daemons.items():
-            answers = warm(daemon, domains)
+            answers = common.socketmap_warm(daemon.socketmap_port, domains)
             for domain in domains:
                 want = b"NOTFOUND "
                 if modes[domain] == "enforce":
@@ -115,13 +98,8 @@ def main() -> int:
                 shift = (rnd + CONNECTIONS.index(conc)) % len(SERVERS)
                 for name in SERVERS[shift:] + SERVERS[:shift]:
                     port, pid = servers[name]
-                    args = [(port, requests, i * 5) for i in range(conc)]
-                    cpu0 = common.cpu_seconds(pid)
-                    total, lat, elapsed, client_cpu = common.run_workers(common.socketmap_load, args, DURATION)
-                    cpu1 = common.cpu_seconds(pid)
-                    results.setdefault((name, conc), []).append((
-                        total / elapsed, common.percentile(lat, 50) * 1e6, common.percentile(lat, 99) * 1e6,
-                        (cpu1 - cpu0) / total * 1e6, client_cpu / total * 1e6))
+                    results.setdefault((name, conc), []).append(
+                        common.socketmap_round(port, pid, requests, conc, DURATION))
         for name, daemon in daemons.items():
             lookups, misses, checks = before[name]
             after = daemon.samples("stsmilter_socketmap_lookups_total")
