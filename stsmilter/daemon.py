@@ -183,6 +183,8 @@ class Daemon:
 
         try:
             new = config_mod.load(self.config_path)
+            # First: it refuses what check-config refuses ([fetch] ca_file) before it changes anything.
+            engine.reconfigure(self.discovery, new)
         except config_mod.ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
@@ -192,7 +194,6 @@ class Daemon:
             if (section, key) in _RESTART_KEYS and value != getattr(getattr(self.started, section), key)
         ]
         setup_logging(new.daemon)
-        engine.reconfigure(self.discovery, new)
         self.install_milter(new)
         if self.socketmap is not None:
             self.socketmap.update(self.discovery, new.socketmap)

@@ -81,7 +81,8 @@ def open_engine(config, one_shot: bool = False) -> Discovery:
 
 def reconfigure(discovery: Discovery, config) -> None:
     resolver = make_resolver(config)
-    discovery.reconfigure(resolver, make_fetcher(config, resolver), Settings.from_config(config))
+    fetcher = make_fetcher(config, resolver)  # ConfigError for [fetch] ca_file: nothing changed yet
+    discovery.reconfigure(resolver, fetcher, Settings.from_config(config))
     # [socketmap] dane switched on or off, or new DNS settings; the verdict cache stays.
     if config.socketmap.dane != "auto":
         if discovery.dane is not None:

@@ -2,6 +2,7 @@
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import tempfile
@@ -11,6 +12,7 @@ import pytest
 
 from stsmilter import __version__
 from world.daemon import DaemonProcess, free_port, poll_until, scrape, wait_for_port
+from world.socketmap_client import ask
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +48,21 @@ def test_usr1_reloads_and_bad_reload_keeps_running_config(start_daemon, sts_worl
     daemon.reload(lambda text: text + "[milter]\nbogus = 1\n", expect="reload refused")
     assert daemon.proc.poll() is None
     scrape(daemon.metrics_port)  # still serving
+    assert daemon.stop() == 0
+
+
+def test_a_reload_whose_ca_file_cannot_be_read_is_refused_in_one_line(start_daemon, sts_world, tmp_path):
+    """check-config refuses it, and so does the reload (a bare kill -USR1 runs no
+    check-config first): one line, nothing half applied, no traceback."""
+    daemon = start_daemon()
+    missing = tmp_path / "gone.pem"
+    logged = daemon.reload(lambda text: re.sub(r"(?m)^ca_file = .*$", f"ca_file = {missing}", text),
+                           expect="reload refused")
+    assert f"[fetch] ca_file {missing}" in logged
+    assert "configuration reloaded" not in logged and "Traceback" not in daemon.log(), daemon.log()
+    sts_world.publish("after.example")  # the running configuration (its CA) still fetches
+    secure = "OK secure match=mx.after.example servername=hostname"
+    poll_until(lambda: ask(daemon.socketmap_port, "after.example") == secure, 10, "the policy, fetched")
     assert daemon.stop() == 0
 
 
