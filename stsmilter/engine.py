@@ -18,7 +18,12 @@ from stsmilter.store import open_configured
 
 
 def make_resolver(config) -> dns.Resolver:
-    return dns.Resolver(nameservers=config.dns.nameservers, port=config.dns.port, timeout=config.dns.timeout)
+    d = config.dns
+    try:
+        return dns.Resolver(nameservers=d.nameservers, port=d.port, timeout=d.timeout)
+    except dns.DnsError as e:  # empty nameservers and no usable /etc/resolv.conf
+        servers = " ".join(d.nameservers) or "(empty: the system resolver, /etc/resolv.conf)"
+        raise ConfigError(f"{config.source}: [dns] nameservers {servers}: {e}") from None
 
 
 def make_fetcher(config, resolver: dns.Resolver) -> Fetcher:

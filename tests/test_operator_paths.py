@@ -116,6 +116,26 @@ def test_check_config_refuses_what_run_refuses(base, name, make, expected):
     assert not (base / "no").exists()
 
 
+@ROOT_ONLY
+def test_check_config_run_and_query_refuse_an_unusable_system_resolver(base):
+    """[dns] nameservers empty means /etc/resolv.conf: without a nameserver there (here an
+    empty file bound over it in a private mount namespace) the commands that need DNS
+    refuse in one line, as for [fetch] ca_file, instead of a DnsError traceback."""
+    empty = base / "resolv.conf"
+    empty.write_text("")
+    conf = write_config(base, dns={"nameservers": ""})
+
+    def without_resolver(*args):
+        bind = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
+        return subprocess.run(["unshare", "--mount", "sh", "-c", bind, "sh", str(empty),
+                               sys.executable, "-m", "stsmilter", *args], capture_output=True, text=True, timeout=60)
+
+    expected = "[dns] nameservers (empty: the system resolver, /etc/resolv.conf): no usable resolver configuration"
+    for args in (["check-config", "-c", conf], ["run", "-c", conf], ["query", "-c", conf, "example.com"]):
+        proc = without_resolver(*args)
+        assert proc.returncode == 2 and expected in only_line(proc.stderr), (args, proc.stderr)
+
+
 ROOT_REFUSALS = [
     ("unknown-user", lambda b: {"daemon": {"user": "no-such-user-here"}}, "no such user"),
     ("unknown-group", lambda b: {"daemon": {"user": "nobody", "group": "no-such-group-here"}}, "no such group"),
