@@ -34,6 +34,7 @@ from stsmilter.cache import PolicyCache
 from stsmilter.fetch import FetchError, Fetcher
 from stsmilter.fleet import Fleet
 from stsmilter.policy import FAILED, NONE, PENDING, Result
+from stsmilter.ratelog import RateLimitedLog
 from stsmilter.store import Entry, make_entry
 from stsmilter.threads import block_signals
 
@@ -91,6 +92,9 @@ class Discovery:
         # Other daemons sharing the store (fleet.SharedFleet), or nobody (Fleet).
         self.fleet = fleet if fleet is not None else Fleet()
         self._lock = threading.Lock()
+        # A resolver outage fails every new domain's TXT lookup: one line a minute says so,
+        # stsmilter_dns_failures_total counts each one.
+        self._txt_failures = RateLimitedLog(log, clock=clock, left_out=" (%d more TXT lookup failures since the last such line)")
         self._jobs: Dict[Tuple[str, str], concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrent, thread_name_prefix="sts-discovery", initializer=block_signals
@@ -223,7 +227,7 @@ class Discovery:
         except dns.NoRecord:
             return None, None, "no-txt-record"
         except dns.TempDnsError as e:
-            log.info("TXT lookup for _mta-sts.%s failed: %s", domain, e)
+            self._txt_failures.log("txt", logging.INFO, "TXT lookup for _mta-sts.%s failed: %s", domain, e)
             return None, None, "dns-error"
         record = policy.parse_txt(txt.records)
         if record is not None:

@@ -2,7 +2,7 @@
 
 Most domains a sender mails publish no MTA-STS policy, so these entries outnumber the
 cached policies by far; each costs only its domain string, one dict slot and one deque
-slot (about 130 bytes at a million entries with ~17-character names; README "Sizing").
+slot (about 120 bytes at a million entries with ~17-character names; README "Sizing").
 
 - ``_entries``: dict domain -> stamp. A stamp is a tuple (expires, reason) shared by
   every domain put in the same clock second with the same reason, so the time costs

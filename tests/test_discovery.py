@@ -182,6 +182,26 @@ def test_dns_failure_is_failed_never_none_and_not_cached(world):
     assert resolver.txt_queries == 2
 
 
+def test_a_resolver_outage_logs_one_txt_failure_line_a_minute(world, caplog):
+    clock, resolver, fetcher, disc = world
+    domains = [f"d{n}.example" for n in range(5)]
+    for domain in domains:
+        resolver.txt_records["_mta-sts." + domain] = dns.TempDnsError("SERVFAIL")
+    caplog.set_level("INFO", logger="stsmilter.discovery")
+    for domain in domains:
+        assert disc.lookup(domain).reason == "dns-error"
+    lines = [r.getMessage() for r in caplog.records if "TXT lookup" in r.getMessage()]
+    assert lines == ["TXT lookup for _mta-sts.d0.example failed: SERVFAIL"]
+    clock.now += 59
+    disc.lookup(domains[1])
+    assert len([r for r in caplog.records if "TXT lookup" in r.getMessage()]) == 1
+    clock.now += 2
+    disc.lookup(domains[2])
+    lines = [r.getMessage() for r in caplog.records if "TXT lookup" in r.getMessage()]
+    assert lines[1:] == ["TXT lookup for _mta-sts.d2.example failed: SERVFAIL"
+                         " (5 more TXT lookup failures since the last such line)"]
+
+
 def test_dns_failure_with_cached_policy_uses_the_cache(world):
     clock, resolver, fetcher, disc = world
     publish(resolver, fetcher, "example.com", "a1", ENFORCE)
