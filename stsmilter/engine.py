@@ -47,9 +47,12 @@ def make_fleet(config, cache: PolicyCache, listening: bool = True) -> Fleet:
     listening (a one-shot command) a wait for another daemon's answer polls more often."""
     if not cache.store.shared:
         return Fleet()
-    # The lock outlives one discovery: a TXT lookup plus a fetch, each within its timeout.
-    lock_seconds = config.dns.timeout + config.fetch.timeout + 1.0
-    return SharedFleet(cache, lock_seconds, poll=1.0 if listening else 0.2)
+    return SharedFleet(cache, fleet_lock_seconds(config), poll=1.0 if listening else 0.2)
+
+
+def fleet_lock_seconds(config) -> float:
+    """The fleet lock outlives one discovery: a TXT lookup plus a fetch, each within its timeout."""
+    return config.dns.timeout + config.fetch.timeout + 1.0
 
 
 def _dane_parts(config):
@@ -88,6 +91,8 @@ def reconfigure(discovery: Discovery, config) -> None:
     resolver = make_resolver(config)
     fetcher = make_fetcher(config, resolver)  # ConfigError for [fetch] ca_file: nothing changed yet
     discovery.reconfigure(resolver, fetcher, Settings.from_config(config))
+    if isinstance(discovery.fleet, SharedFleet):  # new [dns]/[fetch] timeouts: the lock follows
+        discovery.fleet.lock_seconds = fleet_lock_seconds(config)
     # [socketmap] dane switched on or off, or new DNS settings; the verdict cache stays.
     if config.socketmap.dane != "auto":
         if discovery.dane is not None:

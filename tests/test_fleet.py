@@ -337,3 +337,12 @@ def test_expired_policies_leave_every_daemons_memory_whoever_purged_the_store(fl
     assert fleet.backing.policies.count() == 0
     b.cache.purge_expired(fleet.clock.now)  # the store has nothing left to purge
     assert b.cache.snapshot() == []
+
+
+def test_a_reload_with_new_timeouts_gives_the_fleet_lock_the_new_time(fleet):
+    from stsmilter import config, engine
+    disc = fleet.daemons[0]
+    engine.reconfigure(disc, config.loads("[dns]\nnameservers = 127.0.0.1\ntimeout = 2\n[fetch]\ntimeout = 7\n"))
+    assert disc.fleet.lock_seconds == 2 + 7 + 1.0
+    engine.reconfigure(disc, config.loads("[dns]\nnameservers = 127.0.0.1\ntimeout = 3\n[fetch]\ntimeout = 4\n"))
+    assert disc.fleet.lock_seconds == 3 + 4 + 1.0
