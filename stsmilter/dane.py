@@ -212,6 +212,7 @@ class DaneChecker:
         self._verdicts: Dict[str, Verdict] = {}
         self._lock = threading.Lock()
         self._jobs: Dict[str, concurrent.futures.Future] = {}
+        self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrent, thread_name_prefix="sts-dane", initializer=block_signals
         )
@@ -236,26 +237,37 @@ class DaneChecker:
         try:
             return self.submit(domain).result(timeout)
         except concurrent.futures.TimeoutError:
-            now = self.clock()
-            return Verdict(PENDING, now, now, "DANE check not done in time")
+            return self._pending("DANE check not done in time")
 
     def submit(self, domain: str) -> concurrent.futures.Future:
         with self._lock:
             future = self._jobs.get(domain)
             if future is None:
-                if len(self._jobs) >= MAX_QUEUED_CHECKS:
+                if self._closed or len(self._jobs) >= MAX_QUEUED_CHECKS:
                     refused: concurrent.futures.Future = concurrent.futures.Future()
-                    now = self.clock()
-                    refused.set_result(Verdict(PENDING, now, now, "too many DANE checks queued"))
+                    refused.set_result(self._pending("DANE checker closed" if self._closed
+                                                     else "too many DANE checks queued"))
                     return refused
                 future = self._jobs[domain] = self._pool.submit(self._run, domain)
         return future
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """A reload that sets [socketmap] dane = no, or shutdown. The socketmap (until its
+        update) and open milter connections may still ask: they get PENDING (the on_timeout
+        answer), as do the checks queued now, which end at once instead of being cancelled
+        (a cancelled future is an exception in every waiter)."""
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=False)
+
+    def _pending(self, detail: str) -> Verdict:
+        now = self.clock()
+        return Verdict(PENDING, now, now, detail)
 
     def _run(self, domain: str) -> Verdict:
         try:
+            if self._closed:
+                return self._pending("DANE checker closed")
             verdict = self._check(domain)
         except Exception:
             log.exception("DANE check of %s failed unexpectedly", domain)

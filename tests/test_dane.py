@@ -326,6 +326,27 @@ def test_reconfigure_uses_the_new_resolver(make_checker):
     assert signed.calls
 
 
+
+def test_a_closed_checker_answers_pending_not_an_exception(make_checker, caplog):
+    """A reload that switches [socketmap] dane to no closes the checker while the
+    socketmap and old milter connections still hold it: checks queued behind the running
+    ones, and checks asked for afterwards, are PENDING (the on_timeout answer), never a
+    CancelledError or "cannot schedule new futures" traceback."""
+    resolver = ScriptedResolver(MxFacts(FOUND, True, ("mx1.example",), 300.0), {"mx1.example": tlsa()})
+    resolver.gate = threading.Event()
+    checker = make_checker(resolver, max_concurrent=1)
+    running = checker.submit("running.example")
+    queued = checker.submit("queued.example")
+    checker.close()
+    resolver.gate.set()
+    assert running.result(5).kind == DANE  # a lookup under way finishes
+    assert queued.result(5).kind == PENDING
+    assert checker.check("later.example", timeout=5).kind == PENDING
+    assert checker.submit("later.example").result(5).kind == PENDING
+    assert ("mx", "queued.example") not in resolver.calls and ("mx", "later.example") not in resolver.calls
+    assert checker.peek("queued.example") is None and checker.peek("later.example") is None
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
+
 # --- against a real validating resolver (unbound) and a signed loopback zone -------------
 
 @pytest.fixture
