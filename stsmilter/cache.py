@@ -29,6 +29,12 @@ from stsmilter.policy import FAILED, NONE, Result
 from stsmilter.store import Entry, Store, is_due
 from stsmilter.store.guard import StoreGuard
 
+# Purges remembered (per domain; a purge of everything is one time) so that a lookup
+# already under way when `stsmilter cache purge` ran cannot put the purged policy back:
+# at least as long as any lookup can take, and long enough for a write-back to the store
+# that raced the purge to be overwritten by the next fetch.
+PURGE_MEMORY_SECONDS = 86400.0
+
 # negative() hands out one Result object per recently asked domain, so that a front end
 # that reuses its reply while it gets the same object (the socketmap) keeps doing so.
 RECENT_NEGATIVE_RESULTS = 1024
@@ -63,6 +69,8 @@ class PolicyCache:
         # Failing enforce/testing entries (also those evicted from memory): the gauge
         # follows every refresh at once instead of waiting for a refresher pass.
         self._failing: Dict[str, Entry] = {}
+        self._purged: TTLCache = TTLCache(maxsize=max_entries, ttl=PURGE_MEMORY_SECONDS, timer=clock)
+        self._purged_all = float("-inf")
         self._closed = False
         # Counted at scrape time: always true, and no bookkeeping on every put.
         metrics.CACHE_ENTRIES.set_function(self.count)
@@ -91,13 +99,26 @@ class PolicyCache:
             _ok, entry = self._guard.call("read", self.store.get, domain)
             if entry is not None:
                 with self._lock:
+                    if self._purged_since(entry):
+                        return None
                     entry = self._policies.setdefault(domain, entry)  # a newer put wins
         return entry
 
+    def _purged_since(self, entry: Entry) -> bool:
+        """entry was fetched before a purge of its domain: it must not come back (a lookup
+        under way during the purge, or its write-back to the store). Lock held."""
+        return entry.fetched_at < max(self._purged_all, self._purged.get(entry.domain, float("-inf")))
+
     def put(self, entry: Entry) -> None:
+        with self._lock:
+            if self._purged_since(entry):
+                return  # the lookup's own caller still gets its answer; the cache forgets it
         saved, _ = self._guard.call("write", self.store.put, entry)
         domain = entry.domain
         with self._lock:
+            if self._purged_since(entry):  # purged while the store wrote it
+                self._unsaved.discard(domain)
+                return
             self._policies[domain] = entry
             self._negative.pop(domain, None)
             (self._unsaved.discard if saved else self._unsaved.add)(domain)
@@ -117,6 +138,7 @@ class PolicyCache:
     def forget(self, domain: str) -> bool:
         """Drop everything memory knows about domain (a purge); True if a policy was held."""
         with self._lock:
+            self._purged[domain] = self.clock()
             in_memory = self._policies.pop(domain, None) is not None
             self._negative.pop(domain, None)
             self._failing.pop(domain, None)
@@ -128,6 +150,7 @@ class PolicyCache:
     def forget_all(self) -> int:
         """Drop every policy and answer memory holds (a purge --all); returns the policies."""
         with self._lock:
+            self._purged_all = self.clock()
             held = len(self._policies)
             for part in (self._policies, self._negative_results, self._backoff, self._failing, self._unsaved):
                 part.clear()
@@ -152,6 +175,8 @@ class PolicyCache:
         _ok, stored = self._guard.call("read", self.store.get, domain)
         if stored is not None:
             with self._lock:
+                if self._purged_since(stored):
+                    return None
                 if _newer(stored, self._policies.get(domain)):
                     self._policies[domain] = stored
                     self._negative.pop(domain, None)
@@ -180,7 +205,7 @@ class PolicyCache:
                 held = self._policies.get(domain)
                 if held is None and len(self._policies) >= self._policies.maxsize:
                     continue  # memory is full: the store answers for it (get())
-                if _newer(newer, held):
+                if _newer(newer, held) and not self._purged_since(newer):
                     self._policies[domain] = newer
                     self._track_failing(newer)
             return len(self._unsaved)

@@ -515,3 +515,81 @@ def test_one_shot_commands_recheck_the_id_on_every_lookup(one_shot, settings):
     finally:
         disc.close()
         disc.cache.close()
+
+
+class GatedResolver(FakeResolver):
+    """txt() waits for `gate` once `armed`: a lookup held in flight while a purge runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed, self.gate, self.entered = False, threading.Event(), threading.Event()
+
+    def txt(self, name, lifetime=None):
+        if self.armed:
+            self.entered.set()
+            self.gate.wait(10)
+        return super().txt(name, lifetime)
+
+
+@pytest.fixture
+def gated_world():
+    clock = Clock()
+    resolver, fetcher = GatedResolver(), FakeFetcher()
+    cache = PolicyCache(MemoryStore(), 1000, negative_ttl=60, failure_backoff=300, clock=clock)
+    settings = Settings(id_check_interval=300, refresh_interval=3600, recheck_in_background=False)
+    disc = Discovery(resolver, fetcher, cache, settings, clock=clock)
+    yield clock, resolver, fetcher, disc, cache
+    resolver.gate.set()
+    disc.close()
+
+
+def _purge_while_in_flight(clock, resolver, disc, cache, domain):
+    """Start a lookup, purge the domain while its TXT lookup is under way, let it finish."""
+    resolver.armed = True
+    future = disc.submit(domain)
+    assert resolver.entered.wait(5)
+    clock.now += 1
+    cache.forget(domain)
+    cache.store.delete(domain)  # what `stsmilter cache purge` does to the store
+    resolver.gate.set()
+    return future.result(5)
+
+
+def test_a_purge_is_not_undone_by_an_id_check_started_before_it(gated_world):
+    """The re-check confirms the id of the policy it read before the purge: confirming
+    it must not put the purged policy back (memory or store)."""
+    clock, resolver, fetcher, disc, cache = gated_world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 301  # id check due
+    result = _purge_while_in_flight(clock, resolver, disc, cache, "example.com")
+    assert result.policy_id == "a1"  # the lookup that began before the purge gets its answer
+    assert cache.peek("example.com") is None and cache.store.get("example.com") is None
+    clock.now += 1
+    resolver.armed = False
+    assert disc.lookup("example.com").source == "fetched"  # discovered afresh
+    assert fetcher.fetches == 2
+
+
+def test_a_purge_is_not_undone_by_a_fetch_started_before_it(gated_world):
+    clock, resolver, fetcher, disc, cache = gated_world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    _purge_while_in_flight(clock, resolver, disc, cache, "example.com")
+    assert cache.peek("example.com") is None and cache.store.get("example.com") is None
+
+
+def test_a_policy_written_back_to_the_store_before_the_purge_reached_memory_stays_purged(gated_world):
+    """`cache purge` empties the store, then tells the daemon: a job that wrote the old
+    policy back in between must not bring it back from the store afterwards."""
+    clock, resolver, fetcher, disc, cache = gated_world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    old = cache.peek("example.com")
+    clock.now += 10
+    cache.forget("example.com")
+    cache.store.put(old)  # the write-back that raced the purge
+    assert cache.get("example.com") is None
+    assert cache.reload("example.com") is None
+    clock.now += 1
+    assert disc.lookup("example.com").source == "fetched"
+    assert cache.peek("example.com").fetched_at > old.fetched_at
