@@ -176,6 +176,71 @@ def test_a_bad_answer_is_skipped_counted_and_dropped(store, client, value):
     assert not client.exists("t:n:a.example")
 
 
+
+WRONG_TYPES = {
+    "list": lambda c, key: c.rpush(key, "x"),
+    "hash": lambda c, key: c.hset(key, "a", "b"),
+    "set": lambda c, key: c.sadd(key, "a"),
+    "zset": lambda c, key: c.zadd(key, {"a": 1}),
+    "stream": lambda c, key: c.xadd(key, {"a": "b"}),
+}
+
+
+@pytest.mark.parametrize("kind", WRONG_TYPES)
+def test_a_policy_or_answer_key_of_another_type_is_skipped_counted_and_dropped(store, client, kind):
+    """Not a StoreError (which would make the whole daemon leave Redis alone for a while,
+    and again at every lookup of the domain): one bad entry, dropped."""
+    store.put(policy_entry("good.example"))
+    WRONG_TYPES[kind](client, "t:p:bad.example")
+    WRONG_TYPES[kind](client, "t:n:bad.example")
+    client.zadd("t:due", {"bad.example": 0})
+    before = bad_entries()
+    assert store.get("bad.example") is None
+    assert store.get_answer("bad.example") is None
+    assert store.bad_entries == 2 and bad_entries() == before + 2
+    assert "not a string" in store.last_bad[1]
+    assert not client.exists("t:p:bad.example") and not client.exists("t:n:bad.example")
+    assert [e.domain for e in store.entries()] == ["good.example"] and store.bad_entries == 2
+
+
+@pytest.mark.parametrize("kind", ["string", "list", "hash"])
+def test_a_schedule_or_event_stream_of_another_type_is_replaced_not_a_lasting_failure(store, redis_server,
+                                                                                      client, kind):
+    def spoil(key):
+        if kind == "string":
+            client.set(key, "junk")
+        else:
+            WRONG_TYPES[kind](client, key)
+
+    spoil("t:due")
+    before = bad_entries()
+    store.put(policy_entry("a.example"))
+    assert [e.domain for e in store.entries()] == ["a.example"] and store.count() == 1
+    assert store.bad_entries == 1 and bad_entries() == before + 1 and "t:due" in store.last_bad[0]
+    spoil("t:events")
+    reader = RedisStore(redis_server.url, prefix="t:")
+    try:
+        position = reader.last_event()
+        assert reader.bad_entries == 1 and "t:events" in reader.last_bad[0]
+        store.announce("purge", "a.example")
+        assert reader.read_events(position, 0.1)[1] == [("purge", "a.example", store.sender)]
+    finally:
+        reader.close()
+    assert client.type("t:due") == b"zset" and client.type("t:events") == b"stream"
+
+
+def test_a_lock_key_that_never_expires_is_not_a_claim(store, client):
+    """Our claims always expire (SET NX PX): a key without a TTL there is not one of
+    ours, and would otherwise make every first lookup of the domain wait the lock out
+    and keep its refresh from ever running."""
+    client.set("t:l:a.example", "junk")
+    client.rpush("t:l:b.example", "junk")
+    assert store.claim("a.example", 5) is not None and store.claim("b.example", 5) is not None
+    assert store.bad_entries == 2
+    assert 0 < client.pttl("t:l:a.example") <= 5000
+    assert store.claim("a.example", 5) is None  # our own claim stands
+    assert store.bad_entries == 2
+
 # --- locks and events
 
 

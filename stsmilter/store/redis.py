@@ -58,13 +58,32 @@ def _failure(e: Exception) -> StoreError:
     return StoreError(f"redis: {text}", type(e).__name__)
 
 
+def _wrong_type(e: Exception) -> bool:
+    """A command met a key holding another Redis type (written by someone else)."""
+    return isinstance(e, redis.exceptions.ResponseError) and "WRONGTYPE" in str(e)  # also "Command # 2 ... WRONGTYPE"
+
+
+class _NotAString:
+    """What get() read from a policy or answer key that holds another Redis type."""
+
+
+NOT_A_STRING = _NotAString()
+
+
 def _redis_errors(method: Callable) -> Callable:
-    """Whatever redis-py or the socket raises becomes a StoreError (one line)."""
+    """Whatever redis-py or the socket raises becomes a StoreError (one line). A schedule
+    or event stream of another type is replaced and the call made once more: otherwise
+    every call would fail, and the daemon would leave Redis alone for good."""
 
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
         try:
-            return method(*args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except redis.exceptions.ResponseError as e:
+                if not (_wrong_type(e) and self._replace_foreign_keys()):
+                    raise
+                return method(self, *args, **kwargs)
         except (redis.exceptions.RedisError, OSError) as e:
             raise _failure(e) from None
 
@@ -135,10 +154,33 @@ class RedisStore(Store):
 
     # --- decoding what Redis holds (input like any other)
 
+    def _replace_foreign_keys(self) -> bool:
+        """Drop (and count) the schedule or the event stream if it is not a sorted set or
+        a stream: the next write makes a new one. True if one was dropped."""
+        replaced = False
+        for key, expected in ((self._due_key, b"zset"), (self._events_key, b"stream")):
+            found = self._client.type(key)
+            if found not in (b"none", expected):
+                self._skip_bad(key, f"a Redis {found.decode('ascii', 'replace')}, not a {expected.decode()}")
+                self._client.delete(key)
+                replaced = True
+        return replaced
+
+    def _get(self, key: str) -> Any:
+        """GET, or NOT_A_STRING if the key holds another Redis type."""
+        try:
+            return self._client.get(key)
+        except redis.exceptions.ResponseError as e:
+            if not _wrong_type(e):
+                raise
+            return NOT_A_STRING
+
     def _decode(self, domain: str, value: Any, now: float) -> Optional[Entry]:
         if value is None:
             return None
         try:
+            if value is NOT_A_STRING:
+                raise BadEntry("not a string value")
             if len(value) > MAX_VALUE:
                 raise BadEntry(f"{len(value)} bytes")
             try:
@@ -185,7 +227,7 @@ class RedisStore(Store):
 
     @_redis_errors
     def get(self, domain: str) -> Optional[Entry]:
-        return self._decode(domain, self._client.get(self._policy_key(domain)), self.clock())
+        return self._decode(domain, self._get(self._policy_key(domain)), self.clock())
 
     def _due_at(self, entry: Entry) -> float:
         """When the refresher should take the entry (is_due's rule with our interval)."""
@@ -255,10 +297,12 @@ class RedisStore(Store):
 
     @_redis_errors
     def get_answer(self, domain: str) -> Optional[Result]:
-        value = self._client.get(self._answer_key(domain))
+        value = self._get(self._answer_key(domain))
         if value is None:
             return None
         try:
+            if value is NOT_A_STRING:
+                raise BadEntry("not a string value")
             return decode_answer(domain, value.decode("ascii"))
         except (BadEntry, UnicodeDecodeError) as e:
             self._skip_bad(domain, str(e) if isinstance(e, BadEntry) else "answer is not ASCII")
@@ -276,8 +320,17 @@ class RedisStore(Store):
     @_redis_errors
     def claim(self, domain: str, seconds: float) -> Optional[redis.lock.Lock]:
         """The domain's lock for at most seconds (SET NX PX), or None if another holds it."""
-        lock = self._client.lock(self._lock_key(domain), timeout=seconds, blocking=False, thread_local=False)
+        key = self._lock_key(domain)
+        lock = self._client.lock(key, timeout=seconds, blocking=False, thread_local=False)
         # Our own random token: redis-py's default (uuid1) would put this host's MAC address in Redis.
+        if lock.acquire(blocking=False, token=os.urandom(16).hex()):
+            return lock
+        if self._client.pttl(key) != -1:  # a claim (ours always expire), or gone meanwhile
+            return None
+        # Not a claim: without a TTL it would hold the domain for ever (every first lookup
+        # waiting it out, its refresh never run).
+        self._skip_bad(key, "a lock without expiry")
+        self._client.delete(key)
         return lock if lock.acquire(blocking=False, token=os.urandom(16).hex()) else None
 
     @_redis_errors
