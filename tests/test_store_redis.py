@@ -177,6 +177,26 @@ def test_a_bad_answer_is_skipped_counted_and_dropped(store, client, value):
 
 
 
+
+def sent_by_redis(client):
+    return client.info("stats")["total_net_output_bytes"]
+
+
+def test_a_huge_value_is_found_too_large_without_being_read(store, client):
+    """Redis strings may hold 512 MB: reading one whole to find it too large would cost
+    every daemon that much memory at once."""
+    huge = b"{" + b" " * (32 * 1024 * 1024)
+    client.set("t:p:a.example", huge)
+    client.set("t:p:b.example", huge)
+    client.zadd("t:due", {"a.example": 0, "b.example": 0})
+    client.set("t:n:c.example", huge)
+    before = sent_by_redis(client)
+    assert store.get("a.example") is None and list(store.entries()) == []
+    assert store.bad_entries == 2 and "bytes" in store.last_bad[1]
+    assert store.get_answer("c.example") is None and store.bad_entries == 3
+    assert sent_by_redis(client) - before < 4 * 1024 * 1024
+    assert not client.exists("t:p:a.example", "t:p:b.example", "t:n:c.example")
+
 WRONG_TYPES = {
     "list": lambda c, key: c.rpush(key, "x"),
     "hash": lambda c, key: c.hset(key, "a", "b"),

@@ -47,7 +47,7 @@ from stsmilter.store.base import (
     stored_fields,
 )
 
-BATCH = 500  # keys per MGET / ZREM
+BATCH = 500  # keys per read (_read) / ZREM
 MAX_VALUE = 256 * 1024  # a stored policy is far smaller; anything larger is not ours
 EVENTS_KEPT = 10000  # the stream is trimmed to about this many events
 MAX_EVENTS_READ = 1000
@@ -166,14 +166,31 @@ class RedisStore(Store):
                 replaced = True
         return replaced
 
+    def _read(self, keys: Sequence[str]) -> List[Any]:
+        """Each key's value: bytes, at most MAX_VALUE + 1 of them (a Redis string may hold
+        512 MB: GET would read it all to find it too large); None if the key is absent;
+        NOT_A_STRING if it holds another Redis type. One round trip, atomic."""
+        pipe = self._client.pipeline(transaction=True)
+        for key in keys:
+            pipe.type(key)
+            pipe.getrange(key, 0, MAX_VALUE)
+        replies = pipe.execute(raise_on_error=False)
+        values = []
+        for kind, value in zip(replies[::2], replies[1::2]):
+            if isinstance(kind, Exception):
+                raise kind
+            if kind in (b"none", "none"):
+                values.append(None)
+            elif kind not in (b"string", "string"):
+                values.append(NOT_A_STRING)
+            elif isinstance(value, Exception):
+                raise value
+            else:
+                values.append(value)
+        return values
+
     def _get(self, key: str) -> Any:
-        """GET, or NOT_A_STRING if the key holds another Redis type."""
-        try:
-            return self._client.get(key)
-        except redis.exceptions.ResponseError as e:
-            if not _wrong_type(e):
-                raise
-            return NOT_A_STRING
+        return self._read([key])[0]
 
     def _decode(self, domain: str, value: Any, now: float) -> Optional[Entry]:
         if value is None:
@@ -182,7 +199,7 @@ class RedisStore(Store):
             if value is NOT_A_STRING:
                 raise BadEntry("not a string value")
             if len(value) > MAX_VALUE:
-                raise BadEntry(f"{len(value)} bytes")
+                raise BadEntry(f"more than {MAX_VALUE} bytes")
             try:
                 fields = json.loads(value)
             except (ValueError, RecursionError):
@@ -215,7 +232,7 @@ class RedisStore(Store):
         out = []
         for start in range(0, len(domains), BATCH):
             batch = domains[start : start + BATCH]
-            values = self._client.mget([self._policy_key(d) for d in batch])
+            values = self._read([self._policy_key(d) for d in batch])
             out += [(d, self._decode(d, v, now)) for d, v in zip(batch, values)]
         return out
 
