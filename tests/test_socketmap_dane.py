@@ -3,6 +3,7 @@ slow path through submit(), Sendmail's "sts" map). answer() with a verdict: test
 
 import concurrent.futures
 import threading
+import time
 
 import pytest
 
@@ -168,3 +169,27 @@ def test_pipelined_fast_and_slow_dane_answers_keep_their_order(serve, clients, w
     sock.sendall(b"".join(request(d) for d in (b"a.example", b"b.example", b"c.example")))
     assert read_replies(sock, 3) == [
         b"OK dane-only", b"OK dane-only", b"OK secure match=mx1.example.com:.example.net servername=hostname"]
+
+
+def test_a_checker_closed_by_a_reload_before_the_update_answers_without_a_traceback(serve, clients, world, caplog):
+    """[socketmap] dane = no on reload: engine.reconfigure closes the checker before
+    the socketmap's update(); a request waiting for discovery meanwhile then asks the
+    closed checker. The answer is on_timeout's (the MTA asks again), not TEMP internal
+    error with a traceback."""
+    from stsmilter import dane
+    from test_dane import ScriptedResolver
+    from stsmilter.dane import FOUND, MxFacts
+
+    discovery, _fake = world
+    real = dane.DaneChecker(ScriptedResolver(MxFacts(FOUND, True, ("mx1.example",), 300.0), {}))
+    discovery.dane = real
+    discovery.fetched["example.com"] = valid()
+    discovery.delays["example.com"] = 0.3
+    sock = clients(serve(lookup_timeout=2.0))
+    sock.sendall(request(b"example.com"))
+    deadline = time.monotonic() + 5
+    while not discovery.submits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    real.close()  # while discovery is under way
+    assert read_replies(sock, 1) == [b"TEMP MTA-STS policy lookup in progress"]
+    assert not [r for r in caplog.records if r.exc_info]
