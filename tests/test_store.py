@@ -138,6 +138,17 @@ def test_decode_entry_rejects_wrong_types_and_ranges(field, value, reason):
         decode_entry(**dict(GOOD, **{field: value}), now=NOW)
 
 
+@pytest.mark.parametrize("stored, kept", [
+    ("sts-webpki-invalid", "sts-webpki-invalid"),
+    ("x\x1b[2J\nexample.org id=1 mode=none", "x?[2J?example.org id=1 mode=none"),
+    ("caf\u00e9\u202e", "caf??"),
+])
+def test_decode_entry_keeps_last_error_printable(stored, kept):
+    """`stsmilter cache list` prints it to a terminal: a stored value must not carry
+    terminal escapes or a line of its own."""
+    assert decode_entry(**dict(GOOD, last_error=stored, refresh_failures=1), now=NOW).last_error == kept
+
+
 V1_COLUMNS = ("domain", "policy_id", "policy", "fetched_at", "expires", "mode", "checked_at", "refresh_failures",
               "last_error")
 

@@ -229,6 +229,12 @@ def _time(name: str, value: Any, now: float) -> float:
     return float(value)
 
 
+def _printable(text: str) -> str:
+    """Printable ASCII: `stsmilter cache list` shows it on a terminal (no escapes, no
+    line of its own). We write reason codes; anything else was written by someone else."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
 def _policy(data: Any) -> Policy:
     if isinstance(data, (str, bytes)):
         try:
@@ -282,7 +288,7 @@ def decode_entry(
         _time("fetched_at", fetched_at, now),
         _time("checked_at", checked_at, now),
         refresh_failures,
-        last_error[:MAX_LAST_ERROR] if last_error else None,
+        _printable(last_error[:MAX_LAST_ERROR]) if last_error else None,
         txt_ttl,
     )
 
