@@ -107,7 +107,11 @@ class PolicyCache:
     def _purged_since(self, entry: Entry) -> bool:
         """entry was fetched before a purge of its domain: it must not come back (a lookup
         under way during the purge, or its write-back to the store). Lock held."""
-        return entry.fetched_at < max(self._purged_all, self._purged.get(entry.domain, float("-inf")))
+        return self._purged_after(entry.domain, entry.fetched_at)
+
+    def _purged_after(self, domain: str, started: Optional[float]) -> bool:
+        """domain was purged after a lookup that started at `started` (None: unknown). Lock held."""
+        return started is not None and started < max(self._purged_all, self._purged.get(domain, float("-inf")))
 
     def put(self, entry: Entry) -> None:
         with self._lock:
@@ -306,10 +310,13 @@ class PolicyCache:
                 self._negative_results[domain] = result
             return result
 
-    def put_negative(self, result: Result, share: bool = True) -> None:
+    def put_negative(self, result: Result, share: bool = True, started: Optional[float] = None) -> None:
         """Remember a "none" answer (only its domain and reason are kept). share: offer it
-        to a shared store too (not when it came from there)."""
+        to a shared store too (not when it came from there). started: when the lookup
+        began; not kept if the domain was purged since."""
         with self._lock:
+            if self._purged_after(result.domain, started):
+                return
             self._negative.put(result.domain, result.reason or "")
         if share and self.store.shared and self._negative.ttl > 0:
             self._guard.call("write", self.store.put_answer, result, self._negative.ttl)
@@ -321,9 +328,14 @@ class PolicyCache:
         with self._lock:
             return self._backoff.get((domain, policy_id))
 
-    def set_backoff(self, domain: str, policy_id: str, reason: str, share: bool = True) -> None:
+    def set_backoff(self, domain: str, policy_id: str, reason: str, share: bool = True,
+                    started: Optional[float] = None) -> None:
+        """started: when the failed fetch began; not kept if the domain was purged since
+        (a purge is how an administrator asks for a retry at once)."""
         if self._backoff_enabled:
             with self._lock:
+                if self._purged_after(domain, started):
+                    return
                 self._backoff[(domain, policy_id)] = reason
             if share and self.store.shared:  # the fleet does not hammer a broken host either
                 failed = Result(domain, FAILED, reason=reason, source="cache", policy_id=policy_id)

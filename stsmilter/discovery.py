@@ -262,7 +262,7 @@ class Discovery:
                 return usable.result
             result = Result(domain, FAILED if problem == "dns-error" else NONE, reason=problem)
             if problem != "dns-error":
-                self.cache.put_negative(dataclasses.replace(result, source="cache"))
+                self.cache.put_negative(dataclasses.replace(result, source="cache"), started=now)
             return result
         if usable is not None and usable.policy_id == record.id and not force:
             self.cache.put(usable.confirmed(now, txt_ttl))
@@ -295,7 +295,7 @@ class Discovery:
             metrics.POLICY_FETCHES.labels(result=e.reason).inc()
             metrics.POLICY_FETCH_SECONDS.observe(time.monotonic() - started)
             log.warning("policy fetch for %s (id %s) failed: %s: %s", domain, policy_id, e.reason, e)
-            self.cache.set_backoff(domain, policy_id, e.reason)
+            self.cache.set_backoff(domain, policy_id, e.reason, started=now)
             return e.reason
         metrics.POLICY_FETCHES.labels(result="ok").inc()
         metrics.POLICY_FETCH_SECONDS.observe(time.monotonic() - started)

@@ -593,3 +593,18 @@ def test_a_policy_written_back_to_the_store_before_the_purge_reached_memory_stay
     clock.now += 1
     assert disc.lookup("example.com").source == "fetched"
     assert cache.peek("example.com").fetched_at > old.fetched_at
+
+
+def test_a_purge_is_not_undone_by_a_failure_or_a_none_found_by_a_lookup_started_before_it(gated_world):
+    """A purge is how an administrator asks for a retry at once: a fetch failure (its
+    backoff) or a "no policy" answer found by a lookup already under way is not kept."""
+    clock, resolver, fetcher, disc, cache = gated_world
+    resolver.txt_records["_mta-sts.broken.example"] = ["v=STSv1; id=b1"]  # its fetch fails
+    result = _purge_while_in_flight(clock, resolver, disc, cache, "broken.example")
+    assert result.status == "failed" and cache.backoff("broken.example", "b1") is None
+    resolver.armed, resolver.entered = False, threading.Event()
+    assert disc.lookup("broken.example").status == "failed"
+    assert fetcher.fetches == 2  # fetched again at once, not after failure_backoff
+    resolver.armed, resolver.gate = True, threading.Event()
+    assert _purge_while_in_flight(clock, resolver, disc, cache, "nothing.example").status == "none"
+    assert cache.negative("nothing.example") is None
