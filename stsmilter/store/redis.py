@@ -63,6 +63,11 @@ def _wrong_type(e: Exception) -> bool:
     return isinstance(e, redis.exceptions.ResponseError) and "WRONGTYPE" in str(e)  # also "Command # 2 ... WRONGTYPE"
 
 
+def _text(reply: Any) -> str:
+    """A status reply (TYPE's) as text, whichever way the redis-py release returns it."""
+    return reply.decode("ascii", "replace") if isinstance(reply, bytes) else str(reply)
+
+
 class _NotAString:
     """What get() read from a policy or answer key that holds another Redis type."""
 
@@ -158,10 +163,10 @@ class RedisStore(Store):
         """Drop (and count) the schedule or the event stream if it is not a sorted set or
         a stream: the next write makes a new one. True if one was dropped."""
         replaced = False
-        for key, expected in ((self._due_key, b"zset"), (self._events_key, b"stream")):
-            found = self._client.type(key)
-            if found not in (b"none", expected):
-                self._skip_bad(key, f"a Redis {found.decode('ascii', 'replace')}, not a {expected.decode()}")
+        for key, expected in ((self._due_key, "zset"), (self._events_key, "stream")):
+            found = _text(self._client.type(key))
+            if found not in ("none", expected):
+                self._skip_bad(key, f"a Redis {found}, not a {expected}")
                 self._client.delete(key)
                 replaced = True
         return replaced
@@ -179,9 +184,10 @@ class RedisStore(Store):
         for kind, value in zip(replies[::2], replies[1::2]):
             if isinstance(kind, Exception):
                 raise kind
-            if kind in (b"none", "none"):
+            kind = _text(kind)
+            if kind == "none":
                 values.append(None)
-            elif kind not in (b"string", "string"):
+            elif kind != "string":
                 values.append(NOT_A_STRING)
             elif isinstance(value, Exception):
                 raise value
