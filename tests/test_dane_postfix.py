@@ -6,6 +6,7 @@ real Postfix delivering over DANE inside a network namespace (world/dane_deliver
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import pytest
 from world.daemon import poll_until, sample, scrape
 from world.fixtures_dane import SCENARIOS, TEMP_ANSWER
 from world.postfix import processes_under
-from world.socketmap_client import ask
+from world.socketmap_client import ask, read_replies, request
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,3 +159,26 @@ def test_postfix_delivers_over_dane_in_a_network_namespace():
             except ProcessLookupError:
                 pass
         shutil.rmtree(outer, ignore_errors=True)
+
+
+def test_a_reload_that_switches_dane_off_under_load_answers_every_request(dane_world, start_daemon):
+    """USR1 with dane = no while DANE checks run and more wait in the checker's queue
+    (TLSA lookups that time out; 16 domains, 8 workers): every pipelined request gets an
+    answer the MTA can act on, none "TEMP internal error", and the log has no traceback."""
+    domains = [f"slow{n}.dnssec.test" for n in range(16)]
+    for domain in domains:
+        dane_world.publish(domain)
+        dane_world.dns.drop(f"_25._tcp.mx.{domain}", "TLSA")
+    resolver = dane_world.start_resolver()
+    daemon = start_daemon(dns=dane_world.dns_section(resolver), socketmap={"lookup_timeout": "10"})
+    with socket.create_connection(("127.0.0.1", daemon.socketmap_port), timeout=30) as sock:
+        sock.sendall(b"".join(request(d.encode()) for d in domains))
+        poll_until(lambda: any(dane_world.dns.count(f"_25._tcp.mx.{d}", "TLSA") for d in domains), 15,
+                   "the first DANE checks")
+        daemon.reload(lambda text: text.replace("[socketmap]\n", "[socketmap]\ndane = no\n", 1))
+        replies = read_replies(sock, len(domains))
+    assert not [r for r in replies if r == b"TEMP internal error"], replies
+    acceptable = {b"TEMP MTA-STS policy lookup in progress", b"TEMP DNSSEC lookup for DANE failed"}
+    acceptable |= {b"OK secure match=mx.%s servername=hostname" % d.encode() for d in domains}
+    assert set(replies) <= acceptable, replies
+    assert "Traceback" not in daemon.log()
