@@ -208,6 +208,41 @@ def test_init_script_actions(init_sandbox):
     assert not pidfile.exists()
 
 
+def test_init_script_lsb_exit_codes_when_stopped_dead_or_misconfigured(init_sandbox):
+    """LSB: reload of a stopped service fails (7, "not running"); status of a daemon
+    that died and left its PID file is 1; restart and reload with a file that does not
+    load fail and leave the running daemon alone."""
+    action, pidfile, tmp_path = init_sandbox
+    result = action("reload")
+    assert result.returncode == 7, result.stdout + result.stderr
+    assert not (tmp_path / "signals").exists()
+
+    assert action("start").returncode == 0
+    pid = int(pidfile.read_text())
+    (tmp_path / "bad-config").touch()
+    for name in ("reload", "restart", "force-reload"):
+        result = action(name)
+        assert result.returncode == 1, name
+        assert "stsmilter.conf:3: bad" in result.stdout + result.stderr, name
+        assert int(pidfile.read_text()) == pid and _alive(pid), name
+    assert not (tmp_path / "signals").exists()
+    (tmp_path / "bad-config").unlink()
+
+    os.kill(pid, signal.SIGKILL)  # dies without removing its PID file
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # reaped, not a zombie
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists() and pidfile.exists()
+    result = action("status")
+    assert result.returncode == 1, result.stdout
+    assert "is not running, but" in result.stdout
+    assert action("start").returncode == 0  # over the dead daemon's PID file
+    new_pid = int(pidfile.read_text())
+    assert new_pid != pid and _alive(new_pid)
+    assert action("stop").returncode == 0
+    assert action("status").returncode == 3
+
+
 @pytest.fixture
 def other_program():
     """A live process that is not stsmilter, whose PID a stale PID file may hold."""
