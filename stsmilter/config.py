@@ -278,6 +278,14 @@ class Config:
     socketmap: Any
     metrics: Any
     source: str = "<defaults>"
+    # (section, key) -> line number in source, for the keys the file sets (see where()).
+    key_lines: Any = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, section: str, key: str) -> str:
+        """'FILE:LINE' of a key the file sets, 'FILE' for a default: the start of an error
+        line about that key, found after loading (preflight, engine, binding a listener)."""
+        line = self.key_lines.get((section, key))
+        return f"{self.source}:{line}" if line else self.source
 
     def items(self):
         """(section, key, value) for every key, in schema order."""
@@ -380,16 +388,17 @@ def _build(raw: Dict[str, Dict[str, str]], filename: str, lines) -> Config:
                 where = f"{filename}:{line}" if line else filename
                 raise ConfigError(f"{where}: [{section}] {key} = {text.strip()!r}: expected {e}") from None
         sections[section] = _SECTION_CLASSES[section](**values)
-    config = Config(source=filename, **sections)
+    key_lines = {(section, key): _line_of(lines, section, key) for section, keys in raw.items() for key in keys}
+    config = Config(source=filename, key_lines=key_lines, **sections)
     _check_consistency(config)
     return config
 
 
 def _check_consistency(config: Config) -> None:
     if config.fetch.ca_file and not config.fetch.ca_file.startswith("/"):
-        raise ConfigError(f"{config.source}: [fetch] ca_file: expected an absolute path")
+        raise ConfigError(f"{config.where('fetch', 'ca_file')}: [fetch] ca_file: expected an absolute path")
     if config.cache.path and config.cache.path != ":memory:" and not config.cache.path.startswith("/"):
-        raise ConfigError(f"{config.source}: [cache] path: expected an absolute path or empty")
+        raise ConfigError(f"{config.where('cache', 'path')}: [cache] path: expected an absolute path or empty")
 
 
 def format_value(value: Any) -> str:

@@ -159,7 +159,7 @@ class Daemon:
                 self.metrics_server.start()
             except OSError as e:
                 self.metrics_server = None
-                raise StartupError(f"[metrics] listen {listen}: {e.strerror or e}") from None
+                raise StartupError(f"{self.cfg.where('metrics', 'listen')}: [metrics] listen {listen}: {e.strerror or e}") from None
         if self.cfg.socketmap.listen is not None:
             from stsmilter.socketmap_server import SocketmapServer
 
@@ -168,7 +168,7 @@ class Daemon:
             try:
                 self.socketmap.start()
             except OSError as e:
-                raise StartupError(f"[socketmap] listen {self.cfg.socketmap.listen}: {e}") from None
+                raise StartupError(f"{self.cfg.where('socketmap', 'listen')}: [socketmap] listen {self.cfg.socketmap.listen}: {e}") from None
 
     def install_milter(self, cfg) -> None:
         import Milter
@@ -237,7 +237,7 @@ class Daemon:
         try:
             Milter.runmilter("stsmilter", milter_cfg.socket, timeout=milter_cfg.timeout)
         except Milter.milter.error as e:
-            raise StartupError(f"[milter] socket {milter_cfg.socket}: {e}") from None
+            raise StartupError(f"{self.cfg.where('milter', 'socket')}: [milter] socket {milter_cfg.socket}: {e}") from None
 
     def stop(self) -> None:
         socket_spec = self.started.milter.socket

@@ -23,7 +23,7 @@ def make_resolver(config) -> dns.Resolver:
         return dns.Resolver(nameservers=d.nameservers, port=d.port, timeout=d.timeout)
     except dns.DnsError as e:  # empty nameservers and no usable /etc/resolv.conf
         servers = " ".join(d.nameservers) or "(empty: the system resolver, /etc/resolv.conf)"
-        raise ConfigError(f"{config.source}: [dns] nameservers {servers}: {e}") from None
+        raise ConfigError(f"{config.where('dns', 'nameservers')}: [dns] nameservers {servers}: {e}") from None
 
 
 def make_fetcher(config, resolver: dns.Resolver) -> Fetcher:
@@ -31,7 +31,7 @@ def make_fetcher(config, resolver: dns.Resolver) -> Fetcher:
     try:
         return Fetcher(resolver, port=f.port, timeout=f.timeout, ca_file=f.ca_file, allow_private=f.allow_private_addresses)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"{config.source}: [fetch] ca_file {f.ca_file}: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"{config.where('fetch', 'ca_file')}: [fetch] ca_file {f.ca_file}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def open_cache(config, one_shot: bool = False) -> PolicyCache:

@@ -51,7 +51,7 @@ class RuntimePath:
     """A file the daemon creates, with the config key that names it."""
 
     kind: str  # SOCKET, PIDFILE or CACHE
-    key: str  # e.g. "[milter] socket = unix:/run/stsmilter/milter.sock"
+    key: str  # e.g. "/etc/stsmilter/stsmilter.conf:12: [milter] socket = unix:/run/stsmilter/milter.sock"
     path: str
 
     @property
@@ -59,38 +59,49 @@ class RuntimePath:
         return os.path.dirname(os.path.abspath(self.path))
 
 
-def service_identity(daemon_cfg) -> Optional[Identity]:
-    """Who to become: None when not root or when no user is configured."""
+def service_identity(daemon_cfg, where: Callable[[str], str] = lambda key: "") -> Optional[Identity]:
+    """Who to become: None when not root or when no user is configured. where(key): the
+    'FILE:LINE: ' of a [daemon] key, for the error line."""
     if os.geteuid() != 0 or not daemon_cfg.user:
         return None
     try:
         user = pwd.getpwnam(daemon_cfg.user)
     except KeyError:
-        raise StartupError(f"[daemon] user {daemon_cfg.user!r}: no such user") from None
+        raise StartupError(f"{where('user')}[daemon] user {daemon_cfg.user!r}: no such user") from None
     gid = user.pw_gid
     if daemon_cfg.group:
         try:
             gid = grp.getgrnam(daemon_cfg.group).gr_gid
         except KeyError:
-            raise StartupError(f"[daemon] group {daemon_cfg.group!r}: no such group") from None
+            raise StartupError(f"{where('group')}[daemon] group {daemon_cfg.group!r}: no such group") from None
     return Identity(user.pw_uid, gid, user.pw_name)
 
 
 def runtime_paths(cfg, kinds: Iterable[str] = EVERYTHING) -> List[RuntimePath]:
+    def key(section: str, name: str, value, note: str = "") -> str:
+        return f"{_where(cfg, section, name)}[{section}] {name} = {value}{note}"
+
     paths = []
     if SOCKET in kinds:
         if cfg.milter.socket.startswith(("unix:", "local:")):
-            paths.append(RuntimePath(SOCKET, f"[milter] socket = {cfg.milter.socket}", cfg.milter.socket.split(":", 1)[1]))
+            paths.append(RuntimePath(SOCKET, key("milter", "socket", cfg.milter.socket), cfg.milter.socket.split(":", 1)[1]))
         if cfg.socketmap.listen is not None and cfg.socketmap.listen.family == "unix":
-            paths.append(RuntimePath(SOCKET, f"[socketmap] listen = {cfg.socketmap.listen}", cfg.socketmap.listen.path))
+            paths.append(RuntimePath(SOCKET, key("socketmap", "listen", cfg.socketmap.listen), cfg.socketmap.listen.path))
     if PIDFILE in kinds and cfg.daemon.pidfile:
-        paths.append(RuntimePath(PIDFILE, f"[daemon] pidfile = {cfg.daemon.pidfile}", cfg.daemon.pidfile))
+        paths.append(RuntimePath(PIDFILE, key("daemon", "pidfile", cfg.daemon.pidfile), cfg.daemon.pidfile))
     if SOCKET in kinds and cfg.daemon.pidfile:  # the cache control socket beside it (control.py)
         control = _control_path(cfg.daemon.pidfile)
-        paths.append(RuntimePath(SOCKET, f"[daemon] pidfile = {cfg.daemon.pidfile} (control socket {control})", control))
+        paths.append(RuntimePath(SOCKET, key("daemon", "pidfile", cfg.daemon.pidfile, f" (control socket {control})"), control))
     if CACHE in kinds and cfg.cache.path and cfg.cache.path != ":memory:" and not cfg.cache.redis:
-        paths.append(RuntimePath(CACHE, f"[cache] path = {cfg.cache.path}", cfg.cache.path))
+        paths.append(RuntimePath(CACHE, key("cache", "path", cfg.cache.path), cfg.cache.path))
     return paths
+
+
+def _where(cfg, section: str, name: str) -> str:
+    """'FILE:LINE: ' naming where the key is set, as a configuration error does (empty for
+    a Config without a source, such as a test's hand-made one)."""
+    where = getattr(cfg, "where", None)
+    return f"{where(section, name)}: " if where is not None else ""
 
 
 def _control_path(pidfile: str) -> str:
@@ -225,7 +236,7 @@ def check_access(cfg, ours: FrozenSet[str] = frozenset(), kinds: Iterable[str] =
         try:
             import redis  # noqa: F401 (an optional dependency, imported only when used)
         except ImportError:
-            raise StartupError("[cache] redis: needs redis-py (Debian: python3-redis; pip: stsmilter[redis])") from None
+            raise StartupError(f"{_where(cfg, 'cache', 'redis')}[cache] redis: needs redis-py (Debian: python3-redis; pip: stsmilter[redis])") from None
     if FETCH in kinds:
         from stsmilter import engine  # ConfigError naming [fetch] ca_file if unusable
 
@@ -255,7 +266,7 @@ def enter_service_identity(
     (create=False: nothing is created, the same things are refused) and the one-shot
     commands (only what they use)."""
     kinds = frozenset(kinds)
-    identity = service_identity(cfg.daemon)
+    identity = service_identity(cfg.daemon, where=lambda key: _where(cfg, "daemon", key))
     ours = prepare(cfg, identity, create, kinds)
     if identity is not None:
         before_drop()  # e.g. import what the service user may not be able to read

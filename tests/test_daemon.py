@@ -85,7 +85,10 @@ def test_busy_port_refuses_to_start(start_daemon, sts_world, tmp_path):
     )
     second = DaemonProcess(conf, str(tmp_path / "second.log")).start()
     assert second.proc.wait(15) == 2
-    assert "[metrics] listen" in second.log()
+    line = re.search(r"cannot start: (.*)", second.log()).group(1)
+    lines = open(conf).read().splitlines()
+    number = lines.index(f"listen = 127.0.0.1:{first.metrics_port}") + 1
+    assert line.startswith(f"{conf}:{number}: [metrics] listen inet:127.0.0.1:{first.metrics_port}: "), line
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

@@ -96,22 +96,38 @@ def _socket_symlink(base):
     return {"milter": {"socket": f"unix:{base}/run/m.sock"}}
 
 
+def key_location(conf: str, section: str, key: str) -> str:
+    """'FILE:LINE: [section] key', how a refusal must start (as a configuration error's)."""
+    current = None
+    for number, line in enumerate(Path(conf).read_text().splitlines(), 1):
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.split("=")[0].strip() == key:
+            return f"{conf}:{number}: [{section}] {key}"
+    raise AssertionError(f"{conf} does not set [{section}] {key}")
+
+
 REFUSALS = [
-    ("ca-file-missing", lambda b: {"fetch": {"ca_file": f"{b}/absent.pem"}}, "[fetch] ca_file"),
-    ("ca-file-not-a-certificate", _not_a_certificate, "[fetch] ca_file"),
-    ("socket-parent-missing", lambda b: {"milter": {"socket": f"unix:{b}/no/such/m.sock"}}, "does not exist"),
-    ("socketmap-parent-missing", lambda b: {"socketmap": {"listen": f"unix:{b}/no/such/s.sock"}}, "does not exist"),
-    ("pidfile-parent-missing", lambda b: {"daemon": {"pidfile": f"{b}/no/such/s.pid"}}, "does not exist"),
-    ("cache-parent-missing", lambda b: {"cache": {"path": f"{b}/no/such/c.sqlite"}}, "does not exist"),
-    ("socket-symlink", _socket_symlink, "is a symbolic link"),
+    ("ca-file-missing", lambda b: {"fetch": {"ca_file": f"{b}/absent.pem"}}, "[fetch] ca_file", ("fetch", "ca_file")),
+    ("ca-file-not-a-certificate", _not_a_certificate, "[fetch] ca_file", ("fetch", "ca_file")),
+    ("socket-parent-missing", lambda b: {"milter": {"socket": f"unix:{b}/no/such/m.sock"}}, "does not exist",
+     ("milter", "socket")),
+    ("socketmap-parent-missing", lambda b: {"socketmap": {"listen": f"unix:{b}/no/such/s.sock"}}, "does not exist",
+     ("socketmap", "listen")),
+    ("pidfile-parent-missing", lambda b: {"daemon": {"pidfile": f"{b}/no/such/s.pid"}}, "does not exist",
+     ("daemon", "pidfile")),
+    ("cache-parent-missing", lambda b: {"cache": {"path": f"{b}/no/such/c.sqlite"}}, "does not exist",
+     ("cache", "path")),
+    ("socket-symlink", _socket_symlink, "is a symbolic link", ("milter", "socket")),
 ]
 
 
-@pytest.mark.parametrize("name, make, expected", REFUSALS, ids=[r[0] for r in REFUSALS])
-def test_check_config_refuses_what_run_refuses(base, name, make, expected):
+@pytest.mark.parametrize("name, make, expected, key", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_check_config_refuses_what_run_refuses(base, name, make, expected, key):
     conf = write_config(base, **make(base))
     refusal = check_config_refusal(conf)
     assert expected in refusal
+    assert refusal.startswith(key_location(conf, *key)), refusal  # names the file and the line
     assert run_refusal(conf) == refusal
     assert not (base / "no").exists()
 
@@ -137,10 +153,12 @@ def test_check_config_run_and_query_refuse_an_unusable_system_resolver(base):
 
 
 ROOT_REFUSALS = [
-    ("unknown-user", lambda b: {"daemon": {"user": "no-such-user-here"}}, "no such user"),
-    ("unknown-group", lambda b: {"daemon": {"user": "nobody", "group": "no-such-group-here"}}, "no such group"),
-    ("ca-file-unreadable-by-the-user", lambda b: _private_ca(b), "[fetch] ca_file"),
-    ("pidfile-dir-not-writable-by-the-user", lambda b: _root_run_dir(b), "user nobody cannot create files in"),
+    ("unknown-user", lambda b: {"daemon": {"user": "no-such-user-here"}}, "no such user", ("daemon", "user")),
+    ("unknown-group", lambda b: {"daemon": {"user": "nobody", "group": "no-such-group-here"}}, "no such group",
+     ("daemon", "group")),
+    ("ca-file-unreadable-by-the-user", lambda b: _private_ca(b), "[fetch] ca_file", ("fetch", "ca_file")),
+    ("pidfile-dir-not-writable-by-the-user", lambda b: _root_run_dir(b), "user nobody cannot create files in",
+     ("daemon", "pidfile")),
 ]
 
 
@@ -162,11 +180,12 @@ def a_ca_certificate(path: Path) -> None:
 
 
 @ROOT_ONLY
-@pytest.mark.parametrize("name, make, expected", ROOT_REFUSALS, ids=[r[0] for r in ROOT_REFUSALS])
-def test_check_config_as_root_refuses_what_a_root_run_refuses(base, name, make, expected):
+@pytest.mark.parametrize("name, make, expected, key", ROOT_REFUSALS, ids=[r[0] for r in ROOT_REFUSALS])
+def test_check_config_as_root_refuses_what_a_root_run_refuses(base, name, make, expected, key):
     conf = write_config(base, **make(base))
     refusal = check_config_refusal(conf)
     assert expected in refusal
+    assert refusal.startswith(key_location(conf, *key)), refusal  # names the file and the line
     assert run_refusal(conf) == refusal
 
 
@@ -343,7 +362,8 @@ def test_run_startup_error_with_log_stderr_names_stsmilter_once(base):
     proc = stsmilter("run", "-c", conf)
     assert proc.returncode == 2
     line = only_line(proc.stderr)
-    assert re.match(r"\S+ \S+ stsmilter\[\d+\] ERROR cannot start: \[daemon\] pidfile", line), line
+    assert re.match(r"\S+ \S+ stsmilter\[\d+\] ERROR cannot start: " + re.escape(key_location(conf, "daemon", "pidfile")),
+                    line), line
     assert line.count("stsmilter") == 1
 
 
@@ -373,6 +393,7 @@ def test_run_startup_error_with_log_syslog_names_stsmilter_once(base):
         logged = syslog.recv(4096).decode()
     assert proc.returncode == 2
     line = only_line(proc.stderr)
-    assert line.startswith("stsmilter: cannot start: [daemon] pidfile") and line.count("stsmilter") == 1, line
-    assert re.fullmatch(r"<\d+>stsmilter\[\d+\]: cannot start: \[daemon\] pidfile .*\x00", logged), logged
+    where = key_location(conf, "daemon", "pidfile")
+    assert line.startswith(f"stsmilter: cannot start: {where}") and line.count("stsmilter") == 1, line
+    assert re.fullmatch(r"<\d+>stsmilter\[\d+\]: cannot start: " + re.escape(where) + r" .*\x00", logged), logged
     assert logged.count("stsmilter") == 1

@@ -33,13 +33,17 @@ def make_config(tmp_path, **sections):
 def test_runtime_paths_name_their_keys(tmp_path):
     cfg = make_config(tmp_path)
     assert [(p.kind, p.key, p.path) for p in preflight.runtime_paths(cfg)] == [
-        ("socket", f"[milter] socket = unix:{tmp_path}/run/m.sock", f"{tmp_path}/run/m.sock"),
-        ("socket", f"[socketmap] listen = unix:{tmp_path}/run/map.sock", f"{tmp_path}/run/map.sock"),
-        ("pidfile", f"[daemon] pidfile = {tmp_path}/run/s.pid", f"{tmp_path}/run/s.pid"),
-        ("socket", f"[daemon] pidfile = {tmp_path}/run/s.pid (control socket {tmp_path}/run/s.ctl)",
+        ("socket", f"t.conf:6: [milter] socket = unix:{tmp_path}/run/m.sock", f"{tmp_path}/run/m.sock"),
+        ("socket", f"t.conf:8: [socketmap] listen = unix:{tmp_path}/run/map.sock", f"{tmp_path}/run/map.sock"),
+        ("pidfile", f"t.conf:4: [daemon] pidfile = {tmp_path}/run/s.pid", f"{tmp_path}/run/s.pid"),
+        ("socket", f"t.conf:4: [daemon] pidfile = {tmp_path}/run/s.pid (control socket {tmp_path}/run/s.ctl)",
          f"{tmp_path}/run/s.ctl"),
-        ("cache", f"[cache] path = {tmp_path}/state/c.sqlite", f"{tmp_path}/state/c.sqlite"),
+        ("cache", f"t.conf:10: [cache] path = {tmp_path}/state/c.sqlite", f"{tmp_path}/state/c.sqlite"),
     ]
+    # A key left at its default is named with the file alone.
+    default_cache = config.loads(f"[daemon]\npidfile =\n[milter]\nsocket = inet:1@127.0.0.1\n", "d.conf")
+    assert [p.key for p in preflight.runtime_paths(default_cache, {preflight.CACHE})] == [
+        f"d.conf: [cache] path = {config.defaults().cache.path}"]
     inet = make_config(tmp_path, milter={"socket": "inet:1@127.0.0.1"}, socketmap={"listen": "127.0.0.1:2"},
                        daemon={"pidfile": ""}, cache={"path": ""})
     assert preflight.runtime_paths(inet) == []
@@ -62,7 +66,9 @@ def test_a_missing_parent_is_an_error_naming_the_key(tmp_path, key, section, val
     cfg = make_config(tmp_path, **{section: {k: v.format(t=tmp_path) for k, v in value.items()}})
     with pytest.raises(StartupError) as e:
         preflight.prepare(cfg, None)
-    assert str(e.value).startswith(key + " = ") and f"{tmp_path}/a does not exist" in str(e.value)
+    where = cfg.where(*key.strip("[").split("] "))
+    assert where == f"t.conf:{ {'daemon': 4, 'milter': 6, 'socketmap': 8, 'cache': 10}[section]}"
+    assert str(e.value).startswith(f"{where}: {key} = ") and f"{tmp_path}/a does not exist" in str(e.value)
     assert not (tmp_path / "a").exists()
 
 
@@ -108,7 +114,7 @@ def test_a_socket_path_too_long_to_bind_is_refused_before_anything_is_created(tm
     for create in (False, True):  # check-config, then run
         with pytest.raises(StartupError) as e:
             preflight.prepare(cfg, None, create=create)
-        assert str(e.value).startswith(key + " = ")
+        assert str(e.value).startswith(f"{cfg.where(section, name)}: {key} = ")
         assert "is longer than a unix socket path can be (108 bytes, at most 107)" in str(e.value)
     assert os.listdir(tmp_path) == []
     cfg, path = config_with_path_of(preflight.MAX_SOCKET_PATH)  # the longest that binds
@@ -305,6 +311,6 @@ def test_a_path_this_user_may_not_look_at_is_refused_naming_the_key(tmp_path, mo
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(os, "lstat", denied)  # root may look anywhere: play an unprivileged user
-    with pytest.raises(StartupError, match=r"^\[milter\] socket = unix:.*: (user|uid) \S+ cannot look at .*m\.sock: "
+    with pytest.raises(StartupError, match=r"^t\.conf:6: \[milter\] socket = unix:.*: (user|uid) \S+ cannot look at .*m\.sock: "
                                            r"Permission denied$"):
         preflight.plan(make_config(tmp_path))
