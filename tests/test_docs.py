@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,59 @@ def test_every_cli_option_and_argument_has_help_text():
     assert len(found) > 15
     for prefix, action in found:
         assert action.help, f"stsmilter {' '.join(prefix)}: {action.option_strings or action.dest} has no help text"
+
+
+# --- lines the README quotes ---------------------------------------------------------------
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    body = text.split(f"\n{title}\n{'=' * len(title)}\n", 1)[1]
+    return " ".join(re.split(r"\n\S[^\n]*\n=+\n", body, maxsplit=1)[0].split())
+
+
+# Words the README writes in place of a value in a quoted line.
+_PLACEHOLDERS = ("DOMAIN", "ID", "REASON", "DETAIL", "HOST", "PATH", "LINK", "FILE", "LINE", "xN", "N", "H", "M", "K")
+# Lines "When things go wrong" quotes from Postfix, not from stsmilter.
+_POSTFIX_LINES = ("status=deferred", "warning: connect to Milter service")
+
+
+def _code_strings() -> list:
+    import ast
+
+    found = []
+    for path in (ROOT / "stsmilter").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found.append(node.value)  # adjacent literals arrive joined; f-strings in parts
+    return found
+
+
+def test_lines_quoted_in_when_things_go_wrong_are_in_the_code():
+    """Every log line, reply or message "When things go wrong" quotes (a literal of four
+    words or more) is made of strings the code holds: each piece between placeholders
+    (DOMAIN, N, ...), ': ', '; ' and a socketmap status word is in one string literal."""
+    strings = _code_strings()
+    quoted = [q for q in re.findall(r"``(.+?)``", readme_section("When things go wrong"))
+              if len(q.split()) >= 4 and not q.startswith(("stsmilter ", "stsmilter: configuration error:"))
+              and not q.startswith(_POSTFIX_LINES)]
+    assert len(quoted) >= 12
+    splitter = r"\b(?:%s)\b|\.\.\.|\d+|: |; |^(?:TEMP|PERM) " % "|".join(_PLACEHOLDERS)
+    for line in quoted:
+        pieces = [p.strip() for p in re.split(splitter, line) if len(re.findall(r"[a-z]", p)) >= 3]
+        assert pieces, line
+        for piece in pieces:
+            assert any(piece in s for s in strings), f"README quotes {line!r}: {piece!r} is in no string of the code"
+
+
+def test_the_configuration_error_the_readme_quotes_is_what_the_cli_prints(tmp_path):
+    from stsmilter import cli
+
+    m = re.search(r"``(stsmilter: configuration error: FILE:LINE: .+?)``", readme_section("When things go wrong"))
+    assert m, "README: no quoted configuration error"
+    conf = tmp_path / "bad.conf"
+    conf.write_text("[milter]\non_violation = bounce\n")
+    run = subprocess.run([sys.executable, "-m", "stsmilter", "check-config", "-c", str(conf)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == cli.EXIT_USAGE and run.stdout == ""
+    assert run.stderr == m.group(1).replace("FILE:LINE", f"{conf}:2") + "\n"
