@@ -248,10 +248,11 @@ def cmd_cache_list(args) -> int:
         rows = [control.entry_row(e) for e in _read_store(cfg, lambda store: list(store.entries()))]
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
-    for row in rows:
-        failing = f" refresh failing x{row['refresh_failures']} ({row['last_error']})" if row["refresh_failures"] else ""
-        print(f"{row['domain']} id={row['id']} mode={row['mode']} expires={row['expires']}{failing}")
+    else:
+        for row in rows:
+            failing = f" refresh failing x{row['refresh_failures']} ({row['last_error']})" if row["refresh_failures"] else ""
+            print(f"{row['domain']} id={row['id']} mode={row['mode']} expires={row['expires']}{failing}")
+    sys.stdout.flush()  # the listing first, then where it came from (a closed pipe stops here)
     noun = "policy" if len(rows) == 1 else "policies"
     print(f"{len(rows)} {noun} served by the running daemon" if served else f"{len(rows)} cached {noun}",
           file=sys.stderr)

@@ -62,7 +62,7 @@ def filled_cache(tmp_path):
 
 def test_cache_list(filled_cache, capsys):
     code, out, err = run(capsys, "cache", "list", "--json", "-c", filled_cache)
-    assert code == 0
+    assert code == 0 and err == "2 cached policies\n"  # with --json too, stderr says where they are from
     rows = json.loads(out)
     assert [r["domain"] for r in rows] == ["a.example", "c.example"]
     assert rows[0]["mx"] == ["mx.a.example", "*.b.example"] and rows[0]["expires"] == "2023-11-15T22:13:20+00:00"

@@ -13,6 +13,7 @@ picked at run time), so that it cannot clash with anything listening on the defa
 import contextlib
 import fcntl
 import fnmatch
+import json
 import os
 import pwd
 import re
@@ -27,6 +28,8 @@ from pathlib import Path
 import pytest
 
 from stsmilter import __version__
+from stsmilter.policy import Policy
+from stsmilter.store import SqliteStore, make_entry
 from world import milter_client, socketmap_client
 from world.daemon import free_port, scrape
 
@@ -216,6 +219,7 @@ def installed(package):
                 text = text.replace(old, new)
             CONF.write_text(text)
             state["ports"] = ports
+            state["deb"] = package
             yield state
         finally:
             stop_and_purge(state)
@@ -335,6 +339,51 @@ def test_man_stsmilter(installed):
     assert run(["man", "-w", "stsmilter.conf"], env=env).stdout.strip() == "/usr/share/man/man5/stsmilter.conf.5.gz"
     text = run(["man", "stsmilter"], env=env).stdout
     assert "SYNOPSIS" in text and "stsmilter check-config" in text
+
+
+def cached_domains() -> list:
+    """The domains `stsmilter cache list` (the installed one, no daemon running) reads."""
+    listing = run(["stsmilter", "cache", "list", "--json"])
+    assert "cached polic" in listing.stderr, listing.stderr  # from the file, not a daemon
+    return [entry["domain"] for entry in json.loads(listing.stdout)]
+
+
+def test_reinstall_and_remove_keep_the_configuration_and_the_cache(installed):
+    """An upgrade to the same version, `apt-get remove` and a new install keep the
+    administrator's stsmilter.conf (a conffile: here, with its changed ports) and the
+    policy cache; remove takes the program away, purge (next test) the rest."""
+    stop_daemon(installed)
+    conf = CONF.read_text()
+    cache = Path("/var/lib/stsmilter/cache.sqlite")
+    store = SqliteStore(str(cache))
+    store.put(make_entry("kept.example", "id1", Policy("STSv1", "enforce", 86400, ("mx.kept.example",)),
+                         fetched_at=time.time()))
+    store.close()
+    user = pwd.getpwnam("stsmilter")
+    for path in Path("/var/lib/stsmilter").iterdir():  # as the daemon would have written it
+        os.chown(path, user.pw_uid, user.pw_gid)
+    assert cached_domains() == ["kept.example"]
+    deb = f"./dist/{DEB_NAME}"
+
+    apt_get("install", "--reinstall", deb, cwd=installed["deb"].parent.parent)
+    assert package_status() == "installed"
+    assert CONF.read_text() == conf
+    assert cached_domains() == ["kept.example"]
+
+    apt_get("remove", "stsmilter")
+    assert package_status() == "config-files"
+    assert not os.path.lexists("/usr/bin/stsmilter")
+    # The init script is a conffile too: removed-not-purged, it does nothing, successfully.
+    assert INIT.exists() and run(["sh", str(INIT), "start"], check=False, timeout=60).returncode == 0
+    assert not PIDFILE.exists()
+    assert CONF.read_text() == conf and cache.is_file() and pwd.getpwnam("stsmilter") == user
+
+    apt_get("install", deb, cwd=installed["deb"].parent.parent)
+    assert package_status() == "installed"
+    assert CONF.read_text() == conf
+    assert cached_domains() == ["kept.example"]
+    state = os.stat("/var/lib/stsmilter")
+    assert (state.st_uid, state.st_mode & 0o777) == (user.pw_uid, 0o750)
 
 
 def test_purge_removes_what_the_package_created(installed):
