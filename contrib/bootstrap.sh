@@ -29,8 +29,10 @@ if [ "$mode" = test ]; then
     # (saslpasswd2) and libsasl2-modules (PLAIN) give the shipped submission services'
     # test a private Cyrus SASL user; unbound: the DANE tests start a private validating
     # resolver (never the system service); redis-server: the fleet tests start a private
-    # Redis on loopback (never the system service).
+    # Redis on loopback (never the system service); logrotate runs the shipped
+    # contrib/logrotate/stsmilter on a private copy of the init script's log.
     pkgs="$pkgs postfix shellcheck sendmail-cf mandoc sasl2-bin libsasl2-modules unbound redis-server"
+    pkgs="$pkgs logrotate"
     # The second run uses Debian 12's own libraries, the ones the .deb depends on
     # (setuptools and wheel build stsmilter into that venv); tests/test_deb.py builds
     # the package with make (its build dependencies come from debian/control), checks

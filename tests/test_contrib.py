@@ -113,6 +113,7 @@ case "$1" in
     *) exit 2 ;;
 esac
 trap 'echo usr1 >> {tmp_path}/signals' USR1
+trap 'echo "usr2 of pid $$" >&2' USR2
 trap 'rm -f {pidfile}; exit 0' TERM INT
 mkdir -p {rundir}
 echo $$ > {pidfile}
@@ -241,6 +242,34 @@ def test_init_script_lsb_exit_codes_when_stopped_dead_or_misconfigured(init_sand
     assert new_pid != pid and _alive(new_pid)
     assert action("stop").returncode == 0
     assert action("status").returncode == 3
+
+
+def test_logrotate_rotates_the_init_scripts_log_while_the_daemon_writes(init_sandbox):
+    """The shipped logrotate file on the init script's LOGFILE (the only change: its
+    path): the old lines move to .1, the daemon keeps writing (it keeps no reopen
+    signal: HUP stops it), and its next line starts the emptied file, without a hole."""
+    logrotate = tool("logrotate")
+    action, pidfile, tmp_path = init_sandbox
+    logfile = tmp_path / "stsmilter.log"
+    assert action("start").returncode == 0
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while f"stderr of pid {pid}" not in logfile.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    shipped = (CONTRIB / "logrotate" / "stsmilter").read_text()
+    assert shipped.count("/var/log/stsmilter.log {") == 1
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(shipped.replace("/var/log/stsmilter.log {", f"{logfile} {{"))
+    conf.chmod(0o644)
+    result = run([logrotate, "-f", "-s", str(tmp_path / "logrotate.state"), str(conf)], timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "stsmilter.log.1").read_text() == f"stderr of pid {pid}\n"  # delaycompress
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 5
+    while not logfile.read_bytes().endswith(b"\n") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logfile.read_bytes() == f"usr2 of pid {pid}\n".encode()  # appended at 0: no NUL bytes before it
+    assert _alive(pid) and action("stop").returncode == 0
 
 
 @pytest.fixture
