@@ -292,6 +292,13 @@ def cmd_cache_purge(args) -> int:
     dropped = _tell_daemon(cfg, None if args.all else named)
     if dropped is not None:
         print(f"stsmilter: the running daemon dropped {dropped} from memory", file=sys.stderr)
+    else:  # e.g. a daemon run with another [daemon] pidfile still serves what was purged
+        from stsmilter.control import control_path
+
+        where = control_path(cfg.daemon.pidfile)
+        print(f"stsmilter: no daemon was told: none answers on {where}" if where else
+              "stsmilter: no daemon was told: [daemon] pidfile is empty, so no daemon has a control socket",
+              file=sys.stderr)
     return EXIT_OK
 
 

@@ -81,6 +81,19 @@ def test_cache_purge(filled_cache, capsys):
     assert code == 2 and "--all" in err
 
 
+@pytest.mark.parametrize("pidfile", ["run/s.pid", ""])
+def test_cache_purge_says_when_no_daemon_was_told(filled_cache, tmp_path, capsys, pidfile):
+    """stsmilter(8): "A line on standard error says who was told": also that nobody was
+    (a daemon run with another [daemon] pidfile would go on serving the purged policy)."""
+    conf = tmp_path / "p.conf"
+    pidfile = f"{tmp_path}/{pidfile}" if pidfile else ""
+    conf.write_text(f"[daemon]\nuser =\ngroup =\npidfile = {pidfile}\n[cache]\npath = {tmp_path}/cache.sqlite\n")
+    code, out, err = run(capsys, "cache", "purge", "-c", str(conf), "a.example")
+    assert (code, out) == (0, "purged 1 policy\n")
+    assert err == (f"stsmilter: no daemon was told: none answers on {tmp_path}/run/s.ctl\n" if pidfile else
+                   "stsmilter: no daemon was told: [daemon] pidfile is empty, so no daemon has a control socket\n")
+
+
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["query"], ["cache"], ["check", "-c"]])
 def test_usage_errors_exit_2_with_one_line(capsys, argv):
     code, _, err = run(capsys, *argv)
