@@ -178,7 +178,12 @@ def cmd_check_config(args) -> int:
         if name != section:
             print(f"{'' if section is None else chr(10)}[{name}]")
             section = name
-        text = f"{value:04o}" if key == "socket_mode" else config_mod.format_value(value)
+        if key == "socket_mode":
+            text = f"{value:04o}"
+        elif (name, key) == ("metrics", "listen") and value is not None:
+            text = str(value).replace("inet:", "", 1)  # HOST:PORT, its documented form
+        else:
+            text = config_mod.format_value(value)
         print(f"{key} = {text}".rstrip())
     return EXIT_OK
 

@@ -409,4 +409,6 @@ def format_value(value: Any) -> str:
         return ", ".join(str(v) for v in value)
     if value is None:
         return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # "5", as the shipped file writes it, not "5.0"
     return str(value)

@@ -3,6 +3,9 @@ run in-process through cli.main() (query and check are covered against real serv
 test_engine_integration.py and test_milter_postfix.py)."""
 
 import json
+import re
+
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +42,22 @@ def test_check_config_prints_every_effective_value(tmp_path, capsys):
     # The output is itself a valid configuration with the same values.
     again = config.loads(out, "printed")
     assert list(again.items()) == list(config.load(conf).items())
+
+
+def test_check_config_prints_the_shipped_file_as_it_is_written(tmp_path, capsys):
+    """'the effective value of every key in file form': for etc/stsmilter.conf, whose
+    values are the defaults in their documented forms, every line as the file has it.
+    (Without a service user, so that this process stays who it is.)"""
+    text = (Path(__file__).resolve().parent.parent / "etc" / "stsmilter.conf").read_text()
+    text, changed = re.subn(r"(?m)^(user|group) = stsmilter$", r"\1 =", text)
+    assert changed == 2
+    sample = tmp_path / "stsmilter.conf"
+    sample.write_text(text)
+    shipped = [line for line in sample.read_text().splitlines() if line and not line.startswith("#")]
+    code, out, err = run(capsys, "check-config", "-c", str(sample))
+    assert code == 0, err
+    printed = [line for line in out.splitlines() if line and not line.startswith("#")]
+    assert printed == shipped
 
 
 def test_check_config_rejects_a_bad_file_with_one_line(tmp_path, capsys):
