@@ -408,3 +408,24 @@ def test_the_configuration_error_the_readme_quotes_is_what_the_cli_prints(tmp_pa
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == cli.EXIT_USAGE and run.stdout == ""
     assert run.stderr == m.group(1).replace("FILE:LINE", f"{conf}:2") + "\n"
+
+
+def _config_examples():
+    """The configuration snippets the docs show: .nf blocks of stsmilter.conf(5) and
+    literal blocks of README.rst that start with a [section] line."""
+    examples = []
+    for block in re.findall(r"^\.nf\n(.*?)^\.fi$", MAN5.read_text(), re.M | re.S):
+        if block.startswith("["):
+            examples.append(("stsmilter.conf(5)", block.replace("\\-", "-")))
+    for block in re.findall(r"::\n\n((?:    .*\n|\n)+)", README.read_text()):
+        text = "\n".join(line[4:] for line in block.splitlines())
+        if text.startswith("["):
+            examples.append(("README.rst", text))
+    return examples
+
+
+def test_configuration_examples_in_the_docs_load():
+    examples = _config_examples()
+    assert {where for where, _text in examples} == {"stsmilter.conf(5)", "README.rst"}
+    for where, text in examples:
+        config.loads(text, where)  # a ConfigError names the example and its line
