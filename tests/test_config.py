@@ -53,6 +53,10 @@ def test_values_are_converted_once():
         ("[milter]\ndry_run = yes\ndry_run = no\n", "t.conf:3: [milter] dry_run: set twice"),
         ("dry_run = yes\n", "t.conf:1: a [section] header must come first"),
         ("[metrics]\nlisten = unix:/x\n", "expected HOST:PORT"),
+        # stsmilter.conf(5): "Paths must be absolute"
+        ("[daemon]\nuser =\npidfile = stsmilter.pid\n", "t.conf:3: [daemon] pidfile: expected an absolute path or empty"),
+        ("[fetch]\n\nca_file = ca.pem\n", "t.conf:3: [fetch] ca_file: expected an absolute path"),
+        ("[cache]\npath = cache.sqlite\n", "t.conf:2: [cache] path: expected an absolute path or empty"),
     ],
 )
 def test_bad_config_names_file_line_key_and_form(text, fragment):
