@@ -84,6 +84,22 @@ def test_init_script_lsb_header():
     assert f"PIDFILE={DEFAULTS.daemon.pidfile}" in text
 
 
+def test_every_init_script_setting_is_documented():
+    """The variables /etc/default/stsmilter may set (the init script's "Overridable"
+    block) are each in the shipped defaults file, with their default, and in stsmilter(8)."""
+    text = INIT.read_text()
+    block = text.split("# Overridable in /etc/default/stsmilter:\n", 1)[1].split("\n\n", 1)[0]
+    settings = dict(re.findall(r"^(\w+)=(\S*)", block, re.M))
+    assert set(settings) == {"DAEMON", "CONFIG", "PIDFILE", "DAEMON_OPTS", "OPEN_FILES", "LOGFILE"}
+    shipped = (ROOT / "debian" / "stsmilter.default").read_text()
+    from test_docs import MAN8, roff_text
+
+    files = " ".join(roff_text(MAN8).split("/etc/default/stsmilter\n", 1)[1].split("/var/log/")[0].split())
+    for name, default in settings.items():
+        assert re.search(rf"^#{name}={re.escape(default)}$", shipped, re.M) or (name, default) == ("DAEMON", '""'), name
+        assert re.search(rf"\b{name}\b", files), f"stsmilter(8) FILES, /etc/default/stsmilter: no {name}"
+
+
 @pytest.fixture
 def init_sandbox(tmp_path):
     """The init script wired to a fake daemon (a shell script named stsmilter that
