@@ -46,16 +46,23 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
 
 
 def _seconds(lo: float, hi: float) -> Callable[[str], float]:
+    expected = f"a number of seconds from {_plain(lo)} to {_plain(hi)}"
+
     def convert(raw: str) -> float:
         try:
             value = float(raw.strip())
         except ValueError:
-            raise ValueError(f"a number of seconds from {lo:g} to {hi:g}") from None
+            raise ValueError(expected) from None
         if not lo <= value <= hi:
-            raise ValueError(f"a number of seconds from {lo:g} to {hi:g}")
+            raise ValueError(expected)
         return value
 
     return convert
+
+
+def _plain(number: float) -> str:
+    """31557600, 0.05: as an administrator writes it (not 3.15576e+07, not 5.0)."""
+    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -411,6 +418,6 @@ def format_value(value: Any) -> str:
         return ", ".join(str(v) for v in value)
     if value is None:
         return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # "5", as the shipped file writes it, not "5.0"
+    if isinstance(value, float):
+        return _plain(value)  # "5", as the shipped file writes it, not "5.0"
     return str(value)

@@ -53,6 +53,7 @@ def test_values_are_converted_once():
         ("[milter]\ndry_run = yes\ndry_run = no\n", "t.conf:3: [milter] dry_run: set twice"),
         ("dry_run = yes\n", "t.conf:1: a [section] header must come first"),
         ("[metrics]\nlisten = unix:/x\n", "expected HOST:PORT"),
+        ("[cache]\nrefresh_interval = 1e9\n", "expected a number of seconds from 60 to 31557600"),
         # stsmilter.conf(5): "Paths must be absolute"
         ("[daemon]\nuser =\npidfile = stsmilter.pid\n", "t.conf:3: [daemon] pidfile: expected an absolute path or empty"),
         ("[fetch]\n\nca_file = ca.pem\n", "t.conf:3: [fetch] ca_file: expected an absolute path"),

@@ -429,3 +429,39 @@ def test_configuration_examples_in_the_docs_load():
     assert {where for where, _text in examples} == {"stsmilter.conf(5)", "README.rst"}
     for where, text in examples:
         config.loads(text, where)  # a ConfigError names the example and its line
+
+
+def schema_ranges():
+    """{(section, key): (lo, hi)} as the converters state them in their error message."""
+    ranges = {}
+    for section, keys in config.SCHEMA.items():
+        for key, (convert, _default) in keys.items():
+            try:
+                convert("not a number")
+            except ValueError as e:
+                m = re.search(r"from (\S+) to (\S+)$", str(e))
+                if m:
+                    ranges[(section, key)] = m.groups()
+    return ranges
+
+
+def test_ranges_in_the_sample_and_man5_are_the_schema_ranges():
+    """What etc/stsmilter.conf's comment and stsmilter.conf(5) give as a key's range
+    ("(0.05-60)", "0.05\\(en60)") is what the file is checked against."""
+    ranges = schema_ranges()
+    assert len(ranges) >= 15
+    comments = {}
+    section, block = None, []
+    for line in SAMPLE.read_text().splitlines():
+        if re.fullmatch(r"\[(\w+)\]", line):
+            section, block = line.strip("[]"), []
+        elif line.startswith("#"):
+            block.append(line[1:])
+        elif "=" in line:
+            comments[(section, line.split("=")[0].strip())] = " ".join(" ".join(block).split())
+            block = []
+    man = MAN5.read_text()
+    for (section, key), (lo, hi) in ranges.items():
+        assert f"({lo}-{hi}" in comments[(section, key)], f"etc/stsmilter.conf [{section}] {key}: no ({lo}-{hi})"
+        entry = man.split(f".SS [{section}]", 1)[1].split(f'.B "{key} =', 1)[1].split(".TP", 1)[0]
+        assert f"\n{lo}\\(en{hi})" in entry, f"stsmilter.conf(5) [{section}] {key}: no {lo}\\(en{hi})"
