@@ -439,7 +439,7 @@ def schema_ranges():
             try:
                 convert("not a number")
             except ValueError as e:
-                m = re.search(r"from (\S+) to (\S+)$", str(e))
+                m = re.search(r"(whole number|number of seconds) from (\S+) to (\S+)$", str(e))
                 if m:
                     ranges[(section, key)] = m.groups()
     return ranges
@@ -447,7 +447,7 @@ def schema_ranges():
 
 def test_ranges_in_the_sample_and_man5_are_the_schema_ranges():
     """What etc/stsmilter.conf's comment and stsmilter.conf(5) give as a key's range
-    ("(0.05-60)", "0.05\\(en60)") is what the file is checked against."""
+    ("(0.05-60)", "(seconds, 0.05\\(en60)") is what the file is checked against."""
     ranges = schema_ranges()
     assert len(ranges) >= 15
     comments = {}
@@ -461,7 +461,9 @@ def test_ranges_in_the_sample_and_man5_are_the_schema_ranges():
             comments[(section, line.split("=")[0].strip())] = " ".join(" ".join(block).split())
             block = []
     man = MAN5.read_text()
-    for (section, key), (lo, hi) in ranges.items():
+    for (section, key), (kind, lo, hi) in ranges.items():
         assert f"({lo}-{hi}" in comments[(section, key)], f"etc/stsmilter.conf [{section}] {key}: no ({lo}-{hi})"
         entry = man.split(f".SS [{section}]", 1)[1].split(f'.B "{key} =', 1)[1].split(".TP", 1)[0]
-        assert f"\n{lo}\\(en{hi})" in entry, f"stsmilter.conf(5) [{section}] {key}: no {lo}\\(en{hi})"
+        word = {"whole number": "integer", "number of seconds": "seconds"}[kind]
+        assert f"\n.RI ( {word} ,\n{lo}\\(en{hi})" in entry, \
+            f"stsmilter.conf(5) [{section}] {key}: not ({word}, {lo}-{hi})"
