@@ -285,14 +285,13 @@ class Config:
     socketmap: Any
     metrics: Any
     source: str = "<defaults>"
-    # (section, key) -> line number in source, for the keys the file sets (see where()).
-    key_lines: Any = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # (section, key) -> line number in source, for what the file sets (see where()).
+    line_numbers: Any = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def where(self, section: str, key: str) -> str:
         """'FILE:LINE' of a key the file sets, 'FILE' for a default: the start of an error
         line about that key, found after loading (preflight, engine, binding a listener)."""
-        line = self.key_lines.get((section, key))
-        return f"{self.source}:{line}" if line else self.source
+        return _where(self.source, self.line_numbers, section, key)
 
     def items(self):
         """(section, key, value) for every key, in schema order."""
@@ -309,26 +308,33 @@ class Config:
         return dataclasses.replace(self, **changed)
 
 
-def _line_of(lines, section: str, key: Optional[str]) -> int:
-    """Line number (1-based) of [section] or of key inside it; 0 if not found."""
+def _line_numbers(lines) -> Dict[Tuple[str, Optional[str]], int]:
+    """(section, None) -> line (1-based) of [section], (section, key) -> line of key inside
+    it: one pass over the file, for every error message that names a line."""
+    numbers: Dict[Tuple[str, Optional[str]], int] = {}
     current = None
     for number, line in enumerate(lines, 1):
         stripped = line.strip()
         m = re.fullmatch(r"\[([^\]]+)\]", stripped)
         if m:
             current = m.group(1).strip()
-            if key is None and current == section:
-                return number
+            numbers.setdefault((current, None), number)
             continue
-        if current == section and key is not None:
+        if current is not None:
             m = re.match(r"([^=:\s]+)\s*[=:]", stripped)
-            if m and m.group(1).lower() == key:
-                return number
-    return 0
+            if m:
+                numbers.setdefault((current, m.group(1).lower()), number)
+    return numbers
+
+
+def _where(filename: str, line_numbers, section: str, key: Optional[str]) -> str:
+    """'FILE:LINE' of [section] or its key, 'FILE' where the file does not set it."""
+    line = line_numbers.get((section, key))
+    return f"{filename}:{line}" if line else filename
 
 
 def defaults() -> Config:
-    return _build({}, "<defaults>", [])
+    return _build({}, "<defaults>", {})
 
 
 def load(path: Optional[str] = None, *, must_exist: bool = False) -> Config:
@@ -348,7 +354,6 @@ def load(path: Optional[str] = None, *, must_exist: bool = False) -> Config:
 
 
 def loads(text: str, filename: str = "<string>") -> Config:
-    lines = text.splitlines()
     parser = configparser.ConfigParser(
         interpolation=None, inline_comment_prefixes=(";", "#"), empty_lines_in_values=False, strict=True
     )
@@ -363,26 +368,27 @@ def loads(text: str, filename: str = "<string>") -> Config:
     except configparser.ParsingError as e:
         lineno = e.errors[0][0] if e.errors else 0
         raise ConfigError(f"{filename}:{lineno}: not a 'key = value' line") from None
+    line_numbers = _line_numbers(text.splitlines())
     if parser.defaults():
-        raise ConfigError(f"{filename}:{_line_of(lines, 'DEFAULT', None)}: [DEFAULT]: unknown section")
+        raise ConfigError(f"{filename}:{line_numbers.get(('DEFAULT', None), 0)}: [DEFAULT]: unknown section")
     raw: Dict[str, Dict[str, str]] = {}
     for section in parser.sections():
         if section not in SCHEMA:
             known = ", ".join(f"[{s}]" for s in SCHEMA)
             raise ConfigError(
-                f"{filename}:{_line_of(lines, section, None)}: [{section}]: unknown section (expected one of {known})"
+                f"{filename}:{line_numbers.get((section, None), 0)}: [{section}]: unknown section (expected one of {known})"
             )
         for key, value in parser.items(section, raw=True):
             if key not in SCHEMA[section]:
                 raise ConfigError(
-                    f"{filename}:{_line_of(lines, section, key)}: [{section}] {key}: unknown key"
+                    f"{filename}:{line_numbers.get((section, key), 0)}: [{section}] {key}: unknown key"
                     f" (keys of [{section}]: {', '.join(SCHEMA[section])})"
                 )
             raw.setdefault(section, {})[key] = value
-    return _build(raw, filename, lines)
+    return _build(raw, filename, line_numbers)
 
 
-def _build(raw: Dict[str, Dict[str, str]], filename: str, lines) -> Config:
+def _build(raw: Dict[str, Dict[str, str]], filename: str, line_numbers) -> Config:
     sections = {}
     for section, keys in SCHEMA.items():
         values = {}
@@ -391,12 +397,10 @@ def _build(raw: Dict[str, Dict[str, str]], filename: str, lines) -> Config:
             try:
                 values[key] = convert(text)
             except ValueError as e:
-                line = _line_of(lines, section, key)
-                where = f"{filename}:{line}" if line else filename
+                where = _where(filename, line_numbers, section, key)
                 raise ConfigError(f"{where}: [{section}] {key} = {text.strip()!r}: expected {e}") from None
         sections[section] = _SECTION_CLASSES[section](**values)
-    key_lines = {(section, key): _line_of(lines, section, key) for section, keys in raw.items() for key in keys}
-    config = Config(source=filename, key_lines=key_lines, **sections)
+    config = Config(source=filename, line_numbers=line_numbers, **sections)
     _check_consistency(config)
     return config
 
