@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from stsmilter import socketmap_server
 from stsmilter.policy import Result
-from test_socketmap import FakeDiscovery, answered, ask
+from test_socketmap import FakeDiscovery, answered, ask, serve  # noqa: F401 (serve: a fixture)
 from test_tlspolicy import DANE, DNS_ERROR, NO_DANE, SECURE, TESTING, make_settings, valid
 from world.socketmap_client import read_replies, request
 
@@ -51,18 +50,9 @@ def world():
 
 
 @pytest.fixture
-def serve(world):
-    servers = []
-
-    def start(**changes):
-        server = socketmap_server.SocketmapServer(world[0], make_settings(**changes))
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+def discovery(world):
+    """The discovery test_socketmap's serve() starts its servers on."""
+    return world[0]
 
 
 def test_fast_path_answers_dane_only_from_two_peeks(serve, clients, world):
