@@ -30,8 +30,19 @@ POLICY_FETCH_SECONDS = Histogram(
 CACHE_ENTRIES = Gauge("stsmilter_cache_entries", "Policies held in the cache store.")
 CACHE_LOOKUPS = Counter(
     "stsmilter_cache_lookups",
-    "Policy lookups by cache result: hit, negative, miss or stale.",
+    "Policy lookups by cache result: hit, negative, miss, stale or failure (a failed lookup"
+    " remembered for [cache] dns_failure_ttl, answered without a new query).",
     ["result"],
+)
+REMEMBERED_FAILURES = Gauge(
+    "stsmilter_remembered_failures",
+    "Domains whose TXT lookup failed or whose policy host hung, remembered for [cache] dns_failure_ttl.",
+)
+DISCOVERY_WAITING = Gauge(
+    "stsmilter_discovery_waiting",
+    "Discovery work waiting for a free slot, by stage: dns ([dns] max_concurrent) or fetch"
+    " ([fetch] max_concurrent). Waiting callers go first.",
+    ["stage"],
 )
 STORE_ERRORS = Counter(
     "stsmilter_store_errors",
