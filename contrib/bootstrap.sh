@@ -38,6 +38,7 @@ if [ "$mode" = test ]; then
     # the package with make (its build dependencies come from debian/control), checks
     # it with lintian and reads its man page with man. python3-redis (4.3): [cache] redis.
     pkgs="$pkgs python3-milter python3-dnspython python3-cachetools python3-prometheus-client python3-idna"
+    pkgs="$pkgs python3-h11"
     pkgs="$pkgs python3-redis python3-setuptools python3-wheel make lintian man-db"
 fi
 for p in $pkgs; do

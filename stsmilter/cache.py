@@ -6,7 +6,10 @@ Three maps, each bounded and guarded by one lock:
 - negative: domains with no usable TXT record, for [cache] negative_ttl (negative_cache.py:
   compact, since most domains publish no policy);
 - backoff: (domain, policy id) pairs whose fetch failed, for [cache] failure_backoff, so a
-  broken policy host is not hammered (RFC 8461 §3.3 leaves the retry policy to senders).
+  broken policy host is not hammered (RFC 8461 §3.3 leaves the retry policy to senders);
+- failures: domains whose TXT lookup failed (timeout, SERVFAIL) or whose policy host hung,
+  for [cache] dns_failure_ttl, so a dead destination is not asked again for every message
+  (negative_cache.py again: the same shape, another TTL).
 
 Every store call goes through a StoreGuard (store/guard.py): a store that fails (full
 disk, read-only file system, I/O error, lock) costs persistence, never a policy. A new
@@ -35,9 +38,24 @@ from stsmilter.store.guard import StoreGuard
 # that raced the purge to be overwritten by the next fetch.
 PURGE_MEMORY_SECONDS = 86400.0
 
-# negative() hands out one Result object per recently asked domain, so that a front end
-# that reuses its reply while it gets the same object (the socketmap) keeps doing so.
+# negative() and failure() hand out one Result object per recently asked domain (_remembered).
 RECENT_NEGATIVE_RESULTS = 1024
+
+
+def _remembered(table: NegativeCache, results: Dict[str, Result], domain: str, status: str) -> Optional[Result]:
+    """The Result for domain's unexpired entry in table (source "cache"), one object per
+    recently asked domain, so that a front end that reuses its reply while it gets the same
+    object (the socketmap) keeps doing so. Lock held."""
+    reason = table.get(domain)
+    if reason is None:
+        return None
+    result = results.get(domain)
+    if result is None or result.reason != (reason or None):
+        if len(results) >= RECENT_NEGATIVE_RESULTS:
+            results.clear()
+        result = Result(domain, status, reason=reason or None, source="cache")
+        results[domain] = result
+    return result
 
 
 def _newer(entry: Entry, than: Optional[Entry]) -> bool:
@@ -54,6 +72,7 @@ class PolicyCache:
         failure_backoff: float,
         clock: Callable[[], float] = time.time,
         retry_after: Optional[float] = None,
+        failure_ttl: float = 0.0,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -62,6 +81,8 @@ class PolicyCache:
         self._policies: LRUCache = LRUCache(maxsize=max_entries)
         self._negative = NegativeCache(max_entries, negative_ttl, clock)  # ttl 0: nothing kept
         self._negative_results: Dict[str, Result] = {}  # domain -> Result, recently asked
+        self._failures = NegativeCache(max_entries, failure_ttl, clock)  # ttl 0: nothing kept
+        self._failure_results: Dict[str, Result] = {}
         # TTLCache rejects ttl=0 poorly; a tiny ttl makes "0" mean "not cached".
         self._backoff: TTLCache = TTLCache(maxsize=max_entries, ttl=max(failure_backoff, 1e-9), timer=clock)
         self._backoff_enabled = failure_backoff > 0
@@ -75,6 +96,7 @@ class PolicyCache:
         # Counted at scrape time: always true, and no bookkeeping on every put.
         metrics.CACHE_ENTRIES.set_function(self.count)
         metrics.REFRESH_FAILING.set_function(self.count_failing)
+        metrics.REMEMBERED_FAILURES.set_function(self.count_remembered_failures)
 
     def load(self) -> int:
         """Fill memory from the store (newest first up to the bound); returns entries held."""
@@ -125,6 +147,7 @@ class PolicyCache:
                 return
             self._policies[domain] = entry
             self._negative.pop(domain, None)
+            self._failures.pop(domain, None)
             (self._unsaved.discard if saved else self._unsaved.add)(domain)
             self._track_failing(entry)
 
@@ -145,6 +168,7 @@ class PolicyCache:
             self._purged[domain] = self.clock()
             in_memory = self._policies.pop(domain, None) is not None
             self._negative.pop(domain, None)
+            self._failures.pop(domain, None)
             self._failing.pop(domain, None)
             self._unsaved.discard(domain)
             for key in [k for k in self._backoff if k[0] == domain]:
@@ -156,9 +180,11 @@ class PolicyCache:
         with self._lock:
             self._purged_all = self.clock()
             held = len(self._policies)
-            for part in (self._policies, self._negative_results, self._backoff, self._failing, self._unsaved):
+            for part in (self._policies, self._negative_results, self._failure_results, self._backoff,
+                         self._failing, self._unsaved):
                 part.clear()
             self._negative = NegativeCache(self._negative.maxsize, self._negative.ttl, self.clock)
+            self._failures = NegativeCache(self._failures.maxsize, self._failures.ttl, self.clock)
         return held
 
     def snapshot(self) -> List[Entry]:
@@ -184,6 +210,7 @@ class PolicyCache:
                 if _newer(stored, self._policies.get(domain)):
                     self._policies[domain] = stored
                     self._negative.pop(domain, None)
+                    self._failures.pop(domain, None)
                     self._unsaved.discard(domain)
                     self._track_failing(stored)
         return stored
@@ -299,16 +326,7 @@ class PolicyCache:
     def negative(self, domain: str) -> Optional[Result]:
         """The remembered "none" answer for domain (source "cache"), if unexpired."""
         with self._lock:
-            reason = self._negative.get(domain)
-            if reason is None:
-                return None
-            result = self._negative_results.get(domain)
-            if result is None or result.reason != (reason or None):
-                if len(self._negative_results) >= RECENT_NEGATIVE_RESULTS:
-                    self._negative_results.clear()
-                result = Result(domain, NONE, reason=reason or None, source="cache")
-                self._negative_results[domain] = result
-            return result
+            return _remembered(self._negative, self._negative_results, domain, NONE)
 
     def put_negative(self, result: Result, share: bool = True, started: Optional[float] = None) -> None:
         """Remember a "none" answer (only its domain and reason are kept). share: offer it
@@ -318,8 +336,29 @@ class PolicyCache:
             if self._purged_after(result.domain, started):
                 return
             self._negative.put(result.domain, result.reason or "")
+            self._failures.pop(result.domain, None)
         if share and self.store.shared and self._negative.ttl > 0:
             self._guard.call("write", self.store.put_answer, result, self._negative.ttl)
+
+    # --- failed lookups ([cache] dns_failure_ttl)
+
+    def failure(self, domain: str) -> Optional[Result]:
+        """The remembered failure of domain's last lookup ("failed", source "cache"): its
+        TXT lookup failed, or its policy host hung. None if none is remembered."""
+        with self._lock:
+            return _remembered(self._failures, self._failure_results, domain, FAILED)
+
+    def put_failure(self, domain: str, reason: str, started: Optional[float] = None) -> None:
+        """Remember that a lookup of domain failed with reason, for [cache] dns_failure_ttl
+        (memory only). started: when the lookup began; not kept if the domain was purged
+        since (a purge is how an administrator asks for a retry at once)."""
+        with self._lock:
+            if not self._purged_after(domain, started):
+                self._failures.put(domain, reason)
+
+    def count_remembered_failures(self) -> int:
+        with self._lock:
+            return self._failures.count()
 
     # --- fetch failure backoff
 

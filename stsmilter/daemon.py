@@ -94,7 +94,7 @@ def import_everything(cfg=None) -> None:
     import importlib
 
     for name in (
-        "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap_server", "stsmilter.milter_stop",
+        "stsmilter.engine", "stsmilter.decision", "h11", "dns.asyncresolver", "dns.asyncquery", "dns._asyncio_backend", "stsmilter.milter", "stsmilter.socketmap_server", "stsmilter.milter_stop",
         "stsmilter.milter_wake", "stsmilter.metrics_server", "stsmilter.open_files", "stsmilter.control", "resource",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
@@ -271,9 +271,11 @@ _RESTART_KEYS = {
     ("cache", "max_entries"),
     ("cache", "negative_ttl"),
     ("cache", "failure_backoff"),
+    ("cache", "dns_failure_ttl"),
     ("cache", "redis"),
     ("cache", "redis_prefix"),
     ("cache", "redis_timeout"),
+    ("dns", "max_concurrent"),
     ("fetch", "max_concurrent"),
     ("socketmap", "listen"),
     ("socketmap", "socket_mode"),

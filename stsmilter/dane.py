@@ -9,8 +9,9 @@ Three parts:
 - facts: DNSSEC-aware lookups (DO bit) through the configured resolver, trusting its AD
   bit as Postfix does, so the resolver must be a local validating one (unbound);
 - evaluate(): a pure function from facts to a verdict (no I/O; mutation-tested);
-- DaneChecker: verdict cache (record TTLs, at most [cache] mx_ttl), single flight, a
-  bounded pool, and peek() for the socketmap's synchronous fast path.
+- DaneChecker: verdict cache (record TTLs, at most [cache] mx_ttl), single flight, checks
+  as coroutines on the engine's event loop (their DNS queries share the engine's bound,
+  waiting callers first: limits.py), and peek() for the socketmap's synchronous fast path.
 
 The verdict (the precedence rule, README "DANE and MTA-STS"):
   dane       the MX RRset is validated and at least one MX host has a validated TLSA
@@ -55,8 +56,9 @@ import dns.rdtypes.ANY.TLSA  # noqa: F401
 
 from stsmilter import dns as sts_dns
 from stsmilter import metrics
+from stsmilter.engine_loop import EngineLoop
+from stsmilter.limits import Want
 from stsmilter.ratelog import RateLimitedLog
-from stsmilter.threads import block_signals
 
 log = logging.getLogger("stsmilter.dane")
 
@@ -148,13 +150,13 @@ class DaneResolver(sts_dns.Resolver):
     """The engine's Resolver (same servers, timeouts and error mapping) asking with the
     DO bit, so that a validating resolver reports validation in the AD bit."""
 
-    def __init__(self, nameservers=(), port=53, timeout=5.0):
-        super().__init__(nameservers, port, timeout)
+    def __init__(self, nameservers=(), port=53, timeout=5.0, limiter=None):
+        super().__init__(nameservers, port, timeout, limiter)
         self._resolver.use_edns(0, dns.flags.DO, sts_dns.EDNS_PAYLOAD)
 
-    def mx_facts(self, domain: str, lifetime: Optional[float] = None) -> MxFacts:
+    async def mx_facts(self, domain: str, lifetime: Optional[float] = None) -> MxFacts:
         try:
-            mx_set = self.mx(domain, lifetime)
+            mx_set = await self.mx(domain, lifetime)
         except sts_dns.NoRecord:
             return MxFacts(NONE, ttl=sts_dns.DEFAULT_NEGATIVE_TTL)
         except sts_dns.TempDnsError as e:
@@ -162,9 +164,9 @@ class DaneResolver(sts_dns.Resolver):
             return MxFacts(FAILED)
         return MxFacts(FOUND, mx_set.authenticated, mx_set.hosts, float(mx_set.ttl))
 
-    def tlsa_facts(self, host: str, lifetime: Optional[float] = None) -> TlsaFacts:
+    async def tlsa_facts(self, host: str, lifetime: Optional[float] = None) -> TlsaFacts:
         try:
-            answer = self._query(f"_{SMTP_PORT}._tcp.{host}", dns.rdatatype.TLSA, lifetime)
+            answer = await self._query(f"_{SMTP_PORT}._tcp.{host}", dns.rdatatype.TLSA, lifetime)
         except sts_dns.NoRecord:
             return TlsaFacts(host, NONE, ttl=sts_dns.DEFAULT_NEGATIVE_TTL)
         except sts_dns.TempDnsError as e:
@@ -194,7 +196,6 @@ class Verdict(NamedTuple):
 class Settings(NamedTuple):
     mx_ttl: float = 300.0  # [cache] mx_ttl: upper bound of a verdict's lifetime
     max_entries: int = 200000  # [cache] max_entries
-    max_concurrent: int = 8
 
 
 _CHECKS = {kind: metrics.DANE_CHECKS.labels(verdict=kind) for kind in (DANE, NO_DANE, DNS_ERROR)}
@@ -205,17 +206,15 @@ class DaneChecker:
     outlives its caller goes on and fills the cache."""
 
     def __init__(self, resolver: DaneResolver, settings: Settings = Settings(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, engine: EngineLoop) -> None:
         self.resolver, self.settings, self.clock = resolver, settings, clock
         # A plain dict, read without the lock (one atomic get under the GIL) on the
         # socketmap's hot path; writers hold the lock and evict the oldest entry.
         self._verdicts: Dict[str, Verdict] = {}
         self._lock = threading.Lock()
-        self._jobs: Dict[str, concurrent.futures.Future] = {}
+        self._jobs: Dict[str, Tuple[concurrent.futures.Future, Want]] = {}
         self._closed = False
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.max_concurrent, thread_name_prefix="sts-dane", initializer=block_signals
-        )
+        self.engine = engine  # the discovery's loop: closed with it, not with the checker
         # One line per failure, but at most one per WARNING_INTERVAL: a resolver outage
         # fails every domain at once (stsmilter_dane_checks_total counts them all).
         self._failures = RateLimitedLog(log, WARNING_INTERVAL, clock, " (%d more DANE check failures not logged)")
@@ -235,40 +234,44 @@ class DaneChecker:
         if verdict is not None:
             return verdict
         try:
-            return self.submit(domain).result(timeout)
-        except concurrent.futures.TimeoutError:
+            return self.submit(domain, wait=timeout).result(timeout)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             return self._pending("DANE check not done in time")
 
-    def submit(self, domain: str) -> concurrent.futures.Future:
+    def submit(self, domain: str, wait: Optional[float] = None) -> concurrent.futures.Future:
+        """Start (or join) the check of domain. wait: the caller waits that many seconds
+        for it; until then its DNS queries go before background work (limits.py)."""
+        until = time.monotonic() + (wait if wait is not None else 0.0)
         with self._lock:
-            future = self._jobs.get(domain)
-            if future is None:
+            job = self._jobs.get(domain)
+            if job is None:
                 if self._closed or len(self._jobs) >= MAX_QUEUED_CHECKS:
                     refused: concurrent.futures.Future = concurrent.futures.Future()
                     refused.set_result(self._pending("DANE checker closed" if self._closed
                                                      else "too many DANE checks queued"))
                     return refused
-                future = self._jobs[domain] = self._pool.submit(self._run, domain)
-        return future
+                want = Want(until, self.engine.loop)
+                job = self._jobs[domain] = (self.engine.submit(self._run(domain), want), want)
+        job[1].extend(until)
+        return job[0]
 
     def close(self) -> None:
         """A reload that sets [socketmap] dane = no, or shutdown. The socketmap (until its
         update) and open milter connections may still ask: they get PENDING (the on_timeout
-        answer), as do the checks queued now, which end at once instead of being cancelled
+        answer), as do checks submitted from now on; checks under way end as they would
         (a cancelled future is an exception in every waiter)."""
         with self._lock:
             self._closed = True
-        self._pool.shutdown(wait=False)
 
     def _pending(self, detail: str) -> Verdict:
         now = self.clock()
         return Verdict(PENDING, now, now, detail)
 
-    def _run(self, domain: str) -> Verdict:
+    async def _run(self, domain: str) -> Verdict:
         try:
             if self._closed:
                 return self._pending("DANE checker closed")
-            verdict = self._check(domain)
+            verdict = await self._check(domain)
         except Exception:
             log.exception("DANE check of %s failed unexpectedly", domain)
             now = self.clock()  # stored, so that a bug is not re-run (and logged) per request
@@ -278,18 +281,18 @@ class DaneChecker:
                 self._jobs.pop(domain, None)
         return verdict
 
-    def _check(self, domain: str) -> Verdict:
+    async def _check(self, domain: str) -> Verdict:
         resolver, settings = self.resolver, self.settings
         started = self.clock()
         deadline = started + resolver.timeout
-        mx = resolver.mx_facts(domain)
+        mx = await resolver.mx_facts(domain)
         facts = []
         if mx.status == FOUND and mx.authenticated:
             for host in mx.hosts:
                 left = deadline - self.clock()
                 if left <= 0:
                     break
-                facts.append(resolver.tlsa_facts(host, left))
+                facts.append(await resolver.tlsa_facts(host, left))
                 if host_has_dane(facts[-1]):
                     break  # one DANE host decides (evaluate); the others cannot change it
         kind = evaluate(mx, facts)

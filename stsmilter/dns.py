@@ -4,17 +4,23 @@ Every dnspython failure becomes one of two typed errors: ``NoRecord`` (the name 
 record type does not exist) or ``TempDnsError`` (no usable answer now: timeout,
 SERVFAIL, REFUSED, network error). Nothing from dnspython escapes.
 
-One ``Resolver`` is shared by all threads. That is safe because dnspython's
-``Resolver.resolve`` keeps all per-query state in a private ``_Resolution`` object and
-only reads the resolver's settings, which nothing changes after ``__init__``; and no
-dnspython cache is configured (the engine caches on its own).
+The lookups are coroutines on the engine's event loop (engine_loop.py): a query that
+waits costs a socket, not a thread. Queries in flight at once are bounded by the
+PriorityLimiter given as ``limiter`` ([dns] max_concurrent; each is a UDP socket, so a
+file descriptor), waiting callers first (limits.py). dnspython's ``Resolver.resolve``
+keeps all per-query state in a private ``_Resolution`` object and only reads the
+resolver's settings, which nothing changes after ``__init__``; and no dnspython cache
+is configured (the engine caches on its own).
 """
 
+import asyncio
+import contextlib
 import dataclasses
 import re
-import time
-from typing import Tuple
+from typing import Optional, Tuple
 
+import dns.asyncbackend
+import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.name
@@ -22,6 +28,7 @@ import dns.rdatatype
 import dns.resolver
 
 from stsmilter import metrics
+from stsmilter.limits import PriorityLimiter
 
 EDNS_PAYLOAD = 1232  # DNS flag day 2020: avoids both fragmentation and most TCP fallbacks
 MIN_TRY_SECONDS = 0.5  # never give one server less than this for one try (unless the lifetime is shorter)
@@ -71,17 +78,21 @@ class TxtSet:
 
 
 class Resolver:
-    def __init__(self, nameservers=(), port=53, timeout=5.0):
+    def __init__(self, nameservers=(), port=53, timeout=5.0, limiter: Optional[PriorityLimiter] = None):
         self.timeout = timeout
+        self.limiter = limiter  # None: unbounded (one-shot commands, tests)
         try:
             if nameservers:
-                resolver = dns.resolver.Resolver(configure=False)
+                resolver = dns.asyncresolver.Resolver(configure=False)
                 resolver.port = port
                 resolver.nameservers = list(nameservers)
             else:
-                resolver = dns.resolver.Resolver()  # /etc/resolv.conf
+                resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
         except (dns.exception.DNSException, OSError, ValueError) as e:
             raise DnsError(f"no usable resolver configuration: {e}") from None
+        # Loaded now, not on the first query: the daemon may run as a user that cannot
+        # read the Python installation once privileges are dropped.
+        self._backend = dns.asyncbackend.get_backend("asyncio")
         resolver.cache = None
         resolver.use_search_by_default = False
         resolver.retry_servfail = False  # a SERVFAIL is an answer; the engine decides when to ask again
@@ -96,7 +107,7 @@ class Resolver:
 
     # -- public API -------------------------------------------------------------------
 
-    def txt(self, name, lifetime=None):
+    async def txt(self, name, lifetime=None):
         """The TXT RRset as a TxtSet: one str per record, its character-strings joined
         without separator, and the answer's TTL.
 
@@ -104,7 +115,7 @@ class Resolver:
         visibly non-ASCII for the policy parser, which rejects them. An RRset past the
         hostile-DNS caps raises NoRecord (see MAX_TXT_RECORDS).
         """
-        answer = self._query(name, dns.rdatatype.TXT, lifetime)
+        answer = await self._query(name, dns.rdatatype.TXT, lifetime)
         rrset = answer.rrset
         if rrset is None:
             raise NoRecord("NODATA")
@@ -116,10 +127,10 @@ class Resolver:
             ttl = 0
         return TxtSet(tuple(record.decode("latin-1") for record in records), ttl)
 
-    def mx(self, domain, lifetime=None):
+    async def mx(self, domain, lifetime=None):
         """The domain's MX hosts; implicit MX (RFC 5321 §5.1) if it has none; null MX (RFC 7505)."""
         domain = domain.lower().rstrip(".")
-        answer = self._query(domain, dns.rdatatype.MX, lifetime)
+        answer = await self._query(domain, dns.rdatatype.MX, lifetime)
         rrset = answer.rrset
         authenticated = bool(answer.response.flags & dns.flags.AD)
         if rrset is None:
@@ -136,54 +147,56 @@ class Resolver:
                     break
         return MxSet(hosts=tuple(hosts), ttl=ttl, authenticated=authenticated)
 
-    def addresses(self, host, lifetime=None):
-        """A then AAAA addresses of host. One family failing is fine if the other answers.
-
-        The A query gets at most half of the lifetime so that a silent server cannot
-        starve the AAAA query; AAAA gets whatever is left.
-        """
+    async def addresses(self, host, lifetime=None):
+        """A and AAAA addresses of host (A first), both asked at once within lifetime.
+        One family failing is fine if the other answers."""
         lifetime = self.timeout if lifetime is None else lifetime
-        deadline = time.monotonic() + lifetime
+        outcomes = await asyncio.gather(
+            self._query(host, dns.rdatatype.A, lifetime),
+            self._query(host, dns.rdatatype.AAAA, lifetime),
+            return_exceptions=True,
+        )
         found, temp_error = [], None
-        for rdtype, budget in ((dns.rdatatype.A, lifetime / 2), (dns.rdatatype.AAAA, None)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                temp_error = temp_error or TempDnsError("timeout")
-                break
-            try:
-                answer = self._query(host, rdtype, remaining if budget is None else min(budget, remaining))
-            except NoRecord:
-                continue
-            except TempDnsError as e:
-                temp_error = temp_error or e
-                continue
-            found.extend(rdata.address for rdata in answer.rrset or ())
+        for outcome in outcomes:
+            if isinstance(outcome, TempDnsError):
+                temp_error = temp_error or outcome
+            elif isinstance(outcome, BaseException):
+                if not isinstance(outcome, NoRecord):
+                    raise outcome  # cancelled (the caller's deadline), or a bug
+            else:
+                found.extend(rdata.address for rdata in outcome.rrset or ())
         if found:
             return found[:MAX_ADDRESSES]
         raise temp_error or NoRecord("no address")
 
     # -- dnspython boundary -----------------------------------------------------------
 
-    def _query(self, name, rdtype, lifetime):
-        """dnspython's Answer (.rrset None for NODATA); NXDOMAIN -> NoRecord, failures -> TempDnsError."""
+    async def _query(self, name, rdtype, lifetime):
+        """dnspython's Answer (.rrset None for NODATA); NXDOMAIN -> NoRecord, failures -> TempDnsError.
+        The lifetime counts from the call: time spent waiting for a slot is part of it."""
         try:
             qname = dns.name.from_text(name)  # absolute: a trailing dot is optional
         except (dns.exception.DNSException, ValueError) as e:
             # Too long, empty label, ...: such a name cannot exist in the DNS.
             raise NoRecord(f"invalid name: {e}") from None
+        lifetime = self.timeout if lifetime is None else lifetime
+        loop = asyncio.get_running_loop()
+        end = loop.time() + lifetime
         try:
-            answer = self._resolver.resolve(
-                qname,
-                rdtype,
-                raise_on_no_answer=False,
-                lifetime=self.timeout if lifetime is None else lifetime,
-                search=False,
-            )
+            async with self._slot(lifetime):
+                answer = await self._resolver.resolve(
+                    qname,
+                    rdtype,
+                    raise_on_no_answer=False,
+                    lifetime=max(0.001, end - loop.time()),
+                    search=False,
+                    backend=self._backend,
+                )
         except dns.resolver.NXDOMAIN:
             raise NoRecord("NXDOMAIN") from None
         except dns.resolver.NoAnswer:  # only if raise_on_no_answer were set; kept for safety
             raise NoRecord("NODATA") from None
-        except dns.exception.Timeout:  # LifetimeTimeout is a subclass
+        except (dns.exception.Timeout, TimeoutError):  # LifetimeTimeout is a subclass; ours: no slot in time
             raise _temp_failure(rdtype, "timeout", "timeout") from None
         except dns.resolver.NoNameservers as e:
             reason, error = _nameserver_failure(e)
@@ -193,6 +206,19 @@ class Resolver:
         except (OSError, EOFError) as e:
             raise _temp_failure(rdtype, type(e).__name__, "network") from None
         return answer
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, lifetime):
+        """One of the limiter's slots, waited for at most lifetime (TimeoutError)."""
+        if self.limiter is None:
+            yield
+            return
+        async with asyncio.timeout(lifetime):
+            await self.limiter.acquire()
+        try:
+            yield
+        finally:
+            self.limiter.release()
 
 
 def _temp_failure(rdtype, reason, error):

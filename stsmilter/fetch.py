@@ -4,15 +4,19 @@ Everything the network sends is hostile: addresses are checked before connecting
 certificate must be valid for the host (WebPKI), only a 200 text/plain answer counts,
 redirects are not followed, the body is capped at 64 KiB while it streams, and one
 deadline bounds the whole fetch however slowly the server talks.
+
+A fetch is a coroutine on the engine's event loop: while a policy host hangs, the fetch
+holds a socket, not a thread. The HTTP response is parsed by h11, a small, well-tested
+HTTP/1.1 state machine that does no I/O of its own (status line, header limits, chunked
+and Content-Length framing); the connection, TLS, addresses and the deadline stay ours.
 """
 
-import http.client
+import asyncio
 import ipaddress
-import socket
 import ssl
-import threading
-import time
 from typing import Optional
+
+import h11
 
 from stsmilter import __version__
 from stsmilter.dns import DnsError
@@ -20,6 +24,7 @@ from stsmilter.dns import DnsError
 POLICY_PATH = "/.well-known/mta-sts.txt"
 MAX_BODY = 64 * 1024  # RFC 8461 §3.3 lets clients cap the policy size; 64 KiB is generous
 CHUNK = 8192
+MAX_HEAD = 16 * 1024  # status line and headers of the answer (h11's incomplete-event limit)
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 # 6to4 (RFC 3056): judged by the IPv4 address inside. Python before 3.11.4 (Debian 12
 # ships 3.11.2) lists all of 2002::/16 as private; later versions do not.
@@ -31,6 +36,13 @@ LIBRARY_TEXT_CHARS = 100  # longest OpenSSL/resolver message kept in an error me
 
 class FetchError(Exception):
     reason = "sts-policy-fetch-error"
+    timed_out = False  # the policy host (or its DNS) did not answer in time
+
+
+class FetchTimeout(FetchError):
+    """The whole fetch outlived its deadline: a host that hangs, or drips."""
+
+    timed_out = True
 
 
 class WebPkiError(FetchError):
@@ -81,21 +93,6 @@ def is_public_address(address: str) -> bool:
     return True
 
 
-class _PreconnectedHTTP(http.client.HTTPConnection):
-    """http.client over our own verified TLS socket; it must never dial by itself.
-
-    http.client is used rather than a hand-written client because its response parsing
-    (status line, header count and line-length limits, chunked decoding) is well tested;
-    the connection, TLS, addresses and every timeout stay under our control."""
-
-    def __init__(self, sock, host):
-        super().__init__(host)
-        self.sock = sock
-
-    def connect(self):
-        raise http.client.NotConnected("refusing to dial")
-
-
 class Fetcher:
     def __init__(self, resolver, port=443, timeout=10.0, ca_file="", allow_private=False):
         self.resolver = resolver
@@ -108,58 +105,37 @@ class Fetcher:
         self.context.check_hostname = True
         self.context.verify_mode = ssl.CERT_REQUIRED
 
-    def fetch(self, domain: str, deadline: Optional[float] = None) -> bytes:
+    async def fetch(self, domain: str, deadline: Optional[float] = None) -> bytes:
         """The raw body of https://mta-sts.<domain>/.well-known/mta-sts.txt.
 
-        ``domain`` is normalized already. ``deadline`` is a time.monotonic() value; the
-        earlier of it and now + timeout ends the whole fetch. Raises FetchError/WebPkiError."""
+        ``domain`` is normalized already. ``deadline`` is a time.monotonic() value (the
+        event loop's clock); the earlier of it and now + timeout ends the whole fetch.
+        Raises FetchError (FetchTimeout past the deadline) or WebPkiError."""
         host = "mta-sts." + domain
-        end = time.monotonic() + self.timeout
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
         if deadline is not None:
             end = min(end, deadline)
-        addresses = self._addresses(host, end)
-        sock = self._connect(addresses, end)
-        # The watchdog shuts the connection down at the deadline, which also ends reads
-        # inside http.client that a dripping server would keep alive one byte at a time.
-        # It works on a dup of the descriptor: wrapping in TLS detaches the original.
+        if end <= loop.time():
+            raise FetchTimeout("timeout")
+        writer = None
         try:
-            watched = sock.dup()
-        except OSError as e:
-            sock.close()
-            raise FetchError(f"network: {e.strerror or type(e).__name__}") from None
-        expired = threading.Event()
-
-        def watchdog():
-            expired.set()
-            try:
-                watched.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-        timer = threading.Timer(max(0.0, end - time.monotonic()), watchdog)
-        timer.daemon = True
-        timer.start()
-        try:
-            body = self._exchange(sock, host, end)
-        except FetchError:
-            if expired.is_set():
-                raise FetchError("timeout") from None
-            raise
+            async with asyncio.timeout_at(end):
+                addresses = await self._addresses(host, end - loop.time())
+                reader, writer = await self._connect(addresses, end)
+                await self._start_tls(writer, host)
+                return await self._exchange(reader, writer, host)
+        except TimeoutError:
+            raise FetchTimeout("timeout") from None
         finally:
-            timer.cancel()
-            timer.join()
-            watched.close()
-            sock.close()
-        if expired.is_set():  # a read cut short by the watchdog can look like a clean EOF
-            raise FetchError("timeout")
-        return body
+            if writer is not None:
+                writer.transport.abort()  # no TLS close_notify dance with a hostile peer
 
-    def _addresses(self, host, end):
+    async def _addresses(self, host, lifetime):
         try:
-            found = self.resolver.addresses(host, lifetime=_remaining(end))
+            found = await self.resolver.addresses(host, lifetime=lifetime)
         except DnsError as e:
             raise FetchError(f"dns: {_short(e)}") from None
-        _remaining(end)
         if not found:
             raise FetchError("dns: no address")
         allowed = []
@@ -171,99 +147,84 @@ class Fetcher:
             raise FetchError(f"address not allowed: {', '.join(_quote(a) for a in found[:3])}")
         return allowed
 
-    def _connect(self, addresses, end):
+    async def _connect(self, addresses, end):
         """A TCP connection to the first address that answers; each attempt gets an
         equal share of the time left so one black hole cannot starve the others."""
+        loop = asyncio.get_running_loop()
         failure = "connect failed"
         for index, address in enumerate(addresses):
-            share = _remaining(end) / (len(addresses) - index)
+            share = (end - loop.time()) / (len(addresses) - index)
             try:
-                return socket.create_connection((address, self.port), timeout=share)
-            except socket.timeout:
+                async with asyncio.timeout(share):
+                    return await asyncio.open_connection(address, self.port, limit=CHUNK)
+            except TimeoutError:
                 failure = f"connect {address}: timeout"
             except OSError as e:
                 failure = f"connect {address}: {e.strerror or type(e).__name__}"
-        if time.monotonic() >= end:
-            raise FetchError("timeout")
         raise FetchError(failure)
 
-    def _exchange(self, raw_sock, host, end):
+    async def _start_tls(self, writer, host):
         try:
-            raw_sock.settimeout(_remaining(end))
-            sock = self.context.wrap_socket(raw_sock, server_hostname=host)
+            await writer.start_tls(self.context, server_hostname=host)
         except ssl.SSLCertVerificationError as e:
             raise WebPkiError(f"certificate: {_short(e.verify_message or e.reason)}") from None
-        except socket.timeout:
-            raise FetchError("timeout") from None
         except ssl.SSLError as e:
             raise FetchError(f"tls: {_short(e.reason or type(e).__name__)}") from None
-        except OSError as e:
-            raise FetchError(f"tls: {e.strerror or type(e).__name__}") from None
-        conn = _PreconnectedHTTP(sock, host)
-        response = None
+        except (OSError, EOFError) as e:  # the peer hung up during the handshake
+            raise FetchError(f"tls: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+
+    async def _exchange(self, reader, writer, host) -> bytes:
+        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        request = h11.Request(method="GET", target=POLICY_PATH, headers=[
+            ("Host", host if self.port == 443 else f"{host}:{self.port}"),
+            ("User-Agent", USER_AGENT),
+            ("Accept", "text/plain"),
+            ("Connection", "close"),
+        ])
+        chunks, total, head_seen = [], 0, False
         try:
-            sock.settimeout(_remaining(end))
-            conn.putrequest("GET", POLICY_PATH, skip_host=True, skip_accept_encoding=True)
-            conn.putheader("Host", host if self.port == 443 else f"{host}:{self.port}")
-            conn.putheader("User-Agent", USER_AGENT)
-            conn.putheader("Accept", "text/plain")
-            conn.putheader("Connection", "close")
-            conn.endheaders()
-            sock.settimeout(_remaining(end))
-            response = conn.getresponse()
-            _check_headers(response)
-            return _read_body(response, sock, end)
-        except socket.timeout:
-            raise FetchError("timeout") from None
+            writer.write(http.send(request) + http.send(h11.EndOfMessage()))
+            await writer.drain()
+            while True:
+                event = http.next_event()
+                if event is h11.NEED_DATA:
+                    http.receive_data(await reader.read(CHUNK))  # b"": the peer closed
+                elif isinstance(event, h11.Response):
+                    _check_head(event)
+                    head_seen = True
+                elif isinstance(event, h11.Data):
+                    total += len(event.data)  # counted as it arrives, whatever the headers said
+                    if total > MAX_BODY:
+                        raise FetchError("policy body over 64 KiB")
+                    chunks.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return b"".join(chunks)
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise FetchError("truncated body")
+                # h11.InformationalResponse (1xx): the answer is still to come
+        except h11.RemoteProtocolError as e:
+            if head_seen:  # the body ended early (closed before its Content-Length, a broken chunk)
+                raise FetchError("truncated body") from None
+            raise FetchError(f"bad HTTP response: {_short(e)}") from None
         except ssl.SSLError as e:
             raise FetchError(f"tls: {_short(e.reason or type(e).__name__)}") from None
-        except http.client.HTTPException as e:
-            raise FetchError(f"bad HTTP response: {type(e).__name__}") from None
-        except OSError as e:
-            raise FetchError(f"network: {e.strerror or type(e).__name__}") from None
-        finally:
-            # With "Connection: close" http.client hands the socket to the response, whose
-            # file object keeps the descriptor open until the response itself is closed.
-            if response is not None:
-                response.close()
-            conn.close()
-            sock.close()
+        except (OSError, EOFError) as e:
+            raise FetchError(f"network: {getattr(e, 'strerror', None) or type(e).__name__}") from None
 
 
-def _remaining(end) -> float:
-    left = end - time.monotonic()
-    if left <= 0:
-        raise FetchError("timeout")
-    return left
-
-
-def _check_headers(response):
-    if 300 <= response.status < 400:
-        raise FetchError(f"HTTP {response.status}: redirects are not followed")
-    if response.status != 200:
-        raise FetchError(f"HTTP {response.status}")
-    content_type = response.getheader("Content-Type") or ""
+def _check_head(response: h11.Response) -> None:
+    status = response.status_code
+    if 300 <= status < 400:
+        raise FetchError(f"HTTP {status}: redirects are not followed")
+    if status != 200:
+        raise FetchError(f"HTTP {status}")
+    fields = {}
+    for name, value in response.headers:  # h11 gives lower-case names
+        fields.setdefault(name, value)
+    content_type = fields.get(b"content-type", b"").decode("latin-1")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "text/plain":
         raise FetchError(f"Content-Type {_quote(media_type)} is not text/plain")
-    if response.length is not None and response.length > MAX_BODY:
+    length = fields.get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
         raise FetchError("policy body over 64 KiB")
-
-
-def _read_body(response, sock, end) -> bytes:
-    """Up to MAX_BODY bytes, counted as they arrive. Content-Length (when given) frames
-    the body, as HTTP requires, but is never trusted to bound memory."""
-    declared = response.length
-    chunks, total = [], 0
-    while not response.isclosed():  # http.client closes the socket once the body is complete
-        sock.settimeout(_remaining(end))
-        chunk = response.read(CHUNK)
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > MAX_BODY:
-            raise FetchError("policy body over 64 KiB")
-        chunks.append(chunk)
-    if declared is not None and total != declared:
-        raise FetchError("truncated body")  # http.client's read(amt) returns short silently
-    return b"".join(chunks)

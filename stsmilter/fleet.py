@@ -11,8 +11,10 @@ others hear of it. The seam discovery.py talks to:
   announces "purge". Every daemon reads them (a thread here) and reloads or forgets
   the domain in memory, so the fleet serves one view of every policy within moments.
 
-A lone daemon (a store that is not shared: sqlite, memory) has nobody to ask: once()
-is work(). When Redis is unreachable every daemon works on its own (the cache's guard
+once() is a coroutine on the engine's event loop (work() is one too): a daemon waiting
+for another daemon's answer holds no thread, and its store calls run on the engine's
+store threads (EngineLoop.blocking). A lone daemon (a store that is not shared: sqlite,
+memory) has nobody to ask: once() is work(). When Redis is unreachable every daemon works on its own (the cache's guard
 counts and logs that) and the events thread retries; once Redis answers again, the
 daemon reads the events it missed, then takes from Redis what it holds newer and gives
 back what it lacks, a Redis restarted empty included (cache.resync(), cache.flush()).
@@ -20,10 +22,11 @@ back what it lacks, a Redis restarted empty included (cache.resync(), cache.flus
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple, TypeVar
+from typing import Awaitable, Callable, Dict, Optional, Tuple, TypeVar
 
 from stsmilter import metrics
 from stsmilter.ratelog import RateLimitedLog
@@ -40,8 +43,12 @@ RETRY_SECONDS = 1.0  # after a failed read of the events
 class Fleet:
     """A lone daemon: every discovery is its own and there is nobody to tell."""
 
-    def once(self, domain: str, shared: Callable[[], Optional[T]], work: Callable[[], T], wait: bool = True):
-        return work()
+    def bind(self, engine) -> None:
+        """The engine loop once() runs on (discovery.py calls this)."""
+
+    async def once(self, domain: str, shared: Callable[[], Optional[T]], work: Callable[[], Awaitable[T]],
+                   wait: bool = True):
+        return await work()
 
     def start(self) -> None:
         pass
@@ -56,63 +63,75 @@ class SharedFleet(Fleet):
         self.store = cache.store
         self.lock_seconds = lock_seconds  # longer than a TXT lookup plus a fetch
         self.poll = poll
-        self._mutex = threading.Lock()
-        self._waiting: Dict[str, Tuple[threading.Event, int]] = {}  # domain -> (event, waiters)
+        self.engine = None  # EngineLoop, from bind()
+        self._waiting: Dict[str, Tuple[asyncio.Event, int]] = {}  # domain -> (event, waiters); loop thread only
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._log = RateLimitedLog(log)
 
+    def bind(self, engine) -> None:
+        self.engine = engine
+
     # --- "may I fetch this domain now?"
 
-    def once(self, domain: str, shared: Callable[[], Optional[T]], work: Callable[[], T], wait: bool = True):
+    async def once(self, domain: str, shared: Callable[[], Optional[T]], work: Callable[[], Awaitable[T]],
+                   wait: bool = True):
         """work()'s answer, or shared()'s once another daemon's work put it in the store;
-        None only with wait=False while another daemon holds the domain."""
-        guard = self.cache.guard
-        answer = shared()  # the usual case in a fleet: another daemon knows it already
+        None only with wait=False while another daemon holds the domain. shared() and the
+        store calls run on a store thread; work() on the loop."""
+        blocking, guard = self.engine.blocking, self.cache.guard
+        answer = await blocking(shared)  # the usual case in a fleet: another daemon knows it already
         if answer is not None:
             return answer
         give_up = time.monotonic() + self.lock_seconds + self.poll
         while True:
-            ok, lock = guard.call("write", self.store.claim, domain, self.lock_seconds)
+            ok, lock = await blocking(guard.call, "write", self.store.claim, domain, self.lock_seconds)
             if not ok:  # the store cannot coordinate us now: on our own
-                return work()
+                return await work()
             if lock is not None:
                 try:
-                    answer = shared()  # a daemon may have finished just before we took it
+                    answer = await blocking(shared)  # a daemon may have finished just before we took it
                     if answer is None:
-                        answer = work()
-                        guard.call("write", self.store.announce, "changed", domain)
+                        answer = await work()
+                        await blocking(guard.call, "write", self.store.announce, "changed", domain)
                     return answer
                 finally:
-                    guard.call("write", self.store.release, lock)
-            answer = shared()
+                    await blocking(guard.call, "write", self.store.release, lock)
+            answer = await blocking(shared)
             if answer is not None or not wait:
                 return answer
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 log.info("%s: another daemon's discovery takes too long; discovering it here", domain)
-                return work()
-            self._wait_for(domain, min(remaining, self.poll))
+                return await work()
+            await self._wait_for(domain, min(remaining, self.poll))
 
-    def _wait_for(self, domain: str, timeout: float) -> None:
-        with self._mutex:
-            event, waiters = self._waiting.get(domain, (None, 0))
-            event = event or threading.Event()
-            self._waiting[domain] = (event, waiters + 1)
+    async def _wait_for(self, domain: str, timeout: float) -> None:
+        event, waiters = self._waiting.get(domain, (None, 0))
+        event = event or asyncio.Event()
+        self._waiting[domain] = (event, waiters + 1)
         try:
-            event.wait(timeout)
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
         finally:
-            with self._mutex:
-                current = self._waiting.get(domain)
-                if current is not None and current[0] is event:
-                    if current[1] <= 1:
-                        del self._waiting[domain]
-                    else:
-                        self._waiting[domain] = (event, current[1] - 1)
+            current = self._waiting.get(domain)
+            if current is not None and current[0] is event:
+                if current[1] <= 1:
+                    del self._waiting[domain]
+                else:
+                    self._waiting[domain] = (event, current[1] - 1)
 
     def _wake(self, domain: str) -> None:
-        with self._mutex:
-            current = self._waiting.pop(domain, None)
+        """From the events thread: wake the coroutines waiting for domain."""
+        if self.engine is not None:
+            try:
+                self.engine.loop.call_soon_threadsafe(self._wake_now, domain)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits
+
+    def _wake_now(self, domain: str) -> None:
+        current = self._waiting.pop(domain, None)
         if current is not None:
             current[0].set()
 

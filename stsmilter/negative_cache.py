@@ -44,6 +44,11 @@ class NegativeCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def count(self) -> int:
+        """Entries not expired by now (the expired ones are dropped first)."""
+        self._expire(self.clock())
+        return len(self._entries)
+
     def get(self, domain: str) -> Optional[str]:
         """The reason remembered for domain, or None (unknown or expired)."""
         stamp = self._entries.get(domain)

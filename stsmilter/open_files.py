@@ -25,13 +25,16 @@ def needed(cfg) -> int:
     """Descriptors the configuration may hold open at once."""
     from stsmilter.metrics_server import MAX_CONNECTIONS as METRICS_CONNECTIONS
 
-    total = RESERVE + 2 * cfg.fetch.max_concurrent  # a DNS and an HTTPS socket per fetch
+    from stsmilter.engine_loop import STORE_THREADS
+
+    # A UDP socket per DNS query in flight, an HTTPS socket per fetch.
+    total = RESERVE + cfg.dns.max_concurrent + cfg.fetch.max_concurrent
     if cfg.socketmap.listen is not None:
         total += cfg.socketmap.max_connections
     if cfg.metrics.listen is not None:
         total += METRICS_CONNECTIONS
-    if cfg.cache.redis:  # a Redis connection per discovery at most, plus the refresher's and the events'
-        total += cfg.fetch.max_concurrent + 4
+    if cfg.cache.redis:  # a Redis connection per store thread, plus the refresher's, the events' and spares
+        total += STORE_THREADS + 4
     return total
 
 

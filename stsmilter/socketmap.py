@@ -236,13 +236,14 @@ class Connection(asyncio.Protocol):
         try:
             deadline = loop.time() + settings.lookup_timeout
             if result is None:
-                result = await asyncio.wait_for(_follow(loop, discovery.submit(domain)), settings.lookup_timeout)
+                waiter = _follow(loop, discovery.submit(domain, wait=settings.lookup_timeout))
+                result = await asyncio.wait_for(waiter, settings.lookup_timeout)
             verdict = None
             if checker is not None and enforced(result, settings):
                 verdict = checker.peek(domain)
                 if verdict is None:
-                    waiter = _follow(loop, checker.submit(domain))
-                    verdict = await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+                    left = max(0.0, deadline - loop.time())
+                    verdict = await asyncio.wait_for(_follow(loop, checker.submit(domain, wait=left)), left)
             payload = answer(result, settings, verdict)
         except asyncio.TimeoutError:
             payload = on_timeout_answer(settings)

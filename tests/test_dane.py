@@ -1,13 +1,17 @@
 """dane.py: the pure verdict (evaluate, usable_tlsa), the checker's cache and failure
 rules with a scripted resolver, and DaneResolver against a real validating unbound."""
 
+import asyncio
 import threading
+import time
 
 import pytest
 from prometheus_client import REGISTRY
 
 from stsmilter import dane
 from stsmilter.dane import DANE, DNS_ERROR, FAILED, FOUND, NO_DANE, NONE, PENDING, MxFacts, TlsaFacts
+from stsmilter.engine_loop import EngineLoop
+from world.sync import Sync
 
 SHA256 = b"\x11" * 32
 SHA512 = b"\x22" * 64
@@ -131,15 +135,15 @@ class ScriptedResolver:
         self.calls = []
         self.gate = None
 
-    def mx_facts(self, domain, lifetime=None):
+    async def mx_facts(self, domain, lifetime=None):
         self.calls.append(("mx", domain))
         if self.gate is not None:
-            self.gate.wait(10)
+            await asyncio.to_thread(self.gate.wait, 10)
         if isinstance(self.mx, Exception):
             raise self.mx
         return self.mx
 
-    def tlsa_facts(self, host, lifetime=None):
+    async def tlsa_facts(self, host, lifetime=None):
         self.calls.append(("tlsa", host, lifetime))
         if self.clock is not None:
             self.clock.now += self.tlsa_cost
@@ -152,11 +156,18 @@ def clock():
 
 
 @pytest.fixture
-def make_checker(clock):
+def engine():
+    loop = EngineLoop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def make_checker(clock, engine):
     checkers = []
 
     def make(resolver, **settings):
-        checker = dane.DaneChecker(resolver, dane.Settings(**settings), clock=clock)
+        checker = dane.DaneChecker(resolver, dane.Settings(**settings), clock=clock, engine=engine)
         checkers.append(checker)
         return checker
 
@@ -329,23 +340,26 @@ def test_reconfigure_uses_the_new_resolver(make_checker):
 
 def test_a_closed_checker_answers_pending_not_an_exception(make_checker, caplog):
     """A reload that switches [socketmap] dane to no closes the checker while the
-    socketmap and old milter connections still hold it: checks queued behind the running
-    ones, and checks asked for afterwards, are PENDING (the on_timeout answer), never a
+    socketmap and old milter connections still hold it: checks under way end with their
+    verdict, and checks asked for afterwards are PENDING (the on_timeout answer), never a
     CancelledError or "cannot schedule new futures" traceback."""
     resolver = ScriptedResolver(MxFacts(FOUND, True, ("mx1.example",), 300.0), {"mx1.example": tlsa()})
     resolver.gate = threading.Event()
-    checker = make_checker(resolver, max_concurrent=1)
-    running = checker.submit("running.example")
-    queued = checker.submit("queued.example")
+    checker = make_checker(resolver)
+    running = [checker.submit("running.example"), checker.submit("other.example")]
+    deadline = time.monotonic() + 5
+    while len(resolver.calls) < 2:  # both are in their MX lookup
+        assert time.monotonic() < deadline, resolver.calls
+        time.sleep(0.005)
     checker.close()
     resolver.gate.set()
-    assert running.result(5).kind == DANE  # a lookup under way finishes
-    assert queued.result(5).kind == PENDING
+    assert [f.result(5).kind for f in running] == [DANE, DANE]  # lookups under way finish
     assert checker.check("later.example", timeout=5).kind == PENDING
     assert checker.submit("later.example").result(5).kind == PENDING
-    assert ("mx", "queued.example") not in resolver.calls and ("mx", "later.example") not in resolver.calls
-    assert checker.peek("queued.example") is None and checker.peek("later.example") is None
+    assert ("mx", "later.example") not in resolver.calls
+    assert checker.peek("later.example") is None
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
+
 
 # --- against a real validating resolver (unbound) and a signed loopback zone -------------
 
@@ -357,9 +371,15 @@ def validating(dane_world):
     return dane.DaneResolver(nameservers=(resolver.address,), port=resolver.port, timeout=2.0), dane_world
 
 
+@pytest.fixture
+def facts(validating):
+    """The validating fixture's DaneResolver with its lookups callable as functions."""
+    return Sync(validating[0]), validating[1]
+
+
 @pytest.mark.integration
-def test_resolver_facts_from_unbound(validating):
-    resolver, world = validating
+def test_resolver_facts_from_unbound(facts):
+    resolver, world = facts
     mx = resolver.mx_facts("dane.dnssec.test")
     assert mx == MxFacts(FOUND, True, ("mx.dane.dnssec.test",), 300.0)
     assert resolver.mx_facts("dane.insecure.test").authenticated is False
@@ -379,16 +399,16 @@ def test_resolver_facts_from_unbound(validating):
 
 
 @pytest.mark.integration
-def test_resolver_reports_a_validated_nodata_tlsa(validating):
-    resolver, world = validating
+def test_resolver_reports_a_validated_nodata_tlsa(facts):
+    resolver, world = facts
     world.dns.add("_25._tcp.mx.nodata.dnssec.test", "TXT", "not a TLSA record")
     facts = resolver.tlsa_facts("mx.nodata.dnssec.test")
     assert facts == TlsaFacts("mx.nodata.dnssec.test", NONE, True, (), 60.0)  # SOA minimum
 
 
 @pytest.mark.integration
-def test_bogus_signatures_are_a_failure_not_an_answer(validating):
-    resolver, world = validating
+def test_bogus_signatures_are_a_failure_not_an_answer(facts):
+    resolver, world = facts
     # The server signs with a key the zone's DNSKEY RRset does not hold: every answer is bogus.
     world.dns._zone_keys[world.key.apex] = type(world.key)(world.key.apex)
     try:
@@ -399,11 +419,11 @@ def test_bogus_signatures_are_a_failure_not_an_answer(validating):
 
 
 @pytest.mark.integration
-def test_checker_verdicts_for_the_scenarios(validating):
+def test_checker_verdicts_for_the_scenarios(validating, engine):
     from world.fixtures_dane import SCENARIOS
 
     resolver, _world = validating
-    checker = dane.DaneChecker(resolver)
+    checker = dane.DaneChecker(resolver, engine=engine)
     try:
         verdicts = {domain: checker.check(domain).kind for domain in SCENARIOS}
     finally:

@@ -3,6 +3,7 @@
 The same rules run against real DNS and HTTPS servers in test_engine_integration.py;
 here fakes keep every case fast and let the clock jump."""
 
+import asyncio
 import threading
 import time
 
@@ -33,20 +34,28 @@ class FakeResolver:
         self.txt_records = {}  # name -> list[str] | exception
         self.txt_ttls = {}  # name -> TTL of its TXT answer (default: 3600, above id_check_interval)
         self.txt_queries = 0
+        self.mx_sets = {}  # domain -> MxSet | exception (default: mx.<domain>, TTL 300)
+        self.mx_queries = 0
         self.delay = 0.0
+        self.timeout = 5.0
         self.lock = threading.Lock()
 
-    def txt(self, name, lifetime=None):
+    async def txt(self, name, lifetime=None):
         with self.lock:
             self.txt_queries += 1
-        time.sleep(self.delay)
+        await asyncio.sleep(self.delay)
         value = self.txt_records.get(name, dns.NoRecord("NXDOMAIN"))
         if isinstance(value, Exception):
             raise value
         return dns.TxtSet(tuple(value), self.txt_ttls.get(name, 3600))
 
-    def mx(self, domain, lifetime=None):
-        return dns.MxSet(hosts=("mx." + domain,), ttl=300, null_mx=False)
+    async def mx(self, domain, lifetime=None):
+        with self.lock:
+            self.mx_queries += 1
+        value = self.mx_sets.get(domain, dns.MxSet(hosts=("mx." + domain,), ttl=300, null_mx=False))
+        if isinstance(value, Exception):
+            raise value
+        return value
 
 
 class FakeFetcher:
@@ -56,10 +65,10 @@ class FakeFetcher:
         self.delay = 0.0
         self.lock = threading.Lock()
 
-    def fetch(self, domain, deadline=None):
+    async def fetch(self, domain, deadline=None):
         with self.lock:
             self.fetches += 1
-        time.sleep(self.delay)
+        await asyncio.sleep(self.delay)
         value = self.bodies.get(domain, FetchError("HTTP 404"))
         if isinstance(value, Exception):
             raise value
@@ -524,11 +533,11 @@ class GatedResolver(FakeResolver):
         super().__init__()
         self.armed, self.gate, self.entered = False, threading.Event(), threading.Event()
 
-    def txt(self, name, lifetime=None):
+    async def txt(self, name, lifetime=None):
         if self.armed:
             self.entered.set()
-            self.gate.wait(10)
-        return super().txt(name, lifetime)
+            await asyncio.to_thread(self.gate.wait, 10)
+        return await super().txt(name, lifetime)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from stsmilter.dns import MxSet, NoRecord, Resolver, TempDnsError, TxtSet
 from world.dns_server import DnsServer
+from world.sync import Sync
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +149,7 @@ def test_nobody_listening_is_temporary():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    nobody = Resolver(nameservers=("127.0.0.1",), port=port, timeout=0.3)
+    nobody = Sync(Resolver(nameservers=("127.0.0.1",), port=port, timeout=0.3))
     with pytest.raises(TempDnsError):
         nobody.txt("_mta-sts.example.com")
 

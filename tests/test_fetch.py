@@ -8,8 +8,9 @@ import warnings
 import pytest
 
 from stsmilter import __version__, dns
-from stsmilter.fetch import MAX_BODY, FetchError, Fetcher, WebPkiError, is_public_address
+from stsmilter.fetch import MAX_BODY, FetchError, Fetcher, FetchTimeout, WebPkiError, is_public_address
 from world.https_server import LYING_LENGTH, OVERSIZE_BODY, POLICY_PATH, HttpsServer
+from world.sync import Sync
 
 DOMAIN = "policy.example"
 HOST = "mta-sts." + DOMAIN
@@ -23,7 +24,7 @@ class FakeResolver:
         self.answer = answer
         self.calls = []
 
-    def addresses(self, host, lifetime=None):
+    async def addresses(self, host, lifetime=None):
         self.calls.append((host, lifetime))
         if isinstance(self.answer, Exception):
             raise self.answer
@@ -32,7 +33,7 @@ class FakeResolver:
 
 def fetcher_for(server, resolver=None, **options):
     options = {"port": server.port, "ca_file": server.ca_file, "allow_private": True, "timeout": 5.0, **options}
-    return Fetcher(resolver or FakeResolver(), **options)
+    return Sync(Fetcher(resolver or FakeResolver(), **options))
 
 
 def fetch_error(fetcher, domain=DOMAIN, **kwargs):
@@ -117,7 +118,7 @@ def test_private_addresses_are_refused_before_connecting(https_server, monkeypat
 )
 def test_dns_problems_are_fetch_errors(answer, message):
     resolver = FakeResolver(answer)
-    error = fetch_error(Fetcher(resolver, timeout=3.0))
+    error = fetch_error(Sync(Fetcher(resolver, timeout=3.0)))
     assert type(error) is FetchError and error.reason == "sts-policy-fetch-error"
     assert str(error) == message
     (host, lifetime), = resolver.calls
@@ -248,7 +249,7 @@ def test_slow_drip_cannot_stretch_the_deadline(https_server, drip_headers):
     started = time.monotonic()
     error = fetch_error(fetcher_for(https_server, timeout=1.5))
     elapsed = time.monotonic() - started
-    assert type(error) is FetchError and str(error) == "timeout"
+    assert type(error) is FetchTimeout and str(error) == "timeout" and error.reason == "sts-policy-fetch-error"
     assert 1.4 < elapsed < 2.5
 
 
@@ -257,7 +258,7 @@ def test_hanging_server_times_out(https_server):
     https_server.serve(HOST, POLICY, hang=True)
     started = time.monotonic()
     error = fetch_error(fetcher_for(https_server, timeout=1.0))
-    assert type(error) is FetchError and str(error) == "timeout"
+    assert type(error) is FetchTimeout and str(error) == "timeout" and error.reason == "sts-policy-fetch-error"
     assert time.monotonic() - started < 1.5
 
 
@@ -346,3 +347,54 @@ def test_a_tls_1_1_only_server_is_refused():
         assert type(error) is FetchError and error.reason == "sts-policy-fetch-error"
         assert str(error) == "tls: TLSV1_ALERT_PROTOCOL_VERSION"
         assert server.count(HOST) == 0
+
+
+# -- a policy host that accepts TCP and never speaks TLS -----------------------------------
+
+@pytest.fixture
+def tls_black_hole():
+    """A TCP listener on 127.0.0.1 that accepts (the kernel does) and never answers."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(512)
+        yield hole.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_a_host_that_never_completes_the_handshake_times_out(tls_black_hole):
+    fetcher = Sync(Fetcher(FakeResolver(), port=tls_black_hole, timeout=0.8, allow_private=True))
+    started = time.monotonic()
+    error = fetch_error(fetcher)
+    assert type(error) is FetchTimeout and str(error) == "timeout"
+    assert 0.7 < time.monotonic() - started < 1.5
+
+
+@pytest.mark.integration
+def test_hanging_hosts_cost_only_their_own_time(tls_black_hole, https_server):
+    """200 fetches from hosts that hang, and one from a host that answers, all at once on
+    one event loop: the good one is as quick as alone, the others end at their own
+    deadline together, and no thread is started for any of them."""
+    import asyncio
+    import threading
+
+    https_server.serve(HOST, POLICY)
+    hanging = Fetcher(FakeResolver(), port=tls_black_hole, timeout=1.0, allow_private=True)
+    good = Fetcher(FakeResolver(), port=https_server.port, timeout=5.0, ca_file=https_server.ca_file,
+                   allow_private=True)
+
+    async def burst():
+        threads = threading.active_count()
+        stuck = [asyncio.ensure_future(hanging.fetch(f"d{n}.example")) for n in range(200)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        body = await good.fetch(DOMAIN)
+        good_seconds = time.monotonic() - started
+        assert threading.active_count() == threads
+        outcomes = await asyncio.gather(*stuck, return_exceptions=True)
+        return body, good_seconds, outcomes
+
+    started = time.monotonic()
+    body, good_seconds, outcomes = asyncio.run(burst())
+    assert body == POLICY and good_seconds < 0.5
+    assert all(type(o) is FetchTimeout for o in outcomes)
+    assert time.monotonic() - started < 2.0

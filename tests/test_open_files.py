@@ -26,34 +26,39 @@ def open_files_limit(pid):
     raise AssertionError("no Max open files line")
 
 
+# The defaults: [dns] max_concurrent 2048 UDP sockets, [fetch] max_concurrent 256 HTTPS
+# sockets, [socketmap] max_connections 1000, 32 /metrics connections.
+DEFAULT_NEED = open_files.RESERVE + 2048 + 256 + 1000 + 32
+
+
 def test_needed_counts_the_socketmap_the_metrics_and_a_reserve():
     cfg = config.defaults()
-    assert open_files.needed(cfg) == open_files.RESERVE + 2 * 32 + 1000 + 32
+    assert open_files.needed(cfg) == DEFAULT_NEED
     assert open_files.needed(cfg.replace(socketmap={"listen": None}, metrics={"listen": None})) == (
-        open_files.RESERVE + 64)
-    # a Redis connection per discovery at most, plus the refresher's and the events reader's
-    assert open_files.needed(cfg.replace(cache={"redis": "redis://127.0.0.1:6379/0"})) == (
-        open_files.RESERVE + 2 * 32 + 1000 + 32 + 32 + 4)
+        open_files.RESERVE + 2048 + 256)
+    assert open_files.needed(cfg.replace(dns={"max_concurrent": 10}, fetch={"max_concurrent": 5})) == (
+        open_files.RESERVE + 10 + 5 + 1000 + 32)
+    # a Redis connection per store thread (4), plus the refresher's, the events reader's, spares
+    assert open_files.needed(cfg.replace(cache={"redis": "redis://127.0.0.1:6379/0"})) == DEFAULT_NEED + 8
 
 
 def test_the_daemon_raises_its_soft_limit_as_far_as_it_needs(start_daemon):
-    daemon = start_daemon(preexec_fn=limit_open_files(256, 4096))
-    need = open_files.RESERVE + 2 * 32 + 1000 + 32
-    assert open_files_limit(daemon.pid) == (need, 4096)
-    daemon.wait_log(f"open files limit raised from 256 to {need}")
+    daemon = start_daemon(preexec_fn=limit_open_files(256, 8192))
+    assert open_files_limit(daemon.pid) == (DEFAULT_NEED, 8192)
+    daemon.wait_log(f"open files limit raised from 256 to {DEFAULT_NEED}")
 
 
 def test_a_low_hard_limit_serves_fewer_socketmap_connections_and_the_milter_still_answers(start_daemon):
-    hard = 700
+    allowed = 348
+    hard = DEFAULT_NEED - (1000 - allowed)
     daemon = start_daemon(preexec_fn=limit_open_files(hard, hard))
-    need = open_files.RESERVE + 2 * 32 + 1000 + 32
-    allowed = 1000 - (need - hard)
     daemon.wait_log(f"serving at most {allowed} socketmap connections")
+    before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
     held = []
     try:
         for _ in range(1000):  # one local client tries to take every descriptor
             held.append(socket.create_connection(("127.0.0.1", daemon.socketmap_port), timeout=5))
-        poll_until(lambda: len(os.listdir(f"/proc/{daemon.pid}/fd")) <= hard - open_files.RESERVE + 64, 10,
+        poll_until(lambda: len(os.listdir(f"/proc/{daemon.pid}/fd")) <= before + allowed + 8, 10,
                    "the daemon to close the connections over its budget")
         with socket.create_connection(("127.0.0.1", daemon.socketmap_port), timeout=5) as sock:
             sock.sendall(b"19:postfix example.test,")

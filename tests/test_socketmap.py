@@ -31,6 +31,7 @@ class FakeDiscovery:
         self.submit_error = None
         self.peek_error = None
         self.submits = []
+        self.waits = []  # how long each submit said its caller waits
         self.futures = []
         self.timers = []
 
@@ -39,8 +40,9 @@ class FakeDiscovery:
             raise self.peek_error
         return self.cached.get(domain)
 
-    def submit(self, domain):
+    def submit(self, domain, wait=None):
         self.submits.append(domain)
+        self.waits.append(wait)
         if self.submit_error:
             raise self.submit_error
         future = concurrent.futures.Future()
@@ -138,6 +140,14 @@ def test_slow_path_submits_and_answers(serve, clients, discovery):
     assert ask(sock, b"example.com") == SECURE
     assert ask(sock, b"other.example") == b"NOTFOUND "
     assert discovery.submits == ["example.com", "other.example"]
+
+
+def test_a_lookup_tells_discovery_how_long_its_client_waits(serve, clients, discovery):
+    """So that discovery serves it before background work (limits.py): for lookup_timeout."""
+    discovery.fetched["example.com"] = valid()
+    sock = clients(serve(lookup_timeout=3.5))
+    assert ask(sock, b"example.com") == SECURE
+    assert discovery.waits == [3.5]
 
 
 def test_keys_that_are_not_domains_are_not_looked_up(serve, clients, discovery):

@@ -18,15 +18,16 @@ class FakeChecker:
 
     def __init__(self):
         self.cached, self.verdicts = {}, {}
-        self.peeks, self.submits = [], []
+        self.peeks, self.submits, self.waits = [], [], []
         self.gate = None
 
     def peek(self, domain):
         self.peeks.append(domain)
         return self.cached.get(domain)
 
-    def submit(self, domain):
+    def submit(self, domain, wait=None):
         self.submits.append(domain)
+        self.waits.append(wait)
         future = concurrent.futures.Future()
         outcome = self.verdicts.get(domain, NO_DANE)
 
@@ -86,6 +87,8 @@ def test_no_cached_verdict_waits_for_the_check(serve, clients, world):
     sock = clients(serve())
     assert ask(sock, b"example.com") == b"OK dane-only"
     assert checker.submits == ["example.com"] and discovery.submits == []
+    [wait] = checker.waits  # the client waits what is left of lookup_timeout (0.3 s here)
+    assert 0.2 < wait <= 0.3
 
 
 def test_discovery_then_the_check(serve, clients, world):
@@ -170,8 +173,11 @@ def test_a_checker_closed_by_a_reload_before_the_update_answers_without_a_traceb
     from test_dane import ScriptedResolver
     from stsmilter.dane import FOUND, MxFacts
 
+    from stsmilter.engine_loop import EngineLoop
+
     discovery, _fake = world
-    real = dane.DaneChecker(ScriptedResolver(MxFacts(FOUND, True, ("mx1.example",), 300.0), {}))
+    engine = EngineLoop()
+    real = dane.DaneChecker(ScriptedResolver(MxFacts(FOUND, True, ("mx1.example",), 300.0), {}), engine=engine)
     discovery.dane = real
     discovery.fetched["example.com"] = valid()
     discovery.delays["example.com"] = 0.3
@@ -181,5 +187,8 @@ def test_a_checker_closed_by_a_reload_before_the_update_answers_without_a_traceb
     while not discovery.submits and time.monotonic() < deadline:
         time.sleep(0.01)
     real.close()  # while discovery is under way
-    assert read_replies(sock, 1) == [b"TEMP MTA-STS policy lookup in progress"]
-    assert not [r for r in caplog.records if r.exc_info]
+    try:
+        assert read_replies(sock, 1) == [b"TEMP MTA-STS policy lookup in progress"]
+        assert not [r for r in caplog.records if r.exc_info]
+    finally:
+        engine.close()

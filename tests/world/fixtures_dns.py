@@ -4,6 +4,7 @@ import pytest
 
 from stsmilter.dns import Resolver
 from world.dns_server import DnsServer
+from world.sync import Sync
 
 TEST_TIMEOUT = 1.0  # seconds; short so that timeout tests stay fast
 
@@ -18,10 +19,11 @@ def dns_server():
 
 @pytest.fixture
 def make_resolver(dns_server):
-    """make_resolver(timeout=1.0) -> stsmilter.dns.Resolver that asks only dns_server."""
+    """make_resolver(timeout=1.0) -> stsmilter.dns.Resolver that asks only dns_server,
+    its lookups callable as plain functions (world.sync.Sync)."""
 
     def make(timeout=TEST_TIMEOUT):
-        return Resolver(nameservers=(dns_server.address,), port=dns_server.port, timeout=timeout)
+        return Sync(Resolver(nameservers=(dns_server.address,), port=dns_server.port, timeout=timeout))
 
     return make
 
