@@ -617,3 +617,27 @@ def test_a_purge_is_not_undone_by_a_failure_or_a_none_found_by_a_lookup_started_
     resolver.armed, resolver.gate = True, threading.Event()
     assert _purge_while_in_flight(clock, resolver, disc, cache, "nothing.example").status == "none"
     assert cache.negative("nothing.example") is None
+
+
+def test_the_refresher_thread_refreshes_due_policies_survives_a_failing_pass_and_stops(world, caplog):
+    """start_refresher(): the daemon's thread, not a test calling refresh_due() by hand."""
+    clock, resolver, fetcher, disc = world
+    publish(resolver, fetcher, "example.com", "a1", ENFORCE)
+    disc.lookup("example.com")
+    clock.now += 3601  # due
+    passes = []
+    original = disc.refresh_due
+
+    def counted_pass():
+        passes.append(clock.now)
+        if len(passes) == 1:
+            raise RuntimeError("store exploded")  # a bug in one pass must not end the thread
+        return original()
+
+    disc.refresh_due = counted_pass
+    disc.start_refresher(period=0.02)
+    wait_for(lambda: fetcher.fetches == 2)
+    assert disc.cache.peek("example.com").fetched_at == clock.now
+    assert "refresher pass failed" in caplog.text
+    disc.close()
+    assert not disc._refresher.is_alive()  # close() ends the thread (it waits at most a period)
