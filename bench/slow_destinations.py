@@ -10,9 +10,9 @@ LimitNOFILE) and, when it is installed, postfix-mta-sts-resolver's ``mta-sts-dae
 
 * N DNS-dead domains (the loopback DNS server drops every query for them) and N
   hanging-TLS domains (TXT and A fine; the policy host, 127.0.0.2 on the policy port,
-  accepts TCP and never completes the TLS handshake) are looked up all at once, one
-  request on each of 2N socketmap connections (as Postfix's client: one request in
-  flight per connection);
+  accepts TCP and never completes the TLS handshake) are looked up all at once, the two
+  kinds interleaved, one request on each of 2N socketmap connections (as Postfix's
+  client: one request in flight per connection);
 * 0.5 s into the burst a never-seen good domain (enforce policy, working DNS and HTTPS)
   is asked on a connection of its own: the time to its answer, and the answer;
 * meanwhile 4 connections ask 20 pre-warmed good domains, each every 10 ms: p99 of those
@@ -166,7 +166,7 @@ def run_one(daemon: str, n: int, peer: str = None) -> dict:
         stack.callback(client.stop)
         client.start()
         before = slow.proc_status(pid)
-        report = slow.run_burst(port, pid, client, dead + hang, fresh, warm, fresh_delay=FRESH_DELAY,
+        report = slow.run_burst(port, pid, client, slow.interleave(dead, hang), fresh, warm, fresh_delay=FRESH_DELAY,
                                 burst_timeout=BURST_TIMEOUT, cached_connections=CACHED_CONNECTIONS,
                                 cached_interval=CACHED_INTERVAL)
         round1_dns, round1_tls = world.dns_queries(dead), world.hang_stats()[0]

@@ -135,7 +135,7 @@ def scenario():
             result = Scenario(daemon)
 
             # (a) a fresh good domain while 1150 broken ones are in flight
-            result.burst = slow.run_burst(port, daemon.pid, client, dead + hang, fresh[0], warm,
+            result.burst = slow.run_burst(port, daemon.pid, client, slow.interleave(dead, hang), fresh[0], warm,
                                           fresh_delay=FRESH_DELAY, burst_timeout=BURST_TIMEOUT)
             # (b) the same broken domains again, once their lookups have failed
             try:

@@ -58,6 +58,14 @@ def domains(kind: str, count: int, start: int = 0) -> List[str]:
     return [f"{kind}{i:05d}.{ZONE}" for i in range(start, start + count)]
 
 
+def interleave(*groups: Sequence[str]) -> List[str]:
+    """The names of every group, each group spread evenly over the result (1000 dead and
+    150 hanging: a hanging one about every 7.7), so that a burst starts them together
+    rather than one kind after the other (a FIFO pool would see only the first kind)."""
+    keyed = [(i / len(group), k, name) for k, group in enumerate(groups) for i, name in enumerate(group)]
+    return [name for _, _, name in sorted(keyed)]
+
+
 def request(domain: str) -> bytes:
     payload = SOCKETMAP_NAME + b" " + domain.encode()
     return b"%d:%s," % (len(payload), payload)
