@@ -209,7 +209,8 @@ def peer_runs(peer: str, ns: list, netns: str, root, stack) -> list:
         return []
     log(f"# peer: port {PEER_PORT} taken (or --peer-netns yes): its runs go into a network namespace of their own")
     out = root / "peer-results.json"
-    argv = ["unshare", "--net", "--mount", "--propagation", "private", common.PYTHON, os.path.abspath(__file__),
+    argv = ["unshare", "--net", "--mount", "--propagation", "private", common.PYTHON,
+            *(f"-W{option}" for option in sys.warnoptions), os.path.abspath(__file__),
             "--peer-part", str(out), "--peer", peer, "--n", ",".join(map(str, ns))]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=slow.die_with_parent)
     common._STARTED.append(proc)
