@@ -310,7 +310,6 @@ class _WorldImpl:
 
     def __init__(self, root: str, https_port: int, black_hole: str):
         from world.fixtures_sts import StsWorld
-        from world.https_server import HttpsServer
 
         self.dns = IndexedDnsServer()
         self.https = None
@@ -330,17 +329,16 @@ class _WorldImpl:
         from world.https_server import HttpsServer
 
         for _ in range(20):
-            hang = HangListener(black_hole, https_port)
-            hang.start()
+            hang = HangListener(black_hole, https_port).start()
             https = HttpsServer(port=hang.port)
             try:
                 https.start()
-            except OSError:
+            except BaseException as e:
                 https.stop()
                 hang.stop()
-                if https_port:
+                if https_port or not isinstance(e, OSError):
                     raise
-                continue
+                continue  # the black hole's port is taken on 127.0.0.1: another one
             return https, hang
         raise OSError("no port free on both 127.0.0.1 and %s" % black_hole)
 
