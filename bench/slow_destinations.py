@@ -91,6 +91,8 @@ def summary(daemon: str, n: int, report: slow.BurstReport, reask: slow.ReaskRepo
         "fresh_reply": (report.fresh_reply or b"<no answer>").decode(errors="replace"),
         "fresh_seconds": report.fresh_seconds,
         "answered_before_fresh": report.answered_before_fresh,
+        "fresh_timeline": report.timeline_text(),
+        "daemon_cpu": report.daemon_cpu, "world_cpu": report.world_cpu, "load": report.load,
         "cached_count": len(report.cached_latencies),
         "cached_p50_ms": slow.percentile(report.cached_latencies, 50) * 1e3,
         "cached_p99_ms": report.cached_p99 * 1e3,
@@ -119,6 +121,10 @@ def print_run(r: dict) -> None:
     log(f"## {name} ({r['seconds']:.0f} s)")
     log(f"#   fresh good domain asked {FRESH_DELAY} s into the burst: {r['fresh_seconds']:.3f} s -> "
         f"{r['fresh_reply']!r} ({r['answered_before_fresh']} of {2 * r['n']} burst requests answered before it)")
+    log(f"#   the fresh domain's lookup reached the servers: {r['fresh_timeline']}")
+    log(f"#   CPU from the burst's start until it was answered: daemon {r['daemon_cpu']:.2f} s, test servers"
+        f" {r['world_cpu']:.2f} s, over {r['burst_elapsed']:.1f} s on {os.cpu_count()} CPUs (load average"
+        f" {r['load']:.1f} before)")
     log(f"#   cached lookups during the burst: {r['cached_count']}, p50 {r['cached_p50_ms']:.2f} ms, "
         f"p99 {r['cached_p99_ms']:.2f} ms, max {r['cached_max_ms']:.1f} ms ({kinds(r['cached_kinds'])})")
     log(f"#   daemon threads {r['threads_before']} before, {r['threads_at_fresh']} at the fresh answer, "
@@ -173,7 +179,7 @@ def run_one(daemon: str, n: int, peer: str = None) -> dict:
         before = slow.proc_status(pid)
         report = slow.run_burst(port, pid, client, slow.interleave(dead, hang), fresh, warm, fresh_delay=FRESH_DELAY,
                                 burst_timeout=BURST_TIMEOUT, cached_connections=CACHED_CONNECTIONS,
-                                cached_interval=CACHED_INTERVAL)
+                                cached_interval=CACHED_INTERVAL, world=world)
         round1_dns, round1_tls = world.dns_queries(dead), world.hang_stats()[0]
         reask = slow.run_reask(world, client, {"dead": dead, "hang": hang}, at=report.started + REASK_AFTER,
                                timeout=BURST_TIMEOUT, within=WITHIN)
@@ -262,6 +268,7 @@ def table(results: list) -> None:
          else r["fresh_reply"].split(" ")[0]),
         ("cached p99, ms", lambda r: fmt(r["cached_p99_ms"], ".2f")),
         ("cached max, ms", lambda r: fmt(r["cached_max_ms"], ".1f")),
+        ("daemon CPU, s", lambda r: fmt(r["daemon_cpu"], ".2f")),
         ("threads peak", lambda r: str(r["peak_threads"])),
         ("RSS peak, MiB", lambda r: fmt(r["peak_rss_mib"], ".0f")),
         ("burst answered, s", lambda r: fmt(r["burst_elapsed"], ".1f")),

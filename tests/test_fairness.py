@@ -136,7 +136,7 @@ def scenario():
 
             # (a) a fresh good domain while 1150 broken ones are in flight
             result.burst = slow.run_burst(port, daemon.pid, client, slow.interleave(dead, hang), fresh[0], warm,
-                                          fresh_delay=FRESH_DELAY, burst_timeout=BURST_TIMEOUT)
+                                          fresh_delay=FRESH_DELAY, burst_timeout=BURST_TIMEOUT, world=world)
             # (b) the same broken domains again, once their lookups have failed
             try:
                 result.settled_after = _wait_settled(world, dead + hang, result.burst.started)
@@ -147,7 +147,7 @@ def scenario():
             # (c) a fresh good domain while 150 policy hosts drip their bodies
             try:
                 result.drip = slow.run_burst(port, daemon.pid, client, drip, fresh[1], warm,
-                                             fresh_delay=FRESH_DELAY, burst_timeout=BURST_TIMEOUT)
+                                             fresh_delay=FRESH_DELAY, burst_timeout=BURST_TIMEOUT, world=world)
             except (TimeoutError, RuntimeError) as e:
                 result.drip_error = str(e)
             result.world_errors = tuple(world.dns_errors())
@@ -162,7 +162,10 @@ def _describe(report: slow.BurstReport, what: str) -> str:
             f" ({report.answered_before_fresh} of {len(report.burst)} broken lookups answered before it was asked);"
             f" cached lookups: {len(report.cached_latencies)}, p99 {report.cached_p99 * 1e3:.1f} ms,"
             f" max {max(report.cached_latencies, default=0) * 1e3:.1f} ms, answers {report.cached_kinds};"
-            f" broken lookups answered {report.burst_kinds()}; daemon threads {report.peak_threads} at most")
+            f" broken lookups answered {report.burst_kinds()}; daemon threads {report.peak_threads} at most;"
+            f" the fresh lookup reached the test servers: {report.timeline_text()}; CPU during the burst"
+            f" ({report.elapsed:.1f} s): daemon {report.daemon_cpu:.2f} s, test servers {report.world_cpu:.2f} s;"
+            f" load average {report.load:.1f} before")
 
 
 def _assert_fair(report: slow.BurstReport, what: str):

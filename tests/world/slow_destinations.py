@@ -131,6 +131,19 @@ def open_files_limit(count: int):
 # --------------------------------------------------------------------------- the servers
 
 
+class _TimedLog(list):
+    """DnsServer's query log, also noting when each name was first asked
+    (time.monotonic(): one clock for every process on the machine)."""
+
+    def __init__(self, first_seen: Dict[str, float]):
+        super().__init__()
+        self.first_seen = first_seen
+
+    def append(self, query):
+        super().append(query)
+        self.first_seen.setdefault(query[0], time.monotonic())
+
+
 class IndexedDnsServer(DnsServer):
     """DnsServer fit for bursts of thousands of queries, so that the world is not what
     delays a good domain's answers:
@@ -141,11 +154,14 @@ class IndexedDnsServer(DnsServer):
     * UDP queries are answered in the receiving thread unless some name is delayed: a
       thread per query (the base class, so that a delayed name holds up no other) drains
       only ~6000 queries/s, and a burst of 2000 kept a good query waiting 0.3-0.45 s;
-    * a large UDP receive buffer."""
+    * a large UDP receive buffer;
+    * first_seen: name -> when it was first asked."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._existing = set()  # every owner name and all its ancestors
+        self.first_seen: Dict[str, float] = {}
+        self.queries = _TimedLog(self.first_seen)
 
     def add(self, name, rtype, value, ttl=300):
         super().add(name, rtype, value, ttl)
@@ -208,6 +224,26 @@ class IndexedDnsServer(DnsServer):
             names = [q[0] for q in self.queries]
         counts = collections.Counter(names)
         return sum(n for name, n in counts.items() if name in wanted or name.partition(".")[2] in wanted)
+
+
+def _timed_https_server():
+    from world.https_server import HttpsServer
+
+    class TimedHttpsServer(HttpsServer):
+        """HttpsServer noting when each host's first policy request was read."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.first_request: Dict[str, float] = {}
+
+        def _read_request(self, sock):
+            request = super()._read_request(sock)
+            if request is not None:
+                with self._lock:
+                    self.first_request.setdefault(self._sni.host, time.monotonic())
+            return request
+
+    return TimedHttpsServer
 
 
 class HangListener:
@@ -326,8 +362,7 @@ class _WorldImpl:
     def _policy_servers(https_port, black_hole):
         """The HTTPS server on 127.0.0.1:P and the black hole on black_hole:P (one port:
         the daemon fetches every policy from [fetch] port)."""
-        from world.https_server import HttpsServer
-
+        HttpsServer = _timed_https_server()
         for _ in range(20):
             hang = HangListener(black_hole, https_port).start()
             https = HttpsServer(port=hang.port)
@@ -383,6 +418,15 @@ class _WorldImpl:
 
     def https_connections(self) -> int:
         return self.https.connections
+
+    def timeline(self, domain: str) -> Dict[str, Optional[float]]:
+        """When the daemon's lookup of a good domain reached the servers (monotonic): its
+        TXT query, the policy host's A query, the policy request, the MX query (DANE)."""
+        seen = self.dns.first_seen
+        with self.https._lock:
+            request = self.https.first_request.get(f"mta-sts.{domain}")
+        return {"TXT": seen.get(f"_mta-sts.{domain}"), "A": seen.get(f"mta-sts.{domain}"), "policy": request,
+                "MX": seen.get(domain)}
 
     def stop(self) -> None:
         for server in (self.hang, self.https, self.dns):
@@ -489,6 +533,13 @@ class SlowWorld:
 
     def https_requests(self, names) -> int:
         return self.call("https_requests", list(names))
+
+    def timeline(self, domain) -> Dict[str, Optional[float]]:
+        return self.call("timeline", domain)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stop(self) -> None:
         if self.proc is None:
@@ -820,6 +871,16 @@ def proc_status(pid: int) -> Tuple[int, int]:
     return threads, rss
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process (all its threads) from /proc; 0.0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ProcSampler:
     """A thread sampling a process's threads and RSS every `period` seconds; peaks kept."""
 
@@ -887,6 +948,18 @@ class BurstReport:
     peak_rss_kib: int
     elapsed: float  # from the burst's start until every burst request was answered (or gave up)
     started: float  # the burst's start, time.monotonic()
+    # when the fresh domain's lookup reached the servers, seconds after it was asked
+    # (None: never, or no world given); TXT, A, policy, MX (see SlowWorld.timeline)
+    fresh_timeline: Dict[str, Optional[float]] = dataclasses.field(default_factory=dict)
+    daemon_cpu: float = 0.0  # CPU seconds the daemon used from the burst's start to its end
+    world_cpu: float = 0.0  # the same for the world process (the test servers)
+    load: float = 0.0  # the machine's 1-minute load average at the start
+
+    def timeline_text(self) -> str:
+        steps = [f"{name} +{t:.3f} s" for name, t in self.fresh_timeline.items() if t is not None]
+        missing = [name for name, t in self.fresh_timeline.items() if t is None]
+        text = ", ".join(steps + [f"answer +{self.fresh_seconds:.3f} s"])
+        return text + (f" (no {', '.join(missing)})" if missing else "")
 
     @property
     def cached_p99(self) -> float:
@@ -901,25 +974,32 @@ class BurstReport:
 
 def run_burst(port: int, pid: int, client: BurstClient, broken: Sequence[str], fresh: str,
               cached: Sequence[str], fresh_delay: float = 0.5, burst_timeout: float = 30.0,
-              cached_connections: int = 4, cached_interval: float = 0.01, min_window: float = 2.5) -> BurstReport:
+              cached_connections: int = 4, cached_interval: float = 0.01, min_window: float = 2.5,
+              world: Optional[SlowWorld] = None) -> BurstReport:
     """Ask every broken domain at once (one per connection of client), ask the never-seen
     fresh domain fresh_delay seconds later on a connection of its own, and the cached
     domains at a steady pace on others, until every broken domain is answered (or
     burst_timeout) and at least min_window seconds from the start (a daemon that answers
     the whole burst at once still gets its cached lookups measured while it works on
-    what follows). pid: the daemon, whose threads and RSS are sampled."""
+    what follows). pid: the daemon, whose threads, RSS and CPU are sampled; world: for
+    the fresh domain's timeline and the test servers' CPU."""
     fresh_sock = _connect(port)
     loop = None
     try:
         start_at = time.monotonic() + 0.5 + len(broken) * 2e-5
         loop = CachedLoop(port, cached, cached_connections, cached_interval)
         loop.start(start_at, start_at + burst_timeout + 10.0)
+        load = os.getloadavg()[0]
         with ProcSampler(pid) as sampler:
             client.ask(broken, start_at, burst_timeout)
-            fresh_reply, fresh_seconds = ask_at(fresh_sock, fresh, start_at + fresh_delay, timeout=burst_timeout)
+            cpu = (cpu_seconds(pid), cpu_seconds(world.pid) if world is not None else 0.0)
+            time.sleep(max(0.0, start_at + fresh_delay - time.monotonic()))
+            asked = time.monotonic()
+            fresh_reply, fresh_seconds = ask_at(fresh_sock, fresh, 0.0, timeout=burst_timeout)
             threads_at_fresh, rss_at_fresh = sampler.sample()
             burst = client.result()
             elapsed = time.monotonic() - start_at
+            cpu = (cpu_seconds(pid) - cpu[0], cpu_seconds(world.pid) - cpu[1] if world is not None else 0.0)
             time.sleep(max(0.0, start_at + min_window - time.monotonic()))
         latencies, kinds = loop.stop()
         loop = None
@@ -927,9 +1007,13 @@ def run_burst(port: int, pid: int, client: BurstClient, broken: Sequence[str], f
         fresh_sock.close()
         if loop is not None:
             loop.close()
+    timeline = {}
+    if world is not None:
+        timeline = {step: (t - asked if t is not None else None) for step, t in world.timeline(fresh).items()}
     answered_early = sum(1 for _, reply, s in burst if reply is not None and s is not None and s < fresh_delay)
     return BurstReport(fresh, fresh_reply, fresh_seconds, answered_early, burst, latencies, kinds, threads_at_fresh,
-                       rss_at_fresh, sampler.peak_threads, sampler.peak_rss, elapsed, start_at)
+                       rss_at_fresh, sampler.peak_threads, sampler.peak_rss, elapsed, start_at, timeline, cpu[0],
+                       cpu[1], load)
 
 
 @dataclasses.dataclass
