@@ -214,13 +214,13 @@ def _terminate_all() -> None:
 class Subprocess:
     """A child process with output to a file; stop() TERMs, then KILLs."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, env=None):
+    def __init__(self, argv: Sequence[str], log_path: Path, env=None, preexec_fn=None):
         self.argv = list(argv)
         self.log_path = log_path
         self._log = open(log_path, "wb")
         try:
             self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
         except BaseException:
             self._log.close()
             raise
@@ -280,7 +280,8 @@ class StsDaemon:
     sqlite cache, metrics endpoint, socketmap, info logging (to a file)."""
 
     def __init__(self, world: BenchWorld, root: Path, stack: contextlib.ExitStack, name: str,
-                 milter_spec: Optional[str] = None, socketmap_port: Optional[int] = None, **sections):
+                 milter_spec: Optional[str] = None, socketmap_port: Optional[int] = None, preexec_fn=None,
+                 **sections):
         from world.daemon import DaemonProcess
 
         self.metrics_port = free_port()
@@ -299,7 +300,7 @@ class StsDaemon:
         config_path.write_text(world.config_text(cache_path=str(root / f"{name}-cache.sqlite"), **merged))
         self.proc = DaemonProcess(str(config_path), str(root / f"{name}.log"))
         stack.callback(self._stop)
-        self.proc.start()
+        self.proc.start(preexec_fn=preexec_fn)
         proc = self.proc.proc
         _STARTED.append(proc)
 
@@ -337,6 +338,58 @@ class StsDaemon:
                 key, value = line.rsplit(" ", 1)
                 out[key[len(name):]] = float(value)
         return out
+
+
+# --------------------------------------------------------------------------- the peer
+
+PEER_COMMAND = "mta-sts-daemon"  # postfix-mta-sts-resolver (PyPI); 1.5.1 measured
+PEER_ENV = "STSMILTER_BENCH_PEER"  # its path, when it is not on PATH
+
+
+def find_peer(explicit: Optional[str] = None) -> Optional[str]:
+    """The mta-sts-daemon to run: explicit, else $STSMILTER_BENCH_PEER, else PATH; None if
+    it is not installed (the benchmarks install nothing)."""
+    candidate = explicit or os.environ.get(PEER_ENV) or shutil.which(PEER_COMMAND)
+    if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+        return candidate
+    return None
+
+
+class PeerDaemon:
+    """postfix-mta-sts-resolver's mta-sts-daemon against a loopback world.
+
+    It resolves through /etc/resolv.conf (c-ares; no option for another server) and
+    always fetches policies from port 443: it runs in a private mount namespace whose
+    bind-mounted resolv.conf says ``nameserver 127.0.0.1:DNS_PORT`` (c-ares takes
+    ip:port) with ``options timeout:2 attempts:1``, trusts SSL_CERT_FILE = ca_file, and
+    the caller serves the policy hosts on 127.0.0.x:443 (in a network namespace of its
+    own if 443 is taken). Needs root (unshare, mount). Proxies are unset: nothing leaves
+    loopback."""
+
+    def __init__(self, executable: str, root: Path, stack: contextlib.ExitStack, dns_port: int, ca_file: str,
+                 name: str = "peer", port: Optional[int] = None, dns_timeout: int = 2, preexec_fn=None):
+        self.port = port or free_port()
+        resolv = root / f"{name}-resolv.conf"
+        resolv.write_text(f"nameserver {LOOPBACK}:{dns_port}\noptions timeout:{dns_timeout} attempts:1\n")
+        config = root / f"{name}.yml"
+        # Its defaults but for the address and the shutdown wait (20 s: it would only slow the
+        # benchmark's teardown). default_zone.timeout stays 4 s (its default); reuse_port
+        # stays true (1.5.1 fails to start with false: UnboundLocalError in Responder.start).
+        config.write_text(f"host: {LOOPBACK}\nport: {self.port}\nshutdown_timeout: 2\n"
+                          "cache:\n  type: internal\n  options:\n    cache_size: 10000\n")
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env["SSL_CERT_FILE"] = ca_file
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" /etc/resolv.conf && exec "$2" -c "$3" -v warn', "sh",
+                str(resolv), executable, str(config)]
+        self.proc = Subprocess(argv, root / f"{name}.log", env=env, preexec_fn=preexec_fn)
+        stack.callback(self.proc.stop)
+        wait_for(lambda: self.proc.check_alive("mta-sts-daemon") and port_listening(self.port), 20,
+                 "mta-sts-daemon listening")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid  # unshare and sh exec: the daemon itself
 
 
 class _Alive:

@@ -67,11 +67,13 @@ class Request(NamedTuple):
 
 
 class HttpsServer:
-    def __init__(self, address="127.0.0.1", tls_maximum_version: Optional[ssl.TLSVersion] = None):
+    def __init__(self, address="127.0.0.1", tls_maximum_version: Optional[ssl.TLSVersion] = None, port=0):
         """tls_maximum_version applies to every host (OpenSSL fixes the protocol range
-        before the SNI callback runs, so it cannot vary per host)."""
+        before the SNI callback runs, so it cannot vary per host). port: 0 picks a free
+        one at start; a client that always fetches from 443 needs that one."""
         self.address = address
         self.port = None
+        self._wanted_port = port
         self.ca_file = None
         self.connections = 0  # TCP connections accepted, any host
         self._tls_maximum_version = tls_maximum_version
@@ -149,7 +151,9 @@ class HttpsServer:
         self._ca.cert_pem.write_to_path(self.ca_file)
         try:
             self._listener = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET)
-            self._listener.bind((self.address, 0))
+            if self._wanted_port:  # a fixed port: the last run's TIME_WAIT connections must not block it
+                self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((self.address, self._wanted_port))
             self._listener.listen(64)
             self._listener.setblocking(False)
             self._wake = socket.socketpair()
