@@ -93,6 +93,9 @@ class PolicyCache:
         self._purged: TTLCache = TTLCache(maxsize=max_entries, ttl=PURGE_MEMORY_SECONDS, timer=clock)
         self._purged_all = float("-inf")
         self._closed = False
+        # Memory holds every policy the store holds (a lone daemon whose store fit in memory
+        # and that never had to evict one): get() need not ask the store what memory lacks.
+        self._complete = False
         # Counted at scrape time: always true, and no bookkeeping on every put.
         metrics.CACHE_ENTRIES.set_function(self.count)
         metrics.REFRESH_FAILING.set_function(self.count_failing)
@@ -105,6 +108,7 @@ class PolicyCache:
             return 0
         stored.sort(key=lambda e: e.fetched_at)
         with self._lock:
+            self._complete = not self.store.shared and len(stored) <= self._policies.maxsize
             for entry in stored[-self._policies.maxsize :]:
                 self._policies[entry.domain] = entry
             self._failing.update((e.domain, e) for e in stored if e.failing)
@@ -115,9 +119,14 @@ class PolicyCache:
         with self._lock:
             return self._policies.get(domain)
 
+    @property
+    def complete(self) -> bool:
+        """Memory holds everything the store does: get() is peek(), without I/O."""
+        return self._complete
+
     def get(self, domain: str) -> Optional[Entry]:
         entry = self.peek(domain)
-        if entry is None:
+        if entry is None and not self._complete:
             _ok, entry = self._guard.call("read", self.store.get, domain)
             if entry is not None:
                 with self._lock:
@@ -145,6 +154,8 @@ class PolicyCache:
             if self._purged_since(entry):  # purged while the store wrote it
                 self._unsaved.discard(domain)
                 return
+            if domain not in self._policies and len(self._policies) >= self._policies.maxsize:
+                self._complete = False  # the least recently used policy leaves memory, not the store
             self._policies[domain] = entry
             self._negative.pop(domain, None)
             self._failures.pop(domain, None)

@@ -262,3 +262,46 @@ def test_a_refresher_pass_writes_what_the_store_refused(world, store):
     disc.cache._guard._resume_at = 0  # the store's rest is over
     disc.refresh_due()
     assert store.inner.get("example.com").policy.mode == "enforce" and disc.cache.unsaved == 0
+
+
+# --- memory that holds the whole store spares discovery a store read per new domain
+
+def test_a_store_that_fit_in_memory_is_not_asked_for_what_memory_lacks(store, clock):
+    for n in range(3):
+        store.inner.put(entry(f"d{n}.example", clock))
+    cache = PolicyCache(store, 100, negative_ttl=60, failure_backoff=300, clock=clock)
+    assert cache.load() == 3 and cache.complete
+    assert cache.get("d1.example").policy.mode == "enforce"
+    assert cache.get("never-seen.example") is None
+    assert store.calls.count("get") == 0
+
+
+def test_a_store_larger_than_memory_is_asked(store, clock):
+    for n in range(120):  # the 20 oldest stay in the store only
+        store.inner.put(entry(f"d{n}.example", clock, fetched_ago=120 - n))
+    cache = PolicyCache(store, 100, negative_ttl=60, failure_backoff=300, clock=clock)
+    assert cache.load() == 100 and not cache.complete
+    assert cache.peek("d0.example") is None and cache.get("d0.example") is not None
+    assert store.calls.count("get") == 1
+
+
+def test_the_first_eviction_makes_memory_incomplete(store, clock):
+    cache = PolicyCache(store, 100, negative_ttl=60, failure_backoff=300, clock=clock)
+    cache.load()
+    for n in range(100):
+        cache.put(entry(f"d{n}.example", clock))
+    assert cache.complete
+    cache.put(entry("d0.example", clock))  # replacing one evicts nothing
+    assert cache.complete
+    cache.put(entry("one-more.example", clock))  # the least recently used goes: the store still has it
+    assert not cache.complete
+    assert cache.get("d1.example").domain == "d1.example" and store.calls.count("get") == 1
+
+
+def test_after_a_failed_load_the_store_is_always_asked(store, clock):
+    store.faults["entries"] = FULL
+    cache = PolicyCache(store, 100, negative_ttl=60, failure_backoff=300, clock=clock, retry_after=0)
+    cache.load()
+    assert not cache.complete
+    cache.get("anything.example")
+    assert store.calls.count("get") == 1
