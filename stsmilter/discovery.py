@@ -72,7 +72,7 @@ class Settings:
     id_check_min_interval: float = 60.0  # the floor under a short TXT TTL
     refresh_interval: float = 86400.0
     mx_ttl: float = 300.0
-    max_concurrent: int = 256  # HTTPS fetches in flight at once
+    max_concurrent: int = 1024  # HTTPS fetches in flight at once
     # The daemon answers from an unexpired cached policy at once and re-checks its TXT
     # id in the background; a one-shot command (query, check) waits for the re-check.
     recheck_in_background: bool = True
@@ -282,9 +282,24 @@ class Discovery:
             return record, txt.ttl, None
         return None, None, "invalid-txt-record" if policy.sts_record_texts(txt.records) else "no-txt-record"
 
+    async def _cached(self, domain: str) -> Optional[Entry]:
+        """cache.get(domain): from memory alone if it holds everything the store does,
+        else on a store thread."""
+        if self.cache.complete:
+            return self.cache.peek(domain)
+        return await self.engine.blocking(self.cache.get, domain)
+
+    async def _remember(self, method: Callable, *args) -> None:
+        """A cache call that writes the store only when it is shared (put_negative,
+        set_backoff): on a store thread then, else at once."""
+        if self.cache.store.shared:
+            await self.engine.blocking(method, *args)
+        else:
+            method(*args)
+
     async def _discover(self, domain: str, force: bool) -> Result:
         now = self.clock()
-        entry = await self.engine.blocking(self.cache.get, domain)
+        entry = await self._cached(domain)
         usable = entry if entry is not None and entry.expires > now else None
         if force and usable is not None and now - usable.fetched_at < FORCE_FRESH_SECONDS:
             return dataclasses.replace(usable.result, source="fetched")
@@ -313,7 +328,7 @@ class Discovery:
                 return usable.result
             result = Result(domain, FAILED if problem == "dns-error" else NONE, reason=problem)
             if problem != "dns-error":
-                await self.engine.blocking(self.cache.put_negative, dataclasses.replace(result, source="cache"), True, now)
+                await self._remember(self.cache.put_negative, dataclasses.replace(result, source="cache"), True, now)
             return result
         if usable is not None and usable.policy_id == record.id and not force:
             await self.engine.blocking(self.cache.put, usable.confirmed(now, txt_ttl))
@@ -353,7 +368,7 @@ class Discovery:
             log.warning("policy fetch for %s (id %s) failed: %s: %s", domain, policy_id, failure.reason, failure)
             if getattr(failure, "timed_out", False):  # a host that hangs: not asked again for a while
                 self.cache.put_failure(domain, failure.reason, started=now)
-            await self.engine.blocking(self.cache.set_backoff, domain, policy_id, failure.reason, True, now)
+            await self._remember(self.cache.set_backoff, domain, policy_id, failure.reason, True, now)
             return failure.reason
         metrics.POLICY_FETCHES.labels(result="ok").inc()
         entry = make_entry(domain, policy_id, new_policy, fetched_at=now, txt_ttl=txt_ttl)
@@ -399,7 +414,7 @@ class Discovery:
         return self._start(domain, "refresh", self._refresh).result()
 
     async def _refresh(self, domain: str, _force: bool) -> Result:
-        entry = await self.engine.blocking(self.cache.get, domain)
+        entry = await self._cached(domain)
         if entry is None:
             return await self._discover(domain, False)
         # In a fleet one daemon refreshes it; the others skip it (and hear of the result).

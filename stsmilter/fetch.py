@@ -6,9 +6,12 @@ redirects are not followed, the body is capped at 64 KiB while it streams, and o
 deadline bounds the whole fetch however slowly the server talks.
 
 A fetch is a coroutine on the engine's event loop: while a policy host hangs, the fetch
-holds a socket, not a thread. The HTTP response is parsed by h11, a small, well-tested
-HTTP/1.1 state machine that does no I/O of its own (status line, header limits, chunked
-and Content-Length framing); the connection, TLS, addresses and the deadline stay ours.
+holds a socket, not a thread. TLS runs in an ssl.SSLObject over memory BIOs on a plain
+asyncio stream (asyncio's own TLS transport reserves a 256 KiB read buffer per
+connection: a burst of hanging policy hosts would cost that much each). The HTTP
+response is parsed by h11, a small, well-tested HTTP/1.1 state machine that does no I/O
+of its own (status line, header limits, chunked and Content-Length framing); the
+connection, TLS, addresses and the deadline stay ours.
 """
 
 import asyncio
@@ -123,8 +126,9 @@ class Fetcher:
             async with asyncio.timeout_at(end):
                 addresses = await self._addresses(host, end - loop.time())
                 reader, writer = await self._connect(addresses, end)
-                await self._start_tls(writer, host)
-                return await self._exchange(reader, writer, host)
+                tls = _Tls(self.context, host, reader, writer)
+                await self._handshake(tls)
+                return await self._exchange(tls, host)
         except TimeoutError:
             raise FetchTimeout("timeout") from None
         finally:
@@ -163,9 +167,9 @@ class Fetcher:
                 failure = f"connect {address}: {e.strerror or type(e).__name__}"
         raise FetchError(failure)
 
-    async def _start_tls(self, writer, host):
+    async def _handshake(self, tls: "_Tls") -> None:
         try:
-            await writer.start_tls(self.context, server_hostname=host)
+            await tls.handshake()
         except ssl.SSLCertVerificationError as e:
             raise WebPkiError(f"certificate: {_short(e.verify_message or e.reason)}") from None
         except ssl.SSLError as e:
@@ -173,7 +177,7 @@ class Fetcher:
         except (OSError, EOFError) as e:  # the peer hung up during the handshake
             raise FetchError(f"tls: {getattr(e, 'strerror', None) or type(e).__name__}") from None
 
-    async def _exchange(self, reader, writer, host) -> bytes:
+    async def _exchange(self, tls: "_Tls", host) -> bytes:
         http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         request = h11.Request(method="GET", target=POLICY_PATH, headers=[
             ("Host", host if self.port == 443 else f"{host}:{self.port}"),
@@ -183,12 +187,11 @@ class Fetcher:
         ])
         chunks, total, head_seen = [], 0, False
         try:
-            writer.write(http.send(request) + http.send(h11.EndOfMessage()))
-            await writer.drain()
+            await tls.send(http.send(request) + http.send(h11.EndOfMessage()))
             while True:
                 event = http.next_event()
                 if event is h11.NEED_DATA:
-                    http.receive_data(await reader.read(CHUNK))  # b"": the peer closed
+                    http.receive_data(await tls.recv())  # b"": the peer closed
                 elif isinstance(event, h11.Response):
                     _check_head(event)
                     head_seen = True
@@ -210,6 +213,56 @@ class Fetcher:
             raise FetchError(f"tls: {_short(e.reason or type(e).__name__)}") from None
         except (OSError, EOFError) as e:
             raise FetchError(f"network: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+
+
+class _Tls:
+    """TLS over an asyncio stream: an ssl.SSLObject fed through memory BIOs (the Python
+    documentation's "Memory BIO Support"), reading at most CHUNK bytes at a time."""
+
+    def __init__(self, context: ssl.SSLContext, host: str, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_hostname=host)
+        self.reader, self.writer = reader, writer
+
+    async def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def _fill(self) -> None:
+        data = await self.reader.read(CHUNK)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.sslobj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+        await self._flush()
+
+    async def send(self, data: bytes) -> None:
+        self.sslobj.write(data)
+        await self._flush()
+
+    async def recv(self) -> bytes:
+        """Up to CHUNK bytes of plaintext; b"" once the peer has closed (with or without
+        close_notify: the HTTP framing decides whether the answer was complete)."""
+        while True:
+            try:
+                return self.sslobj.read(CHUNK)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
 
 
 def _check_head(response: h11.Response) -> None:
