@@ -234,7 +234,7 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "port": (_int(1, 65535), "443"),
         "ca_file": (_text, ""),
         "allow_private_addresses": (_bool, "no"),
-        "max_concurrent": (_int(1, 4096), "256"),
+        "max_concurrent": (_int(1, 4096), "1024"),
     },
     "cache": {
         "path": (_text, "/var/lib/stsmilter/cache.sqlite"),

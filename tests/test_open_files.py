@@ -26,16 +26,16 @@ def open_files_limit(pid):
     raise AssertionError("no Max open files line")
 
 
-# The defaults: [dns] max_concurrent 2048 UDP sockets, [fetch] max_concurrent 256 HTTPS
+# The defaults: [dns] max_concurrent 2048 UDP sockets, [fetch] max_concurrent 1024 HTTPS
 # sockets, [socketmap] max_connections 1000, 32 /metrics connections.
-DEFAULT_NEED = open_files.RESERVE + 2048 + 256 + 1000 + 32
+DEFAULT_NEED = open_files.RESERVE + 2048 + 1024 + 1000 + 32
 
 
 def test_needed_counts_the_socketmap_the_metrics_and_a_reserve():
     cfg = config.defaults()
     assert open_files.needed(cfg) == DEFAULT_NEED
     assert open_files.needed(cfg.replace(socketmap={"listen": None}, metrics={"listen": None})) == (
-        open_files.RESERVE + 2048 + 256)
+        open_files.RESERVE + 2048 + 1024)
     assert open_files.needed(cfg.replace(dns={"max_concurrent": 10}, fetch={"max_concurrent": 5})) == (
         open_files.RESERVE + 10 + 5 + 1000 + 32)
     # a Redis connection per store thread (4), plus the refresher's, the events reader's, spares
