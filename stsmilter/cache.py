@@ -120,8 +120,7 @@ class PolicyCache:
         saved, _ = self._guard.call("write", self.store.put, entry)
         domain = entry.domain
         with self._lock:
-            if self._purged_since(entry):  # purged while the store wrote it
-                self._unsaved.discard(domain)
+            if self._purged_since(entry):  # purged while the store wrote it (forget() left _unsaved)
                 return
             self._policies[domain] = entry
             self._negative.pop(domain, None)

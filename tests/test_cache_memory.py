@@ -350,6 +350,8 @@ def test_resync_adopts_newer_entries_and_offers_what_the_store_lost(cache, store
     cache.put(entry("kept.example", fetched_at=T0 - 100))
     cache.put(entry("lost.example", fetched_at=T0 - 100))
     cache.put(entry("stale.example", fetched_at=T0 - 100))
+    mine = cache.peek("kept.example")
+    store.put(entry("kept.example", fetched_at=T0 - 200))  # the store's copy is older: memory's stays
     store.delete("lost.example")  # a Redis restarted empty
     newer = entry("stale.example", fetched_at=T0 - 10, failures=1)
     store.put(newer)  # another daemon refreshed it meanwhile
@@ -357,18 +359,20 @@ def test_resync_adopts_newer_entries_and_offers_what_the_store_lost(cache, store
     store.put(fresh)
     assert cache.resync() == 1  # lost.example waits to be written
     assert cache.peek("stale.example") is newer and cache.peek("new.example") is fresh
+    assert cache.peek("kept.example") is mine
     assert cache.count_failing() == 1
     assert cache.flush() == 1 and store.get("lost.example") is not None and cache.unsaved == 0
 
 
 def test_resync_with_memory_full_leaves_new_entries_to_the_store(store, clock):
+    store.put(entry("new.example"))  # first in the store's order
     cache = make_cache(store, clock, max_entries=2)
     cache.put(entry("a.example", fetched_at=T0 - 100))
     cache.put(entry("b.example", fetched_at=T0 - 100))
     newer = entry("b.example", fetched_at=T0 - 1)
     store.put(newer)
-    store.put(entry("c.example"))
     assert cache.resync() == 0
+    # new.example is skipped, and what comes after it in the store is still looked at
     assert domains(cache.snapshot()) == ["a.example", "b.example"] and cache.peek("b.example") is newer
 
 
@@ -683,3 +687,85 @@ def test_the_guard_and_its_rest_come_from_the_store_unless_given(store, clock):
     cache = PolicyCache(store, 10, 60, 300, clock=clock)
     assert cache.guard.store is store and cache.store is store and cache.clock is clock
     assert cache_module.RECENT_NEGATIVE_RESULTS == 1024
+
+
+# --- found by mutation testing (tests/mutation/mutate.py)
+
+
+def errors(op):
+    return REGISTRY.get_sample_value("stsmilter_store_errors_total", {"op": op}) or 0.0
+
+
+def _shared_cache(clock):
+    store = Store(shared=True)
+    return store, make_cache(store, clock)
+
+
+# Each store call is counted under the op README's metrics table names when it fails.
+STORE_CALLS = [
+    ("load", "entries", "read", lambda c: c.load()),
+    ("get", "get", "read", lambda c: c.get("a.example")),
+    ("reload", "get", "read", lambda c: c.reload("a.example")),
+    ("stored_answer", "get_answer", "read", lambda c: c.stored_answer("a.example")),
+    ("resync", "entries", "read", lambda c: c.resync()),
+    ("due", "due", "read", lambda c: c.due(T0, DAY)),
+    ("count", "count", "read", lambda c: c.count()),
+    ("put", "put", "write", lambda c: c.put(entry("a.example"))),
+    ("flush", "put", "write", lambda c: c.flush()),
+    ("put_negative", "put_answer", "write", lambda c: c.put_negative(none_result("a.example"))),
+    ("set_backoff", "put_answer", "write", lambda c: c.set_backoff("a.example", "id1", "x")),
+    ("delete", "delete", "delete", lambda c: c.delete("a.example")),
+    ("purge_expired", "purge_expired", "delete", lambda c: c.purge_expired(T0)),
+]
+
+
+@pytest.mark.parametrize("method, op, call", [c[1:] for c in STORE_CALLS], ids=[c[0] for c in STORE_CALLS])
+def test_a_failed_store_call_is_counted_under_its_op(clock, method, op, call):
+    store, cache = _shared_cache(clock)
+    store.faults["put"] = StoreError("full")
+    cache.put(entry("b.example"))  # something for flush() to write
+    del store.faults["put"]
+    before = {name: errors(name) for name in ("read", "write", "delete")}
+    store.faults[method] = StoreError("gone")
+    call(cache)
+    del store.faults[method]  # (reading the registry calls count() for the entries gauge)
+    after = {name: errors(name) for name in ("read", "write", "delete")}
+    assert {name: after[name] - before[name] for name in after} == {name: float(name == op) for name in after}
+
+
+def test_a_backoff_under_a_second_lasts_what_it_says(store, clock):
+    cache = make_cache(store, clock, failure_backoff=0.5)
+    cache.set_backoff("a.example", "id1", "x")
+    clock.now += 0.4
+    assert cache.backoff("a.example", "id1") == "x"
+    clock.now += 0.1
+    assert cache.backoff("a.example", "id1") is None
+
+
+def test_a_one_second_backoff_and_negative_ttl_are_kept_and_shared(clock):
+    store = Store(shared=True)
+    cache = make_cache(store, clock, negative_ttl=1, failure_backoff=1)
+    cache.set_backoff("a.example", "id1", "x")
+    cache.put_negative(none_result("b.example"))
+    assert cache.backoff("a.example", "id1") == "x" and cache.negative("b.example") is not None
+    assert [(call[1].domain, call[2]) for call in store.named("put_answer")] == [("a.example", 1), ("b.example", 1)]
+
+
+def test_a_newer_entry_refused_by_the_store_during_a_purged_write_still_waits(cache, store, clock):
+    """A lookup begun before a purge writes its (purged) entry while a lookup begun after
+    the purge puts a newer one that the store refuses: the newer one stays unsaved (the
+    refresher writes it), whatever the older write finds when it returns."""
+    old, newer = entry("a.example", fetched_at=T0 - 5), entry("a.example", fetched_at=T0 + 1)
+
+    def purge_and_race(_written):
+        del store.hooks["put"]
+        clock.now = T0
+        cache.forget("a.example")
+        store.faults["put"] = StoreError("full")
+        cache.put(newer)
+        del store.faults["put"]
+
+    store.hooks["put"] = purge_and_race
+    cache.put(old)
+    assert cache.peek("a.example") is newer and cache.unsaved == 1
+    assert cache.flush() == 1 and store.get("a.example") == newer
