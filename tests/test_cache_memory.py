@@ -376,6 +376,17 @@ def test_resync_with_memory_full_leaves_new_entries_to_the_store(store, clock):
     assert domains(cache.snapshot()) == ["a.example", "b.example"] and cache.peek("b.example") is newer
 
 
+def test_resync_with_memory_full_still_takes_newer_copies_of_what_it_holds(store, clock):
+    cache = make_cache(store, clock, max_entries=2)
+    cache.put(entry("a.example", fetched_at=T0 - 100))
+    cache.put(entry("b.example", fetched_at=T0 - 100))
+    newer = entry("b.example", fetched_at=T0 - 1)
+    store.put(newer)
+    store.put(entry("new.example"))  # last in the store's order: no room for it
+    assert cache.resync() == 0
+    assert domains(cache.snapshot()) == ["a.example", "b.example"] and cache.peek("b.example") is newer
+
+
 def test_resync_refuses_what_was_purged_and_reports_an_unreadable_store(cache, store):
     store.put(entry("a.example", fetched_at=T0 - 10))
     cache.forget("a.example")
