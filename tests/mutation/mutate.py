@@ -89,7 +89,7 @@ def undecorate(source, names):
     functions). Raises if a name decorates nothing (a stale MODULES option)."""
     tree = ast.parse(source)
     lines = source.splitlines(keepends=True)
-    edits = []  # (line index, lines to remove, line to insert after the function)
+    edits = []  # (index of the decorator line, index after the function, the assignment)
     found = set()
     for cls in ast.walk(tree):
         if not isinstance(cls, ast.ClassDef):
