@@ -151,8 +151,7 @@ class PolicyCache:
         saved, _ = self._guard.call("write", self.store.put, entry)
         domain = entry.domain
         with self._lock:
-            if self._purged_since(entry):  # purged while the store wrote it
-                self._unsaved.discard(domain)
+            if self._purged_since(entry):  # purged while the store wrote it (forget() left _unsaved)
                 return
             if domain not in self._policies and len(self._policies) >= self._policies.maxsize:
                 self._complete = False  # the least recently used policy leaves memory, not the store

@@ -115,6 +115,5 @@ class NegativeCache:
                     kept.append(stamp)  # type: ignore[arg-type]
                     pushed = stamp
                 kept.append(item)
-        self._order = kept
-        self._front = None
+        self._order = kept  # (it starts with a stamp: _front is set before it is next read)
         self._newest = pushed  # a put with another stamp pushes it

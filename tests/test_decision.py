@@ -1,5 +1,4 @@
 import json
-import time
 
 import pytest
 
@@ -24,31 +23,48 @@ def valid(mode="enforce", patterns=PATTERNS, policy_id="20240101", source="cache
 PENDING = Result(DOMAIN, "pending", reason="lookup-timeout")
 
 
+class Clock:
+    """The Decider's clock (time.monotonic in the daemon), moved only by the fake engine:
+    a "slow" engine call advances it by what the call took, so deadlines are checked
+    exactly and without sleeping."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 class FakeDiscovery:
     """Programmable engine: lookup()/mx() answers per domain, optional delays that honour
-    the timeout like the real engine, and a record of every call."""
+    the timeout like the real engine (spent on self.clock, the Decider's clock), and a
+    record of every call."""
 
-    def __init__(self, result=None, mx=GOOD_MX, forced=None, lookup_delay=0.0, mx_delay=0.0):
+    def __init__(self, result=None, mx=GOOD_MX, forced=None, lookup_delay=0.0, mx_delay=0.0, clock=None):
         self.result = result if result is not None else valid()
         self.forced = forced  # answer to lookup(force=True)
         self.mx_answer = mx  # an MxSet or an exception instance
         self.lookup_delay, self.mx_delay = lookup_delay, mx_delay
+        self.clock = clock if clock is not None else Clock()
         self.calls = []
 
     def lookup(self, domain, timeout=None, force=False):
         self.calls.append(("lookup", domain, timeout, force))
         if self.lookup_delay > (timeout if timeout is not None else 60):
-            time.sleep(timeout)
+            self.clock.advance(timeout)
             return Result(domain, "pending", reason="lookup-timeout")
-        time.sleep(self.lookup_delay)
+        self.clock.advance(self.lookup_delay)
         return self.forced if force else self.result
 
     def mx(self, domain, timeout):
         self.calls.append(("mx", domain, timeout, False))
         if self.mx_delay > timeout:
-            time.sleep(timeout)
+            self.clock.advance(timeout)
             raise dns.TempDnsError("timeout")
-        time.sleep(self.mx_delay)
+        self.clock.advance(self.mx_delay)
         if isinstance(self.mx_answer, Exception):
             raise self.mx_answer
         return self.mx_answer
@@ -61,7 +77,7 @@ class FakeDiscovery:
 def make_decider(discovery, **milter):
     scope = {"local_domains": ("local.example", "bücher.example")}
     cfg = config.defaults().replace(milter=milter, scope=scope)
-    return Decider(discovery, cfg.milter, cfg.scope)
+    return Decider(discovery, cfg.milter, cfg.scope, clock=discovery.clock)
 
 
 def decide(recipient="<user@example.com>", discovery=None, **milter):
@@ -188,35 +204,45 @@ def test_lookup_and_mx_share_one_deadline():
     # Discovery answers after 0.15 s of a 0.25 s budget; the MX lookup would need 1 s.
     fake = FakeDiscovery(lookup_delay=0.15, mx_delay=1.0)
     decider = make_decider(fake, lookup_timeout=0.25)
-    start = time.monotonic()
+    start = fake.clock()
     d = decider.decide("<u@example.com>")
-    elapsed = time.monotonic() - start
     assert d.action == "tempfail" and d.reason == "mx-dns-error"
-    assert elapsed < 0.25 + 0.05
     (_, _, lookup_timeout, _), (_, _, mx_timeout, _) = fake.calls
-    assert lookup_timeout <= 0.25 and mx_timeout <= 0.25 - 0.15 + 0.01
+    assert lookup_timeout == pytest.approx(0.25) and mx_timeout == pytest.approx(0.25 - 0.15)
+    assert fake.clock() - start == pytest.approx(0.25)  # answered at the deadline, not after the MX lookup
 
 
 def test_slow_discovery_is_pending_by_the_deadline():
     fake = FakeDiscovery(lookup_delay=2.0)
-    start = time.monotonic()
+    start = fake.clock()
     d = make_decider(fake, lookup_timeout=0.2, on_pending="tempfail").decide("<u@example.com>")
-    assert time.monotonic() - start < 0.2 + 0.05
+    assert fake.calls == [("lookup", "example.com", pytest.approx(0.2), False)]
+    assert fake.clock() - start == pytest.approx(0.2)
     assert (d.action, d.reason) == ("tempfail", "pending")
 
 
 def test_explicit_deadline_in_the_past_still_answers():
     fake = FakeDiscovery(mx=OTHER_MX, forced=valid(source="fetched"))
-    d = make_decider(fake, on_violation="reject").decide("<u@example.com>", deadline=time.monotonic() - 1)
+    d = make_decider(fake, on_violation="reject").decide("<u@example.com>", deadline=fake.clock() - 1)
     assert all(c[2] == 0.0 for c in fake.calls)  # every engine call told it has no time left
     assert d.action == "reject"  # the fake answers anyway; a real engine would say pending
 
 
+def test_an_explicit_deadline_replaces_lookup_timeout():
+    fake = FakeDiscovery(mx=OTHER_MX, forced=valid(source="fetched"), lookup_delay=0.1)
+    d = make_decider(fake, lookup_timeout=30, on_violation="reject").decide("<u@example.com>",
+                                                                            deadline=fake.clock() + 0.5)
+    assert [round(c[2], 6) for c in fake.calls] == [0.5, 0.4, 0.4]  # lookup, mx, forced re-check
+    assert d.action == "reject"
+
+
 def test_recheck_gets_only_the_time_left():
     fake = FakeDiscovery(mx=OTHER_MX, forced=valid(source="fetched"), lookup_delay=0.1)
-    start = time.monotonic()
+    start = fake.clock()
     d = make_decider(fake, lookup_timeout=0.15, on_violation="reject").decide("<u@example.com>")
-    assert time.monotonic() - start < 0.15 + 0.05
+    assert [c[0] for c in fake.calls] == ["lookup", "mx", "lookup"]
+    assert fake.forced_calls == [("lookup", "example.com", pytest.approx(0.05), True)]
+    assert fake.clock() - start == pytest.approx(0.15)
     assert (d.action, d.reason) == ("tempfail", "mx-mismatch")  # the re-check ran out of time
 
 

@@ -2,8 +2,6 @@
 mismatch on a domain whose delivery DANE governs is not refused; a DANE check that fails
 or is late tempfails (never rejects); a domain without DANE is judged as before."""
 
-import time
-
 import pytest
 
 from stsmilter import dane, dns
@@ -15,21 +13,25 @@ TEMPFAIL_LATE = ("451", "4.7.5", "MTA-STS policy of example.com: DANE check not 
 
 
 class FakeChecker:
-    def __init__(self, kind, delay=0.0):
-        self.kind, self.delay = kind, delay
+    """A DANE check taking `delay` seconds of the Decider's clock (test_decision.Clock)."""
+
+    def __init__(self, kind, delay=0.0, clock=None):
+        self.kind, self.delay, self.clock = kind, delay, clock
         self.calls = []
 
     def check(self, domain, timeout=None):
         self.calls.append((domain, timeout))
         if self.delay > timeout:
-            time.sleep(timeout)
+            self.clock.advance(timeout)
             return dane.Verdict(dane.PENDING, 0.0, 0.0)
+        if self.clock is not None:
+            self.clock.advance(self.delay)
         return dane.Verdict(self.kind, 0.0, 0.0)
 
 
 def decide(kind, delay=0.0, fake=None, **milter):
     discovery = FakeDiscovery(**(fake or {"mx": OTHER_MX}))
-    discovery.dane = FakeChecker(kind, delay)
+    discovery.dane = FakeChecker(kind, delay, discovery.clock)
     return make_decider(discovery, **milter).decide(R), discovery.dane
 
 
@@ -75,9 +77,11 @@ def test_dane_is_asked_only_about_a_mismatch():
 
 
 def test_the_check_gets_only_the_time_left():
-    decision, checker = decide(dane.DANE, delay=5.0, lookup_timeout=0.2)
+    fake = {"mx": OTHER_MX, "lookup_delay": 0.15}  # the policy lookup takes 0.15 s of 0.2
+    decision, checker = decide(dane.DANE, delay=5.0, fake=fake, lookup_timeout=0.2)
     assert decision.reason == "mx-dns-error" and decision.reply == TEMPFAIL_LATE
-    assert 0 < checker.calls[0][1] <= 0.2
+    assert checker.calls == [("example.com", pytest.approx(0.05))]
+    assert checker.clock() == pytest.approx(1000.2)  # answered at the deadline
 
 
 def test_no_checker_keeps_todays_decisions():

@@ -7,9 +7,12 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 import pytest
 
+from stsmilter.policy import Policy
+from stsmilter.store import SqliteStore, make_entry
 from world.daemon import sample, scrape
 
 pytestmark = pytest.mark.integration
@@ -109,13 +112,52 @@ def test_hold_puts_the_message_on_hold(sts_world, start_daemon, postfix_factory,
     assert decisions(scrape(daemon.metrics_port), "hold", "enforce", "mx-mismatch") == 1
 
 
-def test_reject_after_refetch(sts_world, start_daemon, postfix_factory, smtp_sink):
+def cache_policy(cache_path, domain, policy_id, patterns, fetched_ago):
+    """Leave a policy in the daemon's cache file, fetched `fetched_ago` seconds ago (its id
+    confirmed just now, so the daemon does not look at the TXT record first)."""
+    now = time.time()
+    store = SqliteStore(str(cache_path))
+    try:
+        store.put(make_entry(domain, policy_id, Policy("STSv1", "enforce", 86400, patterns), now - fetched_ago,
+                             checked_at=now))
+    finally:
+        store.close()
+
+
+# Older than what the forced re-check before a reject accepts without fetching (a
+# minute: discovery.FORCE_FRESH_SECONDS).
+CACHED_AGO = 600
+
+
+def test_reject_after_refetch(sts_world, start_daemon, postfix_factory, smtp_sink, tmp_path):
+    """RFC 8461 §5: a permanent refusal only on a policy fetched just now. The daemon
+    judges the RCPT on its cached (ten-minute-old) policy of bad.example, refetches it,
+    and refuses with 550 because the fresh policy still allows no MX host."""
     publish_domains(sts_world)
+    cache_policy(tmp_path / "cache.sqlite", "bad.example", "b1", ("mx.bad.example",), CACHED_AGO)
     daemon = start_daemon(milter={"on_violation": "reject"})
     postfix = run_postfix(postfix_factory, smtp_sink, f"inet:127.0.0.1:{daemon.milter_port}")
     result = postfix.send(SENDER, ["c@bad.example"], "Subject: x\n\ny\n")
     reply = result.rcpt["c@bad.example"]
     assert reply.code == 550 and reply.text.startswith("5.7.5 MTA-STS policy of bad.example")
+    assert sts_world.https.count("mta-sts.bad.example") == 1  # the re-check's fetch, and only it
+    m = scrape(daemon.metrics_port)
+    assert sample(m, "stsmilter_policy_fetches_total", result="ok") == 1
+    assert decisions(m, "reject", "enforce", "mx-mismatch") == 1
+
+
+def test_a_refetched_policy_that_allows_the_mx_accepts(sts_world, start_daemon, postfix_factory, smtp_sink,
+                                                        tmp_path):
+    """The cached policy allows no MX host of bad.example, but the one on the server now
+    does: the refetch before the reject finds it, and the recipient is accepted."""
+    sts_world.publish("bad.example", "b1", mx_hosts=["mx.attacker.example"], mx_patterns=("mx.attacker.example",))
+    cache_policy(tmp_path / "cache.sqlite", "bad.example", "b1", ("mx.bad.example",), CACHED_AGO)
+    daemon = start_daemon(milter={"on_violation": "reject"})
+    postfix = run_postfix(postfix_factory, smtp_sink, f"inet:127.0.0.1:{daemon.milter_port}")
+    result = postfix.send(SENDER, ["c@bad.example"], "Subject: x\n\ny\n")
+    assert result.rcpt["c@bad.example"].code == 250
+    assert sts_world.https.count("mta-sts.bad.example") == 1
+    assert decisions(scrape(daemon.metrics_port), "accept", "enforce", "mx-match") == 1
 
 
 def test_out_of_scope_client_is_untouched(sts_world, start_daemon, postfix_factory, smtp_sink):

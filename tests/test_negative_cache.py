@@ -9,7 +9,16 @@ import random
 import pytest
 
 from stsmilter.negative_cache import NegativeCache
-from test_discovery import Clock
+
+
+class Clock:
+    """A clock the test moves (not test_discovery's: this file stands alone for make mutate)."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
 
 
 @pytest.fixture
@@ -174,3 +183,41 @@ def test_policy_cache_hands_out_one_result_per_recently_asked_domain(clock):
     cache.put_negative(Result("c.example", NONE, reason="no-txt-record"))
     cache.delete("c.example")
     assert cache.negative("c.example") is None
+
+
+# --- found by mutation testing (tests/mutation/mutate.py)
+
+
+def test_a_ttl_of_one_second_keeps_an_entry(clock):
+    cache = NegativeCache(100, 1, clock)
+    cache.put("a.example", "no-txt-record")
+    assert cache.get("a.example") == "no-txt-record"
+    clock.now += 1
+    assert cache.get("a.example") is None
+
+
+def test_the_order_is_compacted_past_twice_the_bound_plus_64_places(clock):
+    """A domain put again and again within one second (same stamp) adds one stale place
+    each time; compact() runs once the order holds more than 2 * maxsize + 64 places,
+    not before (it costs a pass over the whole order)."""
+    cache = NegativeCache(10, 60, clock)
+    for _ in range(83):
+        cache.put("hot.example", "no-txt-record")
+    assert len(cache._order) == 1 + 83  # one stamp, 83 places (82 of them stale)
+    cache.put("hot.example", "no-txt-record")
+    assert len(cache._order) == 2  # 85 > 84: compacted to the stamp and the live place
+    assert cache.get("hot.example") == "no-txt-record"
+
+
+def test_compact_keeps_one_stamp_for_the_domains_sharing_it_and_one_place_per_domain(clock):
+    cache = NegativeCache(100, 60, clock)
+    for domain in ("a.example", "b.example", "a.example", "c.example"):
+        cache.put(domain, "no-txt-record")  # one second, one reason: one stamp
+    cache.compact()
+    assert len(cache._order) == 4  # the stamp, a, b, c (a's first place was stale)
+    cache.put("d.example", "no-txt-record")  # the same stamp: no new one pushed
+    assert len(cache._order) == 5
+    clock.now += 60
+    cache.put("e.example", "no-txt-record")  # all four expire together, the stamp with them
+    assert [cache.get(d) for d in ("a.example", "d.example", "e.example")] == [None, None, "no-txt-record"]
+    assert len(cache._order) == 2

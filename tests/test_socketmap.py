@@ -15,7 +15,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from stsmilter import config, socketmap, socketmap_server, threads, tlspolicy
+from stsmilter import config, socketmap, socketmap_server, threads
 from stsmilter.policy import Result
 from test_tlspolicy import SECURE, TESTING, make_settings, valid
 from world.socketmap_client import read_replies, request
@@ -410,7 +410,7 @@ def test_a_connection_with_a_lookup_under_way_is_evicted_last(serve, clients, di
     server = serve(max_connections=2, lookup_timeout=5)
     waiting, idle = clients(server), clients(server)
     waiting.sendall(request(b"slow.example"))  # the longest idle, but it waits for an answer
-    time.sleep(0.1)
+    poll(lambda: discovery.submits == ["slow.example"], "the server to look slow.example up")
     assert ask(idle, b"example.com") == SECURE
     newcomer = clients(server)
     assert ask(newcomer, b"example.com") == SECURE
@@ -454,6 +454,22 @@ def test_an_incomplete_request_must_complete_within_request_timeout(serve, clien
     assert ask(steady, b"example.com") == SECURE
 
 
+# What `postmap -q example.com socketmap:...` prints (one line) for valid(), written out by
+# hand: socketmap_table(5) says the server's "OK <data>" is a lookup that found <data>;
+# Postfix's smtp_tls_policy_maps (postconf(5)) reads <data> as "secure match=<patterns>
+# servername=hostname", RFC 8461 §4.1's "*.example.net" being Postfix's ".example.net".
+POSTMAP_SECURE = "secure match=mx1.example.com:.example.net servername=hostname\n"
+# With [socketmap] tlsrpt = yes: Postfix 3.10's TLSRPT attributes follow (RFC 8460's
+# policy-type, policy-domain, each mx pattern as written, and every line of the policy).
+POSTMAP_SECURE_TLSRPT = (
+    "secure match=mx1.example.com:.example.net servername=hostname policy_type=sts policy_domain=example.com"
+    " mx_host_pattern=mx1.example.com mx_host_pattern=*.example.net"
+    " { policy_string = version: STSv1 } { policy_string = mode: enforce }"
+    " { policy_string = mx: mx1.example.com } { policy_string = mx: *.example.net }"
+    " { policy_string = max_age: 86400 }\n"
+)
+
+
 def test_postmap_is_answered_while_a_client_holds_the_limit(serve, clients, discovery):
     postmap = shutil.which("postmap") or shutil.which("postmap", path="/usr/sbin:/usr/local/sbin")
     if postmap is None:
@@ -468,7 +484,7 @@ def test_postmap_is_answered_while_a_client_holds_the_limit(serve, clients, disc
         run = subprocess.run([postmap, "-q", "example.com", table], env=dict(os.environ, MAIL_CONFIG=config_dir),
                              capture_output=True, text=True, timeout=30)
         assert run.returncode == 0, run.stderr
-        assert run.stdout.strip() == SECURE.decode()[3:]
+        assert run.stdout == POSTMAP_SECURE
     finally:
         shutil.rmtree(config_dir)
     assert len(held) == 20
@@ -482,7 +498,7 @@ def test_stop_closes_live_connections(discovery, clients):
     try:
         idle, busy = clients(server), clients(server)
         busy.sendall(request(b"slow.example"))
-        time.sleep(0.1)
+        poll(lambda: discovery.submits == ["slow.example"], "the server to look slow.example up")
         thread = server._thread
         started = time.monotonic()
         server.stop()
@@ -515,10 +531,94 @@ def test_postmap_client(serve, discovery):
         run = subprocess.run([postmap, "-q", "example.com", table], env=env, capture_output=True, text=True,
                              timeout=30)
         assert run.returncode == 0, run.stderr
-        assert run.stdout.strip() == tlspolicy.answer(valid(), server.state[1]).decode()[3:]
+        assert run.stdout == POSTMAP_SECURE_TLSRPT
         missing = subprocess.run([postmap, "-q", ".example.com", table], env=env, capture_output=True, timeout=30)
         assert missing.returncode == 1  # NOTFOUND
     finally:
         shutil.rmtree(config_dir)
 
 
+
+
+# --- a client that pipelines and does not read its replies
+
+
+def on_loop(server, function):
+    """function() run in the server's event loop thread (its state is that thread's)."""
+    done = concurrent.futures.Future()
+
+    def run():
+        try:
+            done.set_result(function())
+        except BaseException as e:  # handed to the test
+            done.set_exception(e)
+
+    server.loop.call_soon_threadsafe(run)
+    return done.result(timeout=5)
+
+
+def poll(predicate, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.01)
+
+
+def test_a_client_that_never_reads_is_not_read_from_until_it_reads(serve, discovery):
+    """Replies the client does not read pile up in the server's write buffer; past its
+    high-water mark (asyncio's pause_writing) the server stops reading the client's
+    requests (pause_reading), so what it buffers stays bounded whatever the client
+    sends; when the client reads again, the server resumes and answers every request."""
+    discovery.cached["example.com"] = valid()
+    server = serve()
+    reply = socketmap.netstring(SECURE)
+    batch = request(b"example.com") * 1000
+    before = sample("ok")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's side fills at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.settimeout(5)
+        sock.connect(server.address)
+        sock.setblocking(False)
+        sent, stalled_since = 0, None
+        limit = 16 * 1024 * 1024  # the server must have stopped reading long before (~1.5 MB here)
+        while sent < limit:
+            try:
+                sent += sock.send(batch[sent % len(batch):])  # the stream goes on where it stopped
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 1.0:
+                    break  # nothing taken for a second: the server does not read us
+                time.sleep(0.01)
+        assert sent < limit, "the server kept reading a client that does not read"
+        requests_sent = sent // len(request(b"example.com"))  # (the last one may be incomplete)
+
+        connection = on_loop(server, lambda: next(iter(server.connections)))
+        paused, reading, buffered = on_loop(server, lambda: (connection.write_paused, connection.transport.is_reading(),
+                                                             connection.transport.get_write_buffer_size()))
+        answered = sample("ok") - before
+        print(f"sent {sent} bytes ({requests_sent} requests), answered {answered:.0f}, buffered {buffered} bytes")
+        assert paused and not reading
+        assert answered < requests_sent  # the rest wait, unread, in the socket buffers
+        # Bounded: asyncio's high-water mark (64 KiB) plus the replies to one read (256 KiB
+        # of requests), whatever the client sent.
+        assert buffered <= 64 * 1024 + (256 * 1024 // len(request(b"example.com")) + 1) * len(reply)
+
+        sock.settimeout(10)  # the client reads again: every request is answered, in order
+        expected = (sent // len(request(b"example.com"))) * len(reply)
+        got = bytearray()
+        while len(got) < expected:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"connection closed after {len(got)} of {expected} bytes; {dict(server.evicted_connections)}"
+            got += chunk
+        assert got == reply * (expected // len(reply))
+        poll(lambda: on_loop(server, lambda: not connection.write_paused and connection.transport.is_reading()),
+             "the server to read the client again")
+        sock.sendall(request(b"example.com")[sent % len(request(b"example.com")):])  # the incomplete request
+        assert read_replies(sock, 1) == [SECURE]
+        sock.sendall(request(b"example.com"))
+        assert read_replies(sock, 1) == [SECURE]
+    finally:
+        sock.close()

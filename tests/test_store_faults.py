@@ -6,7 +6,6 @@ cache file, never followed, is in test_privileges.py and test_store_files.py.)""
 
 import glob
 import os
-import random
 import shutil
 import signal
 import sqlite3
@@ -166,12 +165,12 @@ def test_a_start_on_a_read_only_file_system_serves_what_the_file_holds(tmpfs, st
 # --- item 2: the daemon starts whatever the cache file looks like
 
 
-def _random_bytes(path):
+def _random_bytes(path, rng):
     with open(path, "wb") as f:
-        f.write(os.urandom(65536))
+        f.write(rng.randbytes(65536))
     for suffix in ("-wal", "-shm"):  # companions of the same quality
         with open(path + suffix, "wb") as f:
-            f.write(os.urandom(4096))
+            f.write(rng.randbytes(4096))
 
 
 def _sqlite(path, *statements):
@@ -197,18 +196,18 @@ def _truncated(path):
 
 CORRUPT = {
     "random-bytes": (_random_bytes, "not a SQLite database"),
-    "truncated": (_truncated, "database disk image is malformed"),
-    "foreign-schema": (lambda p: _sqlite(p, "CREATE TABLE mailboxes (address TEXT)"), "not a stsmilter cache"),
-    "newer-schema": (lambda p: _sqlite(p, "PRAGMA user_version = 9"), "schema version 9, this stsmilter knows 2"),
+    "truncated": (lambda p, _rng: _truncated(p), "database disk image is malformed"),
+    "foreign-schema": (lambda p, _rng: _sqlite(p, "CREATE TABLE mailboxes (address TEXT)"), "not a stsmilter cache"),
+    "newer-schema": (lambda p, _rng: _sqlite(p, "PRAGMA user_version = 9"), "schema version 9, this stsmilter knows 2"),
 }
 
 
 @pytest.mark.parametrize("name", CORRUPT)
-def test_an_unusable_cache_file_is_moved_aside_and_the_daemon_serves(start_daemon, sts_world, tmp_path, name):
+def test_an_unusable_cache_file_is_moved_aside_and_the_daemon_serves(start_daemon, sts_world, tmp_path, name, rng):
     make, reason = CORRUPT[name]
     cache = str(tmp_path / "state" / "cache.sqlite")
     os.mkdir(os.path.dirname(cache))
-    make(cache)
+    make(cache, rng)
     originals = {s: open(cache + s, "rb").read() for s in ("", "-wal", "-shm") if os.path.exists(cache + s)}
     daemon = start_daemon(cache={"path": cache})
     sts_world.publish("fresh.example")
@@ -342,7 +341,7 @@ def test_a_cache_written_before_schema_versions_keeps_its_policies(start_daemon,
 # --- kill -9
 
 
-def test_kill_9_in_the_middle_of_cache_writes_loses_nothing_answered(start_daemon, sts_world, tmp_path):
+def test_kill_9_in_the_middle_of_cache_writes_loses_nothing_answered(start_daemon, sts_world, tmp_path, rng):
     cache = str(tmp_path / "cache.sqlite")
     daemon = start_daemon(cache={"path": cache})
     domains = [f"k{i}.example" for i in range(400)]
@@ -365,7 +364,7 @@ def test_kill_9_in_the_middle_of_cache_writes_loses_nothing_answered(start_daemo
     clients = [threading.Thread(target=client, args=(domains[n::4],)) for n in range(4)]
     for thread in clients:
         thread.start()
-    threshold = random.randint(40, 120)
+    threshold = rng.randint(40, 120)  # the kill lands somewhere else each run (the seed is printed)
     poll_until(lambda: len(answered) >= threshold, 60, "answers before the kill")
     os.kill(daemon.pid, signal.SIGKILL)  # every client is between a fetch, a write and an answer
     for thread in clients:

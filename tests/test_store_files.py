@@ -52,19 +52,19 @@ def newer(path):
 
 
 UNUSABLE = {
-    "random-bytes": (lambda p: open(p, "wb").write(os.urandom(8192)), "not a SQLite database"),
-    "text": (lambda p: open(p, "w").write("hello\n"), "not a SQLite database"),
-    "truncated": (truncated, "damaged|malformed"),
-    "foreign-schema": (foreign, "not a stsmilter cache"),
-    "newer-schema": (newer, "schema version 3"),
+    "random-bytes": (lambda p, rng: open(p, "wb").write(rng.randbytes(8192)), "not a SQLite database"),
+    "text": (lambda p, _rng: open(p, "w").write("hello\n"), "not a SQLite database"),
+    "truncated": (lambda p, _rng: truncated(p), "damaged|malformed"),
+    "foreign-schema": (lambda p, _rng: foreign(p), "not a stsmilter cache"),
+    "newer-schema": (lambda p, _rng: newer(p), "schema version 3"),
 }
 
 
 @pytest.mark.parametrize("name", UNUSABLE)
-def test_the_daemon_moves_an_unusable_file_aside_and_starts_empty(tmp_path, caplog, name):
+def test_the_daemon_moves_an_unusable_file_aside_and_starts_empty(tmp_path, caplog, name, rng):
     make, reason = UNUSABLE[name]
     path = str(tmp_path / "cache.sqlite")
-    make(path)
+    make(path, rng)
     with open(path, "rb") as f:
         content = f.read()
     before = opened()
@@ -84,10 +84,10 @@ def test_the_daemon_moves_an_unusable_file_aside_and_starts_empty(tmp_path, capl
 
 
 @pytest.mark.parametrize("name", UNUSABLE)
-def test_a_one_shot_command_gets_one_line_and_the_file_is_left_alone(tmp_path, name):
+def test_a_one_shot_command_gets_one_line_and_the_file_is_left_alone(tmp_path, name, rng):
     make, reason = UNUSABLE[name]
     path = str(tmp_path / "cache.sqlite")
-    make(path)
+    make(path, rng)
     with open(path, "rb") as f:
         content = f.read()
     with pytest.raises(StoreError) as raised:

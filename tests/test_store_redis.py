@@ -1,7 +1,8 @@
 """RedisStore against a real private redis-server: keys expire with what they hold, a
-prefix keeps installations apart, what Redis holds is checked like a sqlite row, locks
-and events work, and an unreachable or silent Redis costs one bounded timeout. (The
-answers the refresher gets are compared with the other stores in test_store.py.)"""
+prefix keeps installations apart, what Redis holds is checked like a sqlite row, events
+work, and an unreachable or silent Redis costs one bounded timeout. (The single-flight
+lock, claim() and release(): test_store_redis_lock.py; the answers the refresher gets
+are compared with the other stores in test_store.py.)"""
 
 import json
 import random
@@ -249,35 +250,7 @@ def test_a_schedule_or_event_stream_of_another_type_is_replaced_not_a_lasting_fa
     assert client.type("t:due") == b"zset" and client.type("t:events") == b"stream"
 
 
-def test_a_lock_key_that_never_expires_is_not_a_claim(store, client):
-    """Our claims always expire (SET NX PX): a key without a TTL there is not one of
-    ours, and would otherwise make every first lookup of the domain wait the lock out
-    and keep its refresh from ever running."""
-    client.set("t:l:a.example", "junk")
-    client.rpush("t:l:b.example", "junk")
-    assert store.claim("a.example", 5) is not None and store.claim("b.example", 5) is not None
-    assert store.bad_entries == 2
-    assert 0 < client.pttl("t:l:a.example") <= 5000
-    assert store.claim("a.example", 5) is None  # our own claim stands
-    assert store.bad_entries == 2
-
-# --- locks and events
-
-
-def test_a_domain_is_claimed_by_one_at_a_time_and_the_claim_expires(store, redis_server):
-    other = RedisStore(redis_server.url, prefix="t:")
-    try:
-        lock = store.claim("a.example", 5)
-        assert lock is not None and other.claim("a.example", 5) is None
-        assert other.claim("b.example", 5) is not None  # per domain
-        store.release(lock)
-        short = other.claim("a.example", 0.2)
-        assert short is not None and store.claim("a.example", 5) is None
-        time.sleep(0.3)
-        assert store.claim("a.example", 5) is not None  # its holder died: the claim expired
-        other.release(short)  # too late: nothing happens, no error
-    finally:
-        other.close()
+# --- events
 
 
 def test_events_reach_another_store_and_malformed_ones_are_skipped(store, redis_server, client):

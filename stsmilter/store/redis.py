@@ -344,7 +344,7 @@ class RedisStore(Store):
     def claim(self, domain: str, seconds: float) -> Optional[redis.lock.Lock]:
         """The domain's lock for at most seconds (SET NX PX), or None if another holds it."""
         key = self._lock_key(domain)
-        lock = self._client.lock(key, timeout=seconds, blocking=False, thread_local=False)
+        lock = self._client.lock(key, timeout=seconds, thread_local=False)  # acquire() says blocking=False
         # Our own random token: redis-py's default (uuid1) would put this host's MAC address in Redis.
         if lock.acquire(blocking=False, token=os.urandom(16).hex()):
             return lock

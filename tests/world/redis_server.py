@@ -2,6 +2,7 @@
 config in a temp directory (never the system service or /etc/redis). It can be stopped
 and started again on the same port, to play an outage."""
 
+import ctypes
 import os
 import shutil
 import signal
@@ -14,6 +15,14 @@ from world.daemon import free_port, poll_until
 
 REDIS_SERVER = "/usr/bin/redis-server"
 START_TIMEOUT = 15.0
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL when the thread that started it dies, so that a
+    test process killed before its teardown (make mutate's timeouts, pytest-timeout's
+    os._exit) leaves no redis-server behind (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
 
 
 class RedisServer:
@@ -49,7 +58,7 @@ class RedisServer:
         with open(self.config_path, "w") as f:
             f.write(self.config_text())
         self.proc = subprocess.Popen([REDIS_SERVER, self.config_path], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         poll_until(self._answers, START_TIMEOUT, f"redis-server on port {self.port}", detail=self._log_tail)
         return self
 
