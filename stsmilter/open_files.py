@@ -41,8 +41,8 @@ def ensure(cfg) -> int:
     need = needed(cfg)
     wanted = cfg.socketmap.max_connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:  # soft == hard: nothing to raise, the warning below
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             log.info("open files limit raised from %d to %d", soft, target)

@@ -49,6 +49,7 @@ def test_a_low_hard_limit_serves_fewer_socketmap_connections_and_the_milter_stil
     need = open_files.RESERVE + 2 * 32 + 1000 + 32
     allowed = 1000 - (need - hard)
     daemon.wait_log(f"serving at most {allowed} socketmap connections")
+    assert "open files limit raised" not in daemon.log()  # soft == hard: nothing was raised
     held = []
     try:
         for _ in range(1000):  # one local client tries to take every descriptor
