@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from stsmilter import control, open_files
+from stsmilter import control, milter_stop, open_files
 from stsmilter.metrics_server import MetricsServer
 from stsmilter.ratelog import RateLimitedLog
 from stsmilter.socketmap_server import SocketmapServer
@@ -161,3 +161,24 @@ def test_the_control_socket_counts_an_accept_without_descriptors(tmp_path, fresh
     server._serve()  # returns once stopped
     assert count("control") == before + 2
     assert [r.getMessage()[:40] for r in caplog.records] == [f"control: {LINE}"[:40]]
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError(errno.EMFILE, "Too many open files"), None),  # cannot tell: not a reason to wake libmilter
+    (OSError(errno.ENFILE, "Too many open files in system"), None),
+    (FileNotFoundError(errno.ENOENT, "gone"), False),  # the thread has ended: libmilter is stopping
+])
+def test_the_stop_watcher_does_not_take_a_full_descriptor_table_for_a_stop(monkeypatch, error, expected):
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(milter_stop, "open", refuse, raising=False)
+    assert milter_stop._sleeping_in_sigwait("1") is expected
+
+
+def test_the_stop_watcher_finds_no_thread_rather_than_raising_without_descriptors(monkeypatch):
+    def refuse(path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(milter_stop.os, "listdir", refuse)
+    assert milter_stop.find_signal_thread(ours=()) is None
