@@ -30,9 +30,14 @@ libmilter does not use:
   is pointed (dup2) at a quiet listening socket of ours, so its poll() blocks instead of
   spinning, and the guard sheds from its own duplicate of the real listener through a
   spare descriptor (only the other threads can take that slot now). When descriptors are
-  free again the real listener goes back (dup2) and one connection to the quiet socket
-  wakes libmilter's poll(). While it is parked, a stop signal is noticed within
-  libmilter's own 5 s instead of at once.
+  free again the real listener goes back (dup2) and libmilter's poll() is woken: Linux's
+  poll() registers on wait queues only in its first pass over the descriptors, so a
+  poll() begun on the real listener, whose wake-up was used up while it was parked, and
+  one begun on the quiet socket, each need their own socket to fire: one empty connection
+  to the real listener (as milter_wake.py makes twice a second), then one to the quiet
+  socket; poll() then re-reads the descriptor, finds the real listener readable and
+  returns. While it is parked, a stop signal is noticed within libmilter's own 5 s
+  instead of at once.
 
 Each shed connection counts in stsmilter_out_of_descriptors_total{listener="milter"}, and
 one line a minute says that connections are refused (open_files.out_of_descriptors).
@@ -250,6 +255,23 @@ class PrivateShedder:
             os.close(answer_w)
 
 
+def connect_once(sock: socket.socket) -> bool:
+    """Open and close one connection to the listening socket sock (its wildcard address
+    as loopback); False if that failed."""
+    address = sock.getsockname()
+    if sock.family == socket.AF_INET and address[0] == "0.0.0.0":
+        address = ("127.0.0.1", address[1])
+    elif sock.family == socket.AF_INET6 and address[0] == "::":
+        address = ("::1",) + tuple(address[1:])
+    try:
+        with socket.socket(sock.family, socket.SOCK_STREAM) as client:
+            client.settimeout(0.2)
+            client.connect(address)
+    except OSError:
+        return False
+    return True
+
+
 def quiet_listener() -> socket.socket:
     """A listening unix socket (abstract, autobound) nobody connects to."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -275,6 +297,7 @@ class ParkedShedder:
         self.quiet: Optional[socket.socket] = quiet_listener()
         self.parked: Optional[socket.socket] = None  # the quiet socket libmilter polls now
         self.waking: Optional[socket.socket] = None  # a former one libmilter may still be polling
+        self._poke_real = False  # libmilter's poll() needs a wake-up from the real listener
         self._spare = _dup(self.real.fileno())
 
     @property
@@ -317,13 +340,16 @@ class ParkedShedder:
             if self.waking is not None:
                 self.waking.close()
             self.waking, self.parked = self.parked, None
+            self._poke_real = True
+        # Real listener first: a poll() registered on either socket then finds it readable.
+        # Failing that, again next time; libmilter looks by itself within 5 s anyway.
+        if self._poke_real:
+            if not connect_once(self.real):
+                return
+            self._poke_real = False  # libmilter accepts it, reads EOF, closes it
         if self.waking is not None:
-            try:  # poll() re-reads the descriptor when woken: it finds the real listener
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
-                    wake.setblocking(False)
-                    wake.connect(self.waking.getsockname())
-            except OSError:
-                return  # again next time; libmilter looks by itself within 5 s anyway
+            if not connect_once(self.waking):
+                return
             self.waking.close()  # its queue goes with it once libmilter's poll() lets go
             self.waking = None
         if self.quiet is None:

@@ -8,10 +8,13 @@ accept, straight back to poll when accept fails) on a real loopback listener.
 
 import json
 import os
+import select
 import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -96,3 +99,60 @@ def test_out_of_descriptors_the_guard_sheds_waiting_connections_and_gives_the_ne
     assert result["guard_running"]
     # libmilter closes its listener: the guard lets go of it too.
     assert result["guard_stopped_with_listener"] and result["references_dropped"]
+
+
+def _polling(fd, timeout=3.0):
+    """A thread in poll() on fd, as libmilter's listener; .result: (seconds, events) once it returns."""
+    thread = threading.Thread(target=lambda: None, daemon=True)
+    started = time.monotonic()
+
+    def run():
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        events = poller.poll(timeout * 1000)
+        thread.result = (time.monotonic() - started, events)
+
+    thread.run = run
+    thread.result = None
+    thread.start()
+    time.sleep(0.1)  # its first pass (where poll() registers on wait queues) is done
+    return thread
+
+
+@pytest.mark.parametrize("begun, connected", [
+    ("on the real listener", "while parked"),  # its wake-up is used up while parked
+    ("while parked", "after unparking"),  # registered on the quiet socket only
+])
+def test_unparking_wakes_libmilters_poll_whichever_socket_it_began_on(begun, connected):
+    """Linux's poll() registers on wait queues only in its first pass over the descriptors.
+    Either way it must return as soon as the real listener is back (and a connection
+    waits), not after libmilter's own 5 s."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        address = listener.getsockname()  # the descriptor is the quiet socket's while parked
+        shedder = milter_shed.ParkedShedder(listener.fileno())
+        clients = []
+        try:
+            poll = _polling(listener.fileno()) if begun == "on the real listener" else None
+            assert shedder.shed() == 0 and shedder.parked is not None  # parked; nothing to shed
+            if poll is None:
+                poll = _polling(listener.fileno())
+            if connected == "while parked":
+                clients.append(socket.create_connection(address, timeout=2))
+                time.sleep(0.1)
+                assert poll.result is None  # parked: libmilter does not see it
+            shedder.relax()
+            assert milter_shed.identity(listener.fileno()) == milter_shed.identity(shedder.real.fileno())
+            if connected == "after unparking":
+                time.sleep(0.1)
+                clients.append(socket.create_connection(address, timeout=2))
+            poll.join(1.0)
+            assert poll.result is not None, "poll() not woken"
+            seconds, events = poll.result
+            assert seconds < 1.0 and events == [(listener.fileno(), select.POLLIN)]
+        finally:
+            for client in clients:
+                client.close()
+            shedder.close()
