@@ -14,6 +14,8 @@ The socket is input like any other: mode 0600 (the service user; root may connec
 and no other peer is served: SO_PEERCRED), one connection served at a time, a request
 of at most 64 KiB read within 5 s, an answer written within 30 s, then closed. A bad
 request gets one "error" line and a log line at most once a minute; never a traceback.
+Out of file descriptors, accept() is retried every 0.5 s and each failure counted, with
+one line a minute, as for the other listeners (open_files.out_of_descriptors).
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class ControlServer:
         self._stopping = threading.Event()
         self._log = RateLimitedLog(log)
         self._inode = None  # (st_dev, st_ino) of the socket we bound: only that one is removed
+        from stsmilter import open_files  # the daemon's side only (metrics); the CLI needs request()
+
+        self._open_files = open_files
 
     def start(self) -> None:
         """Bind (replacing a stale socket file; preflight refused anything else there),
@@ -153,7 +158,10 @@ class ControlServer:
             except socket.timeout:
                 continue
             except OSError as e:
-                self._log.log("accept", logging.WARNING, "cache control %s: accept failed: %s", self.path, e)
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self._open_files.out_of_descriptors("control")
+                else:
+                    self._log.log("accept", logging.WARNING, "cache control %s: accept failed: %s", self.path, e)
                 self._stopping.wait(0.5)
                 continue
             with conn:

@@ -94,8 +94,10 @@ def import_everything(cfg=None) -> None:
     import importlib
 
     for name in (
-        "stsmilter.engine", "stsmilter.decision", "h11", "dns.asyncresolver", "dns.asyncquery", "dns._asyncio_backend", "stsmilter.milter", "stsmilter.socketmap_server", "stsmilter.milter_stop",
-        "stsmilter.milter_wake", "stsmilter.metrics_server", "stsmilter.open_files", "stsmilter.control", "resource",
+        "stsmilter.engine", "stsmilter.decision", "stsmilter.milter", "stsmilter.socketmap_server", "stsmilter.milter_stop",
+        "stsmilter.milter_wake", "stsmilter.milter_shed", "stsmilter.metrics_server", "stsmilter.open_files",
+        "stsmilter.control", "resource", "ctypes", "select", "ipaddress",
+        "h11", "dns.asyncresolver", "dns.asyncquery", "dns._asyncio_backend",
         "prometheus_client", "Milter", "sqlite3", "ssl", "http.client", "json", "asyncio",
         "concurrent.futures.thread", "idna", "encodings.idna",
         "idna.uts46data",  # loaded by the first U-label's UTS 46 mapping
@@ -230,10 +232,11 @@ class Daemon:
         os.umask(0o777 & ~milter_cfg.socket_mode)
         log.info("stsmilter %s: milter on %s", __version__, milter_cfg.socket)
         self.milter_started = True
-        from stsmilter import milter_stop, milter_wake
+        from stsmilter import milter_shed, milter_stop, milter_wake
 
         milter_stop.start_watcher(milter_cfg.socket, ours={self.reload_thread_id})
         milter_wake.start_waker(milter_cfg.socket)
+        milter_shed.start_guard(milter_cfg.socket)  # finds the listener once runmilter opens it
         try:
             Milter.runmilter("stsmilter", milter_cfg.socket, timeout=milter_cfg.timeout)
         except Milter.milter.error as e:

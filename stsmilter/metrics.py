@@ -76,6 +76,15 @@ SOCKETMAP_EVICTED_CONNECTIONS = Counter(
     " to admit a new one) or request_timeout (a request not complete in time).",
     ["reason"],
 )
+OUT_OF_DESCRIPTORS = Counter(
+    "stsmilter_out_of_descriptors",
+    "Times a listener met the process out of file descriptors, by listener: milter (each waiting"
+    " connection closed unserved), socketmap or metrics (accepting paused for a second) or control"
+    " (accepting paused for half a second).",
+    ["listener"],
+)
+for _listener in ("milter", "socketmap", "metrics", "control"):  # every series exists from the start
+    OUT_OF_DESCRIPTORS.labels(listener=_listener)
 SOCKETMAP_ANSWERS = Counter(
     "stsmilter_socketmap_answers",
     "Socketmap answers by kind: secure (MTA-STS), dane (dane-only: DANE governs), notfound, temp or perm.",

@@ -8,7 +8,8 @@ in sigtimedwait), waits until it leaves sigtimedwait (it has taken a signal and 
 stopping libmilter; it then blocks on libmilter's mutex rather than exit), and opens
 and closes one connection to the milter socket to wake the listener.
 A stop signal sent before that thread exists is seen pending (ShdPnd) instead.
-Best effort: if neither can be seen, libmilter still stops within 5 s.
+Best effort: if neither can be seen, libmilter still stops within 5 s. A /proc file that
+cannot be opened because the process is out of file descriptors says nothing either way.
 """
 
 from __future__ import annotations
@@ -26,16 +27,23 @@ TASKS = "/proc/self/task"
 log = logging.getLogger("stsmilter")
 
 
-def _sleeping_in_sigwait(tid: str) -> bool:
+def _sleeping_in_sigwait(tid: str) -> Optional[bool]:
+    """None if it cannot be told (out of file descriptors)."""
     try:
         with open(f"{TASKS}/{tid}/wchan") as f:
             return "sigtimedwait" in f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # the thread is gone
     except OSError:
-        return False
+        return None
 
 
 def find_signal_thread(ours: Collection[int]) -> Optional[str]:
-    for tid in os.listdir(TASKS):
+    try:
+        tids = os.listdir(TASKS)
+    except OSError:
+        return None
+    for tid in tids:
         if int(tid) not in ours and _sleeping_in_sigwait(tid):
             return tid
     return None
@@ -81,7 +89,7 @@ def start_watcher(socket_spec: str, ours: Collection[int]) -> threading.Thread:
         while True:
             if tid is None and time.monotonic() < searched_until:
                 tid = find_signal_thread(ours)
-            if stop_signal_pending() or (tid is not None and not _sleeping_in_sigwait(tid)):
+            if stop_signal_pending() or (tid is not None and _sleeping_in_sigwait(tid) is False):
                 log.debug("libmilter is stopping: waking its listener")
                 poke(socket_spec)
                 time.sleep(0.5)  # and again, until the process is gone, in case of a race

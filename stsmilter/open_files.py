@@ -1,11 +1,18 @@
 """The daemon's open-files budget: RLIMIT_NOFILE against what the configuration may open.
 
 Every socketmap connection is a file descriptor, and so is every milter session
-(libmilter accepts as long as accept() works: at the limit an MTA connection just waits
-in the backlog and the MTA times out). The daemon raises its soft limit as far as the
-configuration needs (up to the hard limit) and, if that is not enough, serves fewer
-socketmap connections than [socketmap] max_connections so that RESERVE descriptors
-stay for the milter, DNS, policy fetches, the store, the listeners and the logs.
+(libmilter accepts as long as accept() works and bounds nothing). The daemon raises its
+soft limit as far as the configuration needs (up to the hard limit) and, if that is not
+enough, serves fewer socketmap connections than [socketmap] max_connections so that
+RESERVE descriptors stay for the milter, DNS, policy fetches, the store, the listeners
+and the logs.
+
+If the process runs out all the same (a low hard limit, a flood of milter connections:
+libmilter accepts whatever it can), no listener spins or logs a traceback: milter_shed.py
+sheds waiting milter connections; the socketmap and metrics listeners (asyncio) stop
+accepting for a second when accept() fails, the control socket for half a second. Every
+such event goes through out_of_descriptors(): a count in
+stsmilter_out_of_descriptors_total and at most one line a minute per listener.
 """
 
 from __future__ import annotations
@@ -13,12 +20,18 @@ from __future__ import annotations
 import logging
 import resource
 
+from stsmilter import metrics
+from stsmilter.ratelog import RateLimitedLog
+
 log = logging.getLogger("stsmilter")
 
 # Milter sessions (one per MTA process: Postfix's default_process_limit is 100), DNS
-# and store descriptors, listeners, logs, pipes, the interpreter's own.
+# and store descriptors, listeners, logs, pipes (the milter guard's: two, or a duplicate
+# of the milter listener, a quiet socket and a spare), the interpreter's own.
 RESERVE = 256
 FLOOR = 16  # socketmap connections served however low the limit
+
+_said = RateLimitedLog(log)
 
 
 def needed(cfg) -> int:
@@ -44,8 +57,8 @@ def ensure(cfg) -> int:
     need = needed(cfg)
     wanted = cfg.socketmap.max_connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:  # soft == hard: nothing to raise, the warning below
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             log.info("open files limit raised from %d to %d", soft, target)
@@ -61,3 +74,13 @@ def ensure(cfg) -> int:
         soft, hard, need, allowed, wanted,
     )
     return allowed
+
+
+def out_of_descriptors(listener: str, count: int = 1) -> None:
+    """Count count connections (or accept pauses) a listener ("milter", "socketmap",
+    "metrics", "control") could not serve for lack of descriptors; log it at most once a
+    minute per listener."""
+    metrics.OUT_OF_DESCRIPTORS.labels(listener=listener).inc(count)
+    _said.log(listener, logging.WARNING,
+              "%s: out of file descriptors (open files limit %d): new connections are refused until some close",
+              listener, resource.getrlimit(resource.RLIMIT_NOFILE)[0])

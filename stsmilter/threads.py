@@ -8,6 +8,7 @@ themselves too (block_signals), since the CLI and the tests start them elsewhere
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -17,6 +18,11 @@ if TYPE_CHECKING:  # imported where a loop starts: the engine and the CLI use bl
     import asyncio
 
 BLOCKED_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+
+# What asyncio's selector loop hands its exception handler when accept() fails for lack of
+# resources; it then stops accepting on that listener for a second by itself. CPython 3.11
+# goes on trying (and reporting) up to `backlog` accepts in the same pass.
+ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
 
 
 def block_signals() -> None:
@@ -28,7 +34,11 @@ class LoopServer:
     """A listener served from an asyncio loop in a thread of its own (libmilter owns the
     main thread and the signals): start() binds and returns once listening, stop() ends
     both. A subclass provides _bind() (the listener: an asyncio Server) and _shutdown(),
-    and may schedule work on the loop in _serving()."""
+    and may schedule work on the loop in _serving().
+
+    A failed accept() for lack of file descriptors is one counted, rate-limited line
+    (open_files.out_of_descriptors, listener = what), not asyncio's traceback; anything
+    else goes to asyncio's default handler."""
 
     thread_name = "stsmilter-loop"
     log = logging.getLogger("stsmilter")  # what stop() warns on
@@ -39,6 +49,7 @@ class LoopServer:
         self._listener: Optional[asyncio.AbstractServer] = None
         self._thread: Optional[threading.Thread] = None
         self._startup_error: Optional[BaseException] = None
+        self._accept_paused_until = 0.0  # loop time: one report per pause, not per attempt
 
     async def _bind(self) -> asyncio.AbstractServer:
         raise NotImplementedError
@@ -74,11 +85,26 @@ class LoopServer:
         if thread.is_alive():
             self.log.warning("%s: the server thread did not stop within %.1f s", self.what, timeout)
 
+    def _loop_exception(self, loop, context) -> None:
+        exc = context.get("exception")
+        if (context.get("message") == ACCEPT_OUT_OF_RESOURCES and isinstance(exc, OSError)
+                and exc.errno in (errno.EMFILE, errno.ENFILE)):
+            now = loop.time()
+            if now >= self._accept_paused_until:
+                self._accept_paused_until = now + 0.5  # asyncio pauses 1 s
+                self._out_of_descriptors(self.what)
+            return
+        loop.default_exception_handler(context)
+
     def _run(self, ready: threading.Event) -> None:
         import asyncio
 
+        from stsmilter.open_files import out_of_descriptors  # now: out of descriptors, no module file opens
+
+        self._out_of_descriptors = out_of_descriptors
         block_signals()
         self.loop = loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._loop_exception)
         try:
             try:
                 self._listener = loop.run_until_complete(self._bind())

@@ -579,7 +579,8 @@ def test_rules_structure():
     rules = {rule["alert"]: rule for group in data["groups"] for rule in group["rules"]}
     assert set(rules) == {"StsmilterDown", "StsmilterRefreshFailing", "StsmilterViolationSpike", "StsmilterFetchErrors",
                           "StsmilterStoreErrors", "StsmilterDnsFailures", "StsmilterSocketmapEvictions",
-                          "StsmilterDaneDnsErrors", "StsmilterDiscoverySaturated"}
+                          "StsmilterDaneDnsErrors", "StsmilterDiscoverySaturated",
+                          "StsmilterOutOfDescriptors"}
     for name, rule in rules.items():
         assert rule["expr"].strip() and rule["labels"]["severity"] and rule["annotations"]["summary"], name
     assert rules["StsmilterDown"]["for"] == "5m"
@@ -591,6 +592,7 @@ def test_rules_structure():
     assert "stsmilter_socketmap_evicted_connections_total" in rules["StsmilterSocketmapEvictions"]["expr"]
     assert 'verdict="dns-error"' in rules["StsmilterDaneDnsErrors"]["expr"]
     assert "stsmilter_discovery_waiting" in rules["StsmilterDiscoverySaturated"]["expr"]
+    assert "increase(stsmilter_out_of_descriptors_total" in rules["StsmilterOutOfDescriptors"]["expr"]
 
 
 def test_rules_use_real_metric_names():

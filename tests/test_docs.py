@@ -367,7 +367,7 @@ def readme_section(title: str) -> str:
 # Words the README writes in place of a value in a quoted line.
 _PLACEHOLDERS = ("DOMAIN", "ID", "REASON", "DETAIL", "HOST", "PATH", "LINK", "FILE", "LINE", "xN", "N", "H", "M", "K")
 # Lines "When things go wrong" quotes from Postfix, not from stsmilter.
-_POSTFIX_LINES = ("status=deferred", "warning: connect to Milter service")
+_POSTFIX_LINES = ("status=deferred", "warning: connect to Milter service", "warning: milter ")
 
 
 def _code_strings() -> list:

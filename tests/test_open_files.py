@@ -53,6 +53,7 @@ def test_a_low_hard_limit_serves_fewer_socketmap_connections_and_the_milter_stil
     hard = DEFAULT_NEED - (1000 - allowed)
     daemon = start_daemon(preexec_fn=limit_open_files(hard, hard))
     daemon.wait_log(f"serving at most {allowed} socketmap connections")
+    assert "open files limit raised" not in daemon.log()  # soft == hard: nothing was raised
     before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
     held = []
     try:
