@@ -15,7 +15,7 @@ and no other peer is served: SO_PEERCRED), one connection served at a time, a re
 of at most 64 KiB read within 5 s, an answer written within 30 s, then closed. A bad
 request gets one "error" line and a log line at most once a minute; never a traceback.
 Out of file descriptors, accept() is retried every 0.5 s and each failure counted, with
-one line a minute, as for the other listeners (open_files.out_of_descriptors).
+one line a minute, as for the other listeners (descriptors.out_of_descriptors).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from typing import Iterator, List, Optional
 
 from stsmilter.policy import is_normalized_domain
-from stsmilter.preflight import chmod_socket
+from stsmilter.unixsocket import chmod_socket
 from stsmilter.ratelog import RateLimitedLog
 
 log = logging.getLogger("stsmilter.control")
@@ -110,9 +110,9 @@ class ControlServer:
         self._stopping = threading.Event()
         self._log = RateLimitedLog(log)
         self._inode = None  # (st_dev, st_ino) of the socket we bound: only that one is removed
-        from stsmilter import open_files  # the daemon's side only (metrics); the CLI needs request()
+        from stsmilter import descriptors  # the daemon's side only (metrics); the CLI needs request()
 
-        self._open_files = open_files
+        self._descriptors = descriptors
 
     def start(self) -> None:
         """Bind (replacing a stale socket file; preflight refused anything else there),
@@ -159,7 +159,7 @@ class ControlServer:
                 continue
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self._open_files.out_of_descriptors("control")
+                    self._descriptors.out_of_descriptors("control")
                 else:
                     self._log.log("accept", logging.WARNING, "cache control %s: accept failed: %s", self.path, e)
                 self._stopping.wait(0.5)

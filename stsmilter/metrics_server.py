@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from stsmilter.threads import LoopServer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("stsmilter.metrics_server")
 
 MAX_CONNECTIONS = 32
 REQUEST_TIMEOUT = 10.0  # seconds for the request head to arrive and the reply to leave

@@ -40,7 +40,7 @@ libmilter does not use:
   instead of at once.
 
 Each shed connection counts in stsmilter_out_of_descriptors_total{listener="milter"}, and
-one line a minute says that connections are refused (open_files.out_of_descriptors).
+one line a minute says that connections are refused (descriptors.out_of_descriptors).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import threading
 import time
 from typing import Optional, Tuple
 
-from stsmilter import open_files
+from stsmilter import descriptors
 
 log = logging.getLogger("stsmilter")
 
@@ -449,7 +449,7 @@ class MilterGuard:
                     return
                 if shed:
                     self.shed += shed
-                    open_files.out_of_descriptors("milter", shed)
+                    descriptors.out_of_descriptors("milter", shed)
                 else:
                     time.sleep(self.settle)
         finally:

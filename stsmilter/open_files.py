@@ -11,7 +11,7 @@ If the process runs out all the same (a low hard limit, a flood of milter connec
 libmilter accepts whatever it can), no listener spins or logs a traceback: milter_shed.py
 sheds waiting milter connections; the socketmap and metrics listeners (asyncio) stop
 accepting for a second when accept() fails, the control socket for half a second. Every
-such event goes through out_of_descriptors(): a count in
+such event goes through descriptors.out_of_descriptors(): a count in
 stsmilter_out_of_descriptors_total and at most one line a minute per listener.
 """
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 import logging
 import resource
 
-from stsmilter import metrics
-from stsmilter.ratelog import RateLimitedLog
 
 log = logging.getLogger("stsmilter")
 
@@ -30,9 +28,6 @@ log = logging.getLogger("stsmilter")
 # of the milter listener, a quiet socket and a spare), the interpreter's own.
 RESERVE = 256
 FLOOR = 16  # socketmap connections served however low the limit
-
-_said = RateLimitedLog(log)
-
 
 def needed(cfg) -> int:
     """Descriptors the configuration may hold open at once."""
@@ -74,13 +69,3 @@ def ensure(cfg) -> int:
         soft, hard, need, allowed, wanted,
     )
     return allowed
-
-
-def out_of_descriptors(listener: str, count: int = 1) -> None:
-    """Count count connections (or accept pauses) a listener ("milter", "socketmap",
-    "metrics", "control") could not serve for lack of descriptors; log it at most once a
-    minute per listener."""
-    metrics.OUT_OF_DESCRIPTORS.labels(listener=listener).inc(count)
-    _said.log(listener, logging.WARNING,
-              "%s: out of file descriptors (open files limit %d): new connections are refused until some close",
-              listener, resource.getrlimit(resource.RLIMIT_NOFILE)[0])

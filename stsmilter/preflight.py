@@ -20,7 +20,6 @@ The daemon starts as root, so nothing here may be turned against root:
 from __future__ import annotations
 
 import dataclasses
-import errno
 import grp
 import os
 import pwd
@@ -193,19 +192,6 @@ def prepare(cfg, identity: Optional[Identity], create: bool = True, kinds: Itera
         # The files inside are checked again now that their directories exist.
         plan(cfg, kinds)
     return frozenset(missing)
-
-
-def chmod_socket(path: str, mode: int) -> None:
-    """chmod the unix socket a server just bound at path, never through a symlink: the
-    inode is opened with O_PATH|O_NOFOLLOW and changed through /proc/self/fd (Linux has
-    no lchmod; this is what glibc's fchmodat(AT_SYMLINK_NOFOLLOW) does)."""
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise OSError(errno.EEXIST, f"{path} is not a socket")
-        os.chmod(f"/proc/self/fd/{fd}", mode)
-    finally:
-        os.close(fd)
 
 
 def drop_privileges(identity: Optional[Identity]) -> None:

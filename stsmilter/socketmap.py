@@ -23,15 +23,12 @@ import asyncio
 import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from . import metrics, policy
 from .tlspolicy import DANE_ONLY, NOTFOUND, answer, dane_first, enforced, normalize_key, on_timeout_answer
 
-if TYPE_CHECKING:
-    from .socketmap_server import SocketmapServer
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("stsmilter.socketmap")
 
 MAX_REQUEST = 1024  # keys are domain names
 MAX_LENGTH_DIGITS = 5
@@ -96,7 +93,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "buffer", "queue", "tasks", "last_request", "idle_timer",
                  "closing", "throttled", "write_paused", "request_started")
 
-    def __init__(self, server: "SocketmapServer"):
+    def __init__(self, server):
         self.server = server
         self.transport = self.idle_timer = None
         self.buffer = b""

@@ -20,7 +20,7 @@ import stat
 import time
 
 from . import metrics
-from .preflight import chmod_socket
+from .unixsocket import chmod_socket
 from .socketmap import Connection
 from .threads import LoopServer
 

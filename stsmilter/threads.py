@@ -37,7 +37,7 @@ class LoopServer:
     and may schedule work on the loop in _serving().
 
     A failed accept() for lack of file descriptors is one counted, rate-limited line
-    (open_files.out_of_descriptors, listener = what), not asyncio's traceback; anything
+    (descriptors.out_of_descriptors, listener = what), not asyncio's traceback; anything
     else goes to asyncio's default handler."""
 
     thread_name = "stsmilter-loop"
@@ -99,7 +99,7 @@ class LoopServer:
     def _run(self, ready: threading.Event) -> None:
         import asyncio
 
-        from stsmilter.open_files import out_of_descriptors  # now: out of descriptors, no module file opens
+        from stsmilter.descriptors import out_of_descriptors  # now: out of descriptors, no module file opens
 
         self._out_of_descriptors = out_of_descriptors
         block_signals()

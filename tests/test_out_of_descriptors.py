@@ -1,5 +1,5 @@
 """Out of file descriptors, the listeners other than the milter (issue 19, item 5): no
-traceback, one counted and rate-limited line (open_files.out_of_descriptors), serving
+traceback, one counted and rate-limited line (descriptors.out_of_descriptors), serving
 again once descriptors are free. The milter's guard: test_milter_shed.py; the whole
 daemon: test_fd_exhaustion.py."""
 
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from stsmilter import control, milter_stop, open_files
+from stsmilter import control, descriptors, milter_stop
 from stsmilter.metrics_server import MetricsServer
 from stsmilter.ratelog import RateLimitedLog
 from stsmilter.socketmap_server import SocketmapServer
@@ -34,9 +34,9 @@ def count(listener):
 
 @pytest.fixture
 def fresh_log(monkeypatch):
-    """open_files' rate limit starts afresh (another test may have used it within the minute)."""
+    """descriptors' rate limit starts afresh (another test may have used it within the minute)."""
     now = [1000.0]
-    monkeypatch.setattr(open_files, "_said", RateLimitedLog(open_files.log, clock=lambda: now[0]))
+    monkeypatch.setattr(descriptors, "_said", RateLimitedLog(descriptors.log, clock=lambda: now[0]))
     return now
 
 
@@ -50,15 +50,15 @@ def test_every_listener_has_its_series_from_the_start():
 def test_a_report_counts_every_event_and_logs_once_a_minute_per_listener(fresh_log, caplog):
     caplog.set_level(logging.WARNING, logger="stsmilter")
     before = count("milter"), count("metrics")
-    open_files.out_of_descriptors("milter", 5)
-    open_files.out_of_descriptors("milter", 3)
-    open_files.out_of_descriptors("metrics")
+    descriptors.out_of_descriptors("milter", 5)
+    descriptors.out_of_descriptors("milter", 3)
+    descriptors.out_of_descriptors("metrics")
     assert (count("milter"), count("metrics")) == (before[0] + 8, before[1] + 1)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and lines[0].startswith(f"milter: {LINE} ")
     assert lines[0].endswith("): new connections are refused until some close")
     fresh_log[0] += 61
-    open_files.out_of_descriptors("milter")
+    descriptors.out_of_descriptors("milter")
     assert caplog.records[-1].getMessage().endswith("until some close (1 more since the last such line)")
 
 

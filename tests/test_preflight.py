@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from stsmilter import config, preflight
+from stsmilter import config, preflight, unixsocket
 from stsmilter.pidfile import Pidfile, is_stsmilter, read_pid
 from stsmilter.preflight import StartupError
 
@@ -291,14 +291,14 @@ def test_pidfile_write_error_names_the_key(tmp_path):
 def test_chmod_socket_changes_a_socket_and_nothing_through_a_symlink(tmp_path):
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(tmp_path / "s.sock"))
-        preflight.chmod_socket(str(tmp_path / "s.sock"), 0o640)
+        unixsocket.chmod_socket(str(tmp_path / "s.sock"), 0o640)
         assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o640
         (tmp_path / "link").symlink_to(tmp_path / "s.sock")
         (tmp_path / "file").write_text("")
         os.chmod(tmp_path / "file", 0o600)
         for name in ("link", "file"):
             with pytest.raises(OSError, match="is not a socket"):
-                preflight.chmod_socket(str(tmp_path / name), 0o666)
+                unixsocket.chmod_socket(str(tmp_path / name), 0o666)
         assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o640
         assert stat.S_IMODE(os.stat(tmp_path / "file").st_mode) == 0o600
 
