@@ -91,9 +91,9 @@ def inputs(rng, index):
 
 
 def build(store, n):
-    from stsmilter import policy
-    from stsmilter.cache import PolicyCache
-    from stsmilter.store import make_entry
+    from stsmilter.engine import policy
+    from stsmilter.engine.cache import PolicyCache
+    from stsmilter.engine.store import make_entry
 
     cache = PolicyCache(store, max_entries=max(200_000, n), negative_ttl=300, failure_backoff=300)
     rng = random.Random(8461)
@@ -113,7 +113,7 @@ def build(store, n):
 
 
 def variant(name: str, directory: str) -> dict:
-    from stsmilter.store import MemoryStore, SqliteStore
+    from stsmilter.engine.store import MemoryStore, SqliteStore
 
     # Import everything the build touches first, so imports are not counted.
     warm_cache, _ = build(MemoryStore(), 10)
@@ -261,9 +261,9 @@ def negatives_through_daemon(root, stack, n: int) -> dict:
 
 def negatives_in_process(n: int) -> dict:
     """PolicyCache.put_negative() alone: RSS growth per entry (domain string included)."""
-    from stsmilter.cache import PolicyCache
-    from stsmilter.policy import NONE, Result
-    from stsmilter.store import MemoryStore
+    from stsmilter.engine.cache import PolicyCache
+    from stsmilter.engine.policy import NONE, Result
+    from stsmilter.engine.store import MemoryStore
 
     cache = PolicyCache(MemoryStore(), max_entries=n, negative_ttl=86400, failure_backoff=300)
     cache.put_negative(Result("warm.example", NONE, reason="no-txt-record", source="cache"))

@@ -757,7 +757,7 @@ def socketmap_round(port: int, pid: int, requests: List[bytes], connections: int
 def _noop_milter_main(spec: str) -> int:
     import Milter
 
-    from stsmilter.milter import MILTER_FLAGS, NegotiatingMilter
+    from stsmilter.milter.negotiation import MILTER_FLAGS, NegotiatingMilter
 
     class NoopMilter(NegotiatingMilter):
         """Answers CONTINUE to the callbacks stsmilter implements, with the same

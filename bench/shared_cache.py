@@ -46,10 +46,10 @@ def redis_sizes(url) -> dict:
     import redis
 
     import cache_memory
-    from stsmilter import policy
-    from stsmilter.cache import PolicyCache
-    from stsmilter.store import make_entry
-    from stsmilter.store.redis import RedisStore
+    from stsmilter.engine import policy
+    from stsmilter.engine.cache import PolicyCache
+    from stsmilter.engine.store import make_entry
+    from stsmilter.engine.store.redis import RedisStore
 
     client = redis.Redis.from_url(url)
     store = RedisStore(url, prefix="stsmilter:", timeout=5)

@@ -24,7 +24,7 @@ LimitNOFILE) and, when it is installed, postfix-mta-sts-resolver's ``mta-sts-dae
   connections (for the hanging ones) that caused.
 
 Each run (daemon x N) has a fresh world (tests/world/slow_destinations.py, shared with
-tests/test_fairness.py), a fresh daemon and fresh clients. The peer always fetches from
+tests/service/test_fairness.py), a fresh daemon and fresh clients. The peer always fetches from
 port 443: its runs serve the policy hosts on 127.0.0.1:443 and 127.0.0.2:443, inside a
 network namespace of their own (``unshare --net --mount``, this script again with
 ``--peer-part``) if 443 is taken or ``--peer-netns yes``.

@@ -34,7 +34,7 @@ if [ "$mode" = test ]; then
     pkgs="$pkgs postfix shellcheck sendmail-cf mandoc sasl2-bin libsasl2-modules unbound redis-server"
     pkgs="$pkgs logrotate"
     # The second run uses Debian 12's own libraries, the ones the .deb depends on
-    # (setuptools and wheel build stsmilter into that venv); tests/test_deb.py builds
+    # (setuptools and wheel build stsmilter into that venv); tests/system/test_deb.py builds
     # the package with make (its build dependencies come from debian/control), checks
     # it with lintian and reads its man page with man. python3-redis (4.3): [cache] redis.
     pkgs="$pkgs python3-milter python3-dnspython python3-cachetools python3-prometheus-client python3-idna"
@@ -57,7 +57,7 @@ if [ -n "$need_apt" ]; then
     apt-get install -y -qq --no-install-recommends $need_apt
 fi
 
-# tests/test_deb.py builds the Debian package: its build dependencies now, not
+# tests/system/test_deb.py builds the Debian package: its build dependencies now, not
 # inside a test with a timeout.
 if [ "$mode" = test ] && [ "$(id -u)" = 0 ]; then
     make -s deb-deps

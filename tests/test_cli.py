@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from stsmilter import cli, config
-from stsmilter.policy import Policy
-from stsmilter.store import SqliteStore, make_entry
+from stsmilter.engine.policy import Policy
+from stsmilter.engine.store import SqliteStore, make_entry
 
 
 def run(capsys, *argv):

@@ -24,9 +24,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from Milter import testctx  # never Milter.test: importing it changes Milter.NOREPLY
 
-from stsmilter import config, dns, milter, policy, socketmap, socketmap_server, tlspolicy
-from stsmilter.decision import Decider
-from stsmilter.policy import Policy, PolicyError, Result
+from stsmilter import config
+from stsmilter.engine import dns, policy, tlspolicy
+from stsmilter.milter import session as milter
+from stsmilter.socketmap import connection as socketmap, server as socketmap_server
+from stsmilter.engine.decision import Decider
+from stsmilter.engine.policy import Policy, PolicyError, Result
 from test_socketmap import FakeDiscovery as SocketmapDiscovery
 from test_tlspolicy import make_settings
 from world.socketmap_client import read_replies, request

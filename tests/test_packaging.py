@@ -49,7 +49,7 @@ def test_sdist_carries_the_whole_tree(dists):
                  "contrib/init.d/stsmilter", "contrib/systemd/stsmilter.service", "contrib/logrotate/stsmilter",
                  "contrib/bootstrap.sh", "contrib/postfix/main.cf.snippet", "contrib/prometheus/stsmilter-rules.yml",
                  "contrib/grafana/stsmilter-dashboard.json", "tests/conftest.py", "tests/world/dns_server.py",
-                 "debian/control", "debian/rules", "stsmilter/engine.py"):
+                 "debian/control", "debian/rules", "stsmilter/engine/__init__.py"):
         assert path in names, path
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 

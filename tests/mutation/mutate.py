@@ -43,19 +43,19 @@ MIN_SCORE = 0.97
 #       copy "@deco def f" inside a class becomes "def f ... f = deco(f)", the same
 #       function at run time, so its body is mutated like any other.
 MODULES = [
-    ("stsmilter/policy.py", ["*"], ["tests/test_policy.py"]),
-    ("stsmilter/decision.py", ["*"], ["tests/test_decision.py", "tests/test_decision_dane.py"]),
-    ("stsmilter/tlspolicy.py", ["*"], ["tests/test_tlspolicy.py"]),
-    ("stsmilter/socketmap.py", ["x_netstring"], ["tests/test_socketmap.py"]),
-    ("stsmilter/dane.py", ["x__der_sequence", "x_usable_tlsa", "x_host_has_dane", "x_evaluate"], ["tests/test_dane.py"]),
-    ("stsmilter/cache.py", ["*"], ["tests/test_cache_memory.py", "tests/test_cache.py"], {"min_score": 0.90}),
-    ("stsmilter/negative_cache.py", ["*"], ["tests/test_negative_cache.py"], {"min_score": 0.90}),
+    ("stsmilter/engine/policy.py", ["*"], ["tests/engine/test_policy.py"]),
+    ("stsmilter/engine/decision.py", ["*"], ["tests/engine/test_decision.py", "tests/engine/test_decision_dane.py"]),
+    ("stsmilter/engine/tlspolicy.py", ["*"], ["tests/engine/test_tlspolicy.py"]),
+    ("stsmilter/socketmap/connection.py", ["x_netstring"], ["tests/socketmap/test_socketmap.py"]),
+    ("stsmilter/engine/dane.py", ["x__der_sequence", "x_usable_tlsa", "x_host_has_dane", "x_evaluate"], ["tests/engine/test_dane.py"]),
+    ("stsmilter/engine/cache.py", ["*"], ["tests/engine/test_cache_memory.py", "tests/engine/test_cache.py"], {"min_score": 0.90}),
+    ("stsmilter/engine/negative_cache.py", ["*"], ["tests/engine/test_negative_cache.py"], {"min_score": 0.90}),
     # The fleet's single-flight lock (claim, release) and what they call; a real private
     # redis-server (tests/world/fixtures_redis.py) starts in ~50 ms.
-    ("stsmilter/store/redis.py",
-     ["xǁRedisStoreǁclaim", "xǁRedisStoreǁrelease", "xǁRedisStoreǁ_lock_key", "x__redis_errors", "x__failure",
-      "x__wrong_type"],
-     ["tests/test_store_redis_lock.py"], {"min_score": 0.90, "undecorate": ["_redis_errors"]}),
+    ("stsmilter/engine/store/redis.py", ["xǁRedisStoreǁclaim", "xǁRedisStoreǁrelease", "xǁRedisStoreǁ_lock_key"],
+     ["tests/engine/test_store_redis_lock.py"], {"min_score": 0.90, "undecorate": ["redis_errors"]}),
+    ("stsmilter/engine/store/redis_client.py", ["x_redis_errors", "x_failure", "x_wrong_type"],
+     ["tests/engine/test_store_redis_lock.py"], {"min_score": 0.90}),
 ]
 
 KILLED = {"killed", "timeout"}
@@ -213,7 +213,7 @@ def main():
     parser.add_argument("-j", "--children", type=int, default=os.cpu_count() or 1, help="mutmut --max-children")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (mutants/, log)")
     parser.add_argument("--only", action="append", metavar="FILE", default=[],
-                        help="only this module of MODULES (e.g. stsmilter/cache.py); repeatable")
+                        help="only this module of MODULES (e.g. stsmilter/engine/cache.py); repeatable")
     args = parser.parse_args()
     modules = [entry(line) for line in MODULES]
     unknown = set(args.only) - {path for path, _, _, _ in modules}

@@ -1,5 +1,5 @@
 """Real Postfix deliveries with DANE first. Run only by
-tests/test_dane_postfix.py::test_postfix_delivers_over_dane_in_a_network_namespace, inside
+tests/system/test_dane_postfix.py::test_postfix_delivers_over_dane_in_a_network_namespace, inside
 a fresh network namespace (only loopback) whose /etc/resolv.conf names unbound on
 127.0.0.1:53 with "options trust-ad"; not collected on its own (no test_ prefix).
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stsmilter.dns import Resolver
+from stsmilter.engine.dns import Resolver
 from world.dns_server import DnsServer
 from world.sync import Sync
 

@@ -12,7 +12,8 @@ same point, so that the run shows what a real drop would have left out.
 
 import sys
 
-from stsmilter import cli, config, daemon, preflight
+from stsmilter import cli, config
+from stsmilter.service import daemon, preflight
 
 
 class _Reporter:

@@ -1,4 +1,4 @@
-"""Run by tests/test_milter_shed.py in a process of its own, because it exhausts the
+"""Run by tests/milter/test_milter_shed.py in a process of its own, because it exhausts the
 process's file descriptors: a stand-in for libmilter's listener (the same loop as
 mi_listener: poll, accept, straight back to poll when accept fails) beside
 stsmilter.milter_shed's guard, on 127.0.0.1. Prints one JSON object.
@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from stsmilter import milter_shed
+from stsmilter.milter import shed as milter_shed
 
 CLIENTS = 20
 

@@ -1,5 +1,5 @@
 """Broken destinations at scale (issue 19): the world and the clients shared by
-bench/slow_destinations.py and tests/test_fairness.py, so that the two cannot drift.
+bench/slow_destinations.py and tests/service/test_fairness.py, so that the two cannot drift.
 
 The world runs in a forked child process (SlowWorld): the loopback DNS server, the HTTPS
 policy server and a "TLS black hole" (HangListener: accepts TCP, reads the ClientHello,

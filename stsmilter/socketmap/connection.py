@@ -1,0 +1,305 @@
+"""Postfix socketmap_table(5) TLS-policy protocol; also what Sendmail 8.17 FEATURE(`sts') asks.
+
+One Connection per client: netstring framing, pipelining, the fast path. The listener and
+the limits across connections are socketmap_server.py's, the answers tlspolicy.py's.
+
+Requests are netstrings "NAME KEY" (NAME is the map name; any word is accepted); replies are
+netstrings "OK data", "NOTFOUND ", "TEMP reason" or "PERM reason" (the payloads come from
+tlspolicy.answer()). Postfix keeps connections open and may pipeline, so replies leave in
+request order.
+
+A request that discovery.peek() (and, for an enforced policy, dane.peek()) can answer is
+answered inside data_received (no task, no await); any other waits for discovery.submit()
+and the DANE check at most lookup_timeout. A request that has begun starts a clock
+(request_started; the server closes the connection after request_timeout), and a client
+that does not read its replies is not read from either.
+
+What a Connection uses of its server: state (discovery, settings, DANE checker), cache
+(request -> _Entry), loop, connections (least recently active first), begun (the
+connections with an incomplete request), idle_timeout, connection_limit, evict_idlest().
+"""
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Optional
+
+from stsmilter import metrics
+from stsmilter.engine import policy
+from stsmilter.engine.tlspolicy import DANE_ONLY, NOTFOUND, answer, dane_first, enforced, normalize_key, on_timeout_answer
+
+log = logging.getLogger("stsmilter.socketmap")
+
+MAX_REQUEST = 1024  # keys are domain names
+MAX_LENGTH_DIGITS = 5
+MAX_PIPELINED = 64  # unanswered requests per connection before we stop reading more
+CACHE_LIMIT = 10000  # request keys remembered by the fast path
+
+INTERNAL_ERROR = b"TEMP internal error"
+MALFORMED = b"PERM malformed request"
+
+_monotonic = time.monotonic
+_perf_counter = time.perf_counter
+
+
+def netstring(payload: bytes) -> bytes:
+    return b"%d:%s," % (len(payload), payload)
+
+
+NOTFOUND_REPLY = netstring(NOTFOUND)
+MALFORMED_REPLY = netstring(MALFORMED)
+INTERNAL_ERROR_REPLY = netstring(INTERNAL_ERROR)
+
+
+class _Count:
+    """One answer counted twice: by result (ok/notfound/temp/perm) and by kind."""
+
+    __slots__ = ("result", "kind")
+
+    def __init__(self, result: str, kind: str):
+        # Children bound once: .labels() per request costs a lock.
+        self.result = metrics.SOCKETMAP_LOOKUPS.labels(result=result)
+        self.kind = metrics.SOCKETMAP_ANSWERS.labels(kind=kind)
+
+    def inc(self) -> None:
+        self.result.inc()
+        self.kind.inc()
+
+
+# Keyed by the reply's first byte; "OK dane-only" is the one OK that is not "secure".
+_COUNTERS = {ord(r[0].upper()): _Count(r, k) for r, k in
+             (("ok", "secure"), ("notfound", "notfound"), ("temp", "temp"), ("perm", "perm"))}
+_DANE_COUNT = _Count("ok", "dane")
+
+
+def _count(payload: bytes) -> _Count:
+    return _DANE_COUNT if payload == DANE_ONLY else _COUNTERS[payload[0]]
+
+
+class _Entry:
+    """Fast-path memory for one request: the reply last built and what it was built from."""
+
+    __slots__ = ("domain", "dane_map", "result", "settings", "verdict", "needs_dane", "reply", "counter")
+
+    def __init__(self, domain: Optional[str], dane_map: bool):
+        self.domain, self.dane_map, self.result, self.settings, self.verdict = domain, dane_map, None, None, None
+        self.needs_dane = False  # result, settings and map call for a DANE verdict
+        self.reply, self.counter = NOTFOUND_REPLY, _count(NOTFOUND)
+
+
+class Connection(asyncio.Protocol):
+    """One client: its requests in, its replies out in request order."""
+
+    __slots__ = ("server", "transport", "buffer", "queue", "tasks", "last_request", "idle_timer",
+                 "closing", "throttled", "write_paused", "request_started")
+
+    def __init__(self, server):
+        self.server = server
+        self.transport = self.idle_timer = None
+        self.buffer = b""
+        self.queue = collections.deque()  # [reply or None] slots, oldest request first
+        self.tasks = set()
+        self.last_request = _monotonic()
+        self.request_started = None  # when the first byte of an incomplete request arrived
+        self.closing = self.throttled = self.write_paused = False
+
+    def connection_made(self, transport):
+        server = self.server
+        if len(server.connections) >= server.connection_limit:
+            server.evict_idlest()
+        self.transport = transport
+        server.connections[self] = None  # newest last: the order is least recently active first
+        self.idle_timer = server.loop.call_later(server.idle_timeout, self._check_idle)
+
+    def connection_lost(self, exc):
+        self.server.connections.pop(self, None)
+        self.server.begun.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        for task in self.tasks:
+            task.cancel()
+        self.queue.clear()
+
+    def pause_writing(self):  # the client does not read its replies: stop reading its requests
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if not self.throttled and not self.closing:
+            self.transport.resume_reading()
+
+    def _check_idle(self):
+        # One self-re-arming timer per connection: cheaper than one timer per request.
+        left = self.server.idle_timeout - (_monotonic() - self.last_request)
+        if left <= 0 and not self.queue:
+            self.transport.close()
+        else:
+            self.idle_timer = self.server.loop.call_later(max(left, 0.1), self._check_idle)
+
+    def data_received(self, data):
+        if self.closing:
+            return
+        if self.buffer:
+            data, self.buffer = self.buffer + data, b""
+        self.last_request = now = _monotonic()
+        if data:
+            self.server.connections.move_to_end(self)
+        pos, end = 0, len(data)
+        while pos < end:
+            colon = data.find(b":", pos, pos + MAX_LENGTH_DIGITS + 1)
+            if colon < 0:
+                if end - pos > MAX_LENGTH_DIGITS or not data[pos:end].isdigit():
+                    return self._reject()
+                break  # the length is still arriving
+            digits = data[pos:colon]
+            length = int(digits) if digits.isdigit() else MAX_REQUEST + 1  # int() takes " 1_0"
+            if length > MAX_REQUEST:
+                return self._reject()
+            comma = colon + 1 + length
+            if comma >= end:
+                break  # so at most MAX_REQUEST + 7 bytes stay buffered
+            if data[comma] != 44:  # ","
+                return self._reject()
+            self._lookup(data[colon + 1:comma])
+            pos = comma + 1
+            if len(self.queue) >= MAX_PIPELINED:
+                self.throttled = True
+                self.transport.pause_reading()
+                break
+        if pos < end:
+            self.buffer = data[pos:]
+        if pos < end and not self.throttled:  # an incomplete request: its clock runs
+            if self.request_started is None or pos > 0:
+                self.request_started = now
+                self.server.begun.add(self)
+        elif self.request_started is not None:
+            self.request_started = None
+            self.server.begun.discard(self)
+
+    def _lookup(self, request: bytes):
+        started = _perf_counter()
+        server = self.server
+        discovery, settings, checker = server.state
+        entry = server.cache.get(request)  # keyed by map name and key: "sts" differs
+        try:
+            if entry is None:
+                if len(server.cache) >= CACHE_LIMIT:
+                    server.cache.clear()
+                name, _, key = request.partition(b" ")
+                entry = server.cache[request] = _Entry(normalize_key(key), dane_first(name))
+            if entry.domain is None:
+                return self._send(NOTFOUND_REPLY, entry.counter, started)
+            result = discovery.peek(entry.domain)
+            if result is None or result.status == policy.PENDING:
+                return self._later(entry, discovery, settings, checker, started)
+            if result is not entry.result or settings is not entry.settings:
+                entry.needs_dane = checker is not None and entry.dane_map and enforced(result, settings)
+                entry.verdict = None
+            verdict = None
+            if entry.needs_dane:
+                verdict = checker.peek(entry.domain)
+                if verdict is None:
+                    return self._later(entry, discovery, settings, checker, started, result)
+            if result is not entry.result or settings is not entry.settings or verdict is not entry.verdict:
+                payload = answer(result, settings, verdict)
+                entry.reply, entry.counter = netstring(payload), _count(payload)
+                entry.result, entry.settings, entry.verdict = result, settings, verdict
+            self._send(entry.reply, entry.counter, started)
+        except Exception:
+            log.exception("socketmap: lookup of %r failed", request)
+            self._send(INTERNAL_ERROR_REPLY, _count(INTERNAL_ERROR), started)
+
+    def _later(self, entry, discovery, settings, checker, started, result=None):
+        """Answer from a task: discovery and/or the DANE check must run first."""
+        slot = [None]  # holds our place in the reply order
+        self.queue.append(slot)
+        checker = checker if entry.dane_map else None
+        task = self.server.loop.create_task(
+            self._discover(slot, entry.domain, discovery, settings, checker, started, result))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _send(self, reply: bytes, counter, started: float):
+        counter.inc()
+        metrics.SOCKETMAP_LOOKUP_SECONDS.observe(_perf_counter() - started)
+        if self.queue:
+            self.queue.append([reply])  # an earlier request is still being looked up
+        else:
+            self.transport.write(reply)
+
+    async def _discover(self, slot, domain, discovery, settings, checker, started, result=None):
+        loop = self.server.loop
+        try:
+            deadline = loop.time() + settings.lookup_timeout
+            if result is None:
+                waiter = _follow(loop, discovery.submit(domain, wait=settings.lookup_timeout))
+                result = await asyncio.wait_for(waiter, settings.lookup_timeout)
+            verdict = None
+            if checker is not None and enforced(result, settings):
+                verdict = checker.peek(domain)
+                if verdict is None:
+                    left = max(0.0, deadline - loop.time())
+                    verdict = await asyncio.wait_for(_follow(loop, checker.submit(domain, wait=left)), left)
+            payload = answer(result, settings, verdict)
+        except asyncio.TimeoutError:
+            payload = on_timeout_answer(settings)
+        except Exception:
+            log.exception("socketmap: discovery for %s failed", domain)
+            payload = INTERNAL_ERROR
+        log.debug("socketmap: %s -> %s", domain, payload)
+        _count(payload).inc()
+        metrics.SOCKETMAP_LOOKUP_SECONDS.observe(_perf_counter() - started)
+        slot[0] = netstring(payload)
+        self._flush()
+
+    def _flush(self):
+        queue, transport = self.queue, self.transport
+        while queue and queue[0][0] is not None:
+            transport.write(queue.popleft()[0])
+        if self.closing:
+            if not queue:
+                transport.close()
+        elif self.throttled and len(queue) < MAX_PIPELINED:
+            self.throttled = False
+            if not self.write_paused:
+                transport.resume_reading()
+            self.data_received(b"")  # the requests left in the buffer when we stopped
+
+    def _reject(self):
+        """Broken framing cannot be resynchronized: PERM (after earlier replies), then close."""
+        self.closing = True
+        self.buffer = b""
+        self.request_started = None
+        self.server.begun.discard(self)
+        self.transport.pause_reading()
+        _count(MALFORMED).inc()
+        self.queue.append([MALFORMED_REPLY])
+        self._flush()
+
+
+def _follow(loop, engine_future) -> asyncio.Future:
+    """An asyncio future with engine_future's outcome. Unlike wrap_future(), cancelling it
+    (our timeout) never cancels the fetch, which goes on and fills the cache for the retry;
+    an engine-side cancel becomes an error, and an outcome after the loop closed is dropped."""
+    waiter = loop.create_future()
+
+    def copy(done):
+        if waiter.done():
+            return
+        if done.cancelled():
+            waiter.set_exception(RuntimeError("discovery future cancelled"))
+        elif done.exception() is not None:
+            waiter.set_exception(done.exception())
+        else:
+            waiter.set_result(done.result())
+
+    def on_done(done):
+        try:
+            loop.call_soon_threadsafe(copy, done)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    engine_future.add_done_callback(on_done)
+    return waiter
