@@ -15,13 +15,14 @@ and the DANE check at most lookup_timeout. A request that has begun starts a clo
 that does not read its replies is not read from either.
 
 What a Connection uses of its server: state (discovery, settings, DANE checker), cache
-(request -> _Entry), loop, connections (least recently active first), begun (the
+(request -> _Entry), loop, inbox (Inbox: the engine's answers, in batches), connections (least recently active first), begun (the
 connections with an incomplete request), idle_timeout, connection_limit, evict_idlest().
 """
 
 import asyncio
 import collections
 import logging
+import threading
 import time
 from typing import Optional
 
@@ -234,14 +235,14 @@ class Connection(asyncio.Protocol):
         try:
             deadline = loop.time() + settings.lookup_timeout
             if result is None:
-                waiter = _follow(loop, discovery.submit(domain, wait=settings.lookup_timeout))
+                waiter = _follow(self.server.inbox, discovery.submit(domain, wait=settings.lookup_timeout))
                 result = await asyncio.wait_for(waiter, settings.lookup_timeout)
             verdict = None
             if checker is not None and enforced(result, settings):
                 verdict = checker.peek(domain)
                 if verdict is None:
                     left = max(0.0, deadline - loop.time())
-                    verdict = await asyncio.wait_for(_follow(loop, checker.submit(domain, wait=left)), left)
+                    verdict = await asyncio.wait_for(_follow(self.server.inbox, checker.submit(domain, wait=left)), left)
             payload = answer(result, settings, verdict)
         except asyncio.TimeoutError:
             payload = on_timeout_answer(settings)
@@ -279,11 +280,51 @@ class Connection(asyncio.Protocol):
         self._flush()
 
 
-def _follow(loop, engine_future) -> asyncio.Future:
+class Inbox:
+    """The engine's answers, handed to the socketmap's loop in batches of BATCH.
+
+    A burst of lookups for dead destinations times out together: a thousand outcomes
+    arriving at once, each a callback on the loop, would hold up every cached answer
+    behind them (they are answered inside data_received, when the loop next reads its
+    sockets). Here they queue, and the loop takes BATCH of them, then looks at its
+    sockets again, and so on; one wake-up of the loop per batch, not per outcome."""
+
+    BATCH = 32
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, callback, argument) -> None:
+        """callback(argument) on the loop, soon (any thread)."""
+        with self._lock:
+            self._items.append((callback, argument))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    def _drain(self) -> None:
+        for _ in range(self.BATCH):
+            with self._lock:
+                if not self._items:
+                    self._scheduled = False
+                    return
+                callback, argument = self._items.popleft()
+            callback(argument)
+        self.loop.call_soon(self._drain)  # the rest once the loop has read its sockets
+
+
+def _follow(inbox: Inbox, engine_future) -> asyncio.Future:
     """An asyncio future with engine_future's outcome. Unlike wrap_future(), cancelling it
     (our timeout) never cancels the fetch, which goes on and fills the cache for the retry;
     an engine-side cancel becomes an error, and an outcome after the loop closed is dropped."""
-    waiter = loop.create_future()
+    waiter = inbox.loop.create_future()
 
     def copy(done):
         if waiter.done():
@@ -295,11 +336,5 @@ def _follow(loop, engine_future) -> asyncio.Future:
         else:
             waiter.set_result(done.result())
 
-    def on_done(done):
-        try:
-            loop.call_soon_threadsafe(copy, done)
-        except RuntimeError:
-            pass  # the loop is closed: nobody waits any more
-
-    engine_future.add_done_callback(on_done)
+    engine_future.add_done_callback(lambda done: inbox.put(copy, done))
     return waiter

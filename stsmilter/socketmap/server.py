@@ -21,7 +21,7 @@ import time
 
 from stsmilter import metrics
 from stsmilter.unixsocket import chmod_socket
-from stsmilter.socketmap.connection import Connection
+from stsmilter.socketmap.connection import Connection, Inbox
 from stsmilter.threads import LoopServer
 
 log = logging.getLogger("stsmilter.socketmap")  # one logger for the socketmap front end
@@ -49,6 +49,7 @@ class SocketmapServer(LoopServer):
         self.begun = set()  # connections holding an incomplete request
         self.cache = {}  # request key -> _Entry; used by the loop thread only
         self.evicted_connections = collections.Counter()  # reason -> count
+        self.inbox = None  # Inbox on the loop, once serving
 
     def evict_idlest(self) -> None:
         """Close the connection idle the longest, preferring one with no request under
@@ -101,6 +102,7 @@ class SocketmapServer(LoopServer):
         return self._listener.sockets[0].getsockname()[:2]
 
     def _serving(self) -> None:
+        self.inbox = Inbox(self.loop)
         self.loop.call_soon(self._expire_requests)
 
     async def _bind(self):
