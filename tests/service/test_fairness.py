@@ -170,6 +170,7 @@ def _describe(report: slow.BurstReport, what: str) -> str:
 
 def _assert_fair(report: slow.BurstReport, what: str):
     message = _describe(report, what)
+    print(message)  # the figures, also when they pass (pytest -rP shows them)
     secure = report.fresh_reply is not None and report.fresh_reply.startswith(b"OK secure")
     assert secure, message
     quick = report.fresh_seconds < FRESH_BOUND
