@@ -2,7 +2,7 @@
 
 The front-end API is thread-safe and synchronous: lookup() may wait up to a deadline,
 peek() never waits. The work runs as coroutines on the engine's event loop
-(engine_loop.py), so a destination whose DNS or policy host does not answer holds a
+(engine/loop.py), so a destination whose DNS or policy host does not answer holds a
 socket, not a thread: a burst of dead destinations grows the number of coroutines, and
 a good domain looked up meanwhile costs only its own time. What is bounded is the DNS
 queries and the HTTPS fetches in flight ([dns] and [fetch] max_concurrent), and at those
@@ -125,7 +125,7 @@ class Discovery(ProactiveRefresh):
         self._refresher: Optional[threading.Thread] = None
         self._stopping = threading.Event()
         # The DANE checker (dane.DaneChecker) when [socketmap] dane = auto; set by
-        # engine.py. The front ends read it so that DANE-governed domains are not judged
+        # engine/__init__.py. The front ends read it so that DANE-governed domains are not judged
         # by their MTA-STS policy alone (RFC 8461 §2).
         self.dane = None
 

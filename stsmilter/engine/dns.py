@@ -4,7 +4,7 @@ Every dnspython failure becomes one of two typed errors: ``NoRecord`` (the name 
 record type does not exist) or ``TempDnsError`` (no usable answer now: timeout,
 SERVFAIL, REFUSED, network error). Nothing from dnspython escapes.
 
-The lookups are coroutines on the engine's event loop (engine_loop.py): a query that
+The lookups are coroutines on the engine's event loop (engine/loop.py): a query that
 waits costs a socket, not a thread. Queries in flight at once are bounded by the
 PriorityLimiter given as ``limiter`` ([dns] max_concurrent; each is a UDP socket, so a
 file descriptor), waiting callers first (limits.py). dnspython's ``Resolver.resolve``

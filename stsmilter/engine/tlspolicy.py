@@ -5,7 +5,7 @@ reply payload Postfix's smtp_tls_policy_maps and Sendmail 8.17's FEATURE(`sts') 
 "OK secure match=... servername=hostname" for an MTA-STS policy the MTA must enforce,
 "OK dane-only" when DANE governs, "NOTFOUND " when the MTA's own TLS level applies, TEMP
 while a lookup is under way, when a DNSSEC lookup failed or the policy lists no MX (and,
-through the caller, for a policy it cannot vouch for). socketmap.py frames it as a
+through the caller, for a policy it cannot vouch for). socketmap/connection.py frames it as a
 netstring. Mutation-tested (tests/mutation/mutate.py).
 
 DANE first (RFC 8461 §2, [socketmap] dane = auto): for a domain whose MTA-STS policy the

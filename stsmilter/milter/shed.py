@@ -34,7 +34,7 @@ libmilter does not use:
   poll() registers on wait queues only in its first pass over the descriptors, so a
   poll() begun on the real listener, whose wake-up was used up while it was parked, and
   one begun on the quiet socket, each need their own socket to fire: one empty connection
-  to the real listener (as milter_wake.py makes twice a second), then one to the quiet
+  to the real listener (as milter/wake.py makes twice a second), then one to the quiet
   socket; poll() then re-reads the descriptor, finds the real listener readable and
   returns. While it is parked, a stop signal is noticed within libmilter's own 5 s
   instead of at once.

@@ -8,7 +8,7 @@ RESERVE descriptors stay for the milter, DNS, policy fetches, the store, the lis
 and the logs.
 
 If the process runs out all the same (a low hard limit, a flood of milter connections:
-libmilter accepts whatever it can), no listener spins or logs a traceback: milter_shed.py
+libmilter accepts whatever it can), no listener spins or logs a traceback: milter/shed.py
 sheds waiting milter connections; the socketmap and metrics listeners (asyncio) stop
 accepting for a second when accept() fails, the control socket for half a second. Every
 such event goes through descriptors.out_of_descriptors(): a count in

@@ -1,7 +1,7 @@
 """Postfix socketmap_table(5) TLS-policy protocol; also what Sendmail 8.17 FEATURE(`sts') asks.
 
 One Connection per client: netstring framing, pipelining, the fast path. The listener and
-the limits across connections are socketmap_server.py's, the answers tlspolicy.py's.
+the limits across connections are socketmap/server.py's, the answers tlspolicy.py's.
 
 Requests are netstrings "NAME KEY" (NAME is the map name; any word is accepted); replies are
 netstrings "OK data", "NOTFOUND ", "TEMP reason" or "PERM reason" (the payloads come from

@@ -3,7 +3,7 @@
 SocketmapServer binds the [socketmap] listen address (TCP or a unix socket: a stale socket
 file left by a dead server is replaced, anything else refused) and serves it from an event
 loop in its own thread (libmilter owns the main thread and the signals). Each connection
-speaks socketmap.py; the answers are tlspolicy.py's.
+speaks connection.py; the answers are tlspolicy.py's.
 
 No local client can lock the others out: at the connection limit a new connection
 closes the longest-idle one (Postfix reconnects on its next lookup), and a request

@@ -1,4 +1,4 @@
-"""milter_shed.py: libmilter's listener must not spin when the process is out of file
+"""milter/shed.py: libmilter's listener must not spin when the process is out of file
 descriptors (issue 19, item 5).
 
 The scenarios run in a process of their own (tests/world/milter_shed_scenario.py): they

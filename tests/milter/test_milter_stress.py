@@ -2,7 +2,7 @@
 
 Debian's libmilter runs sessions on a worker pool that can leave a new session
 unserved while its workers sit in reads of packets that never complete (see
-stsmilter/milter_wake.py). Each round below opens ten malformed milter connections
+stsmilter/milter/wake.py). Each round below opens ten malformed milter connections
 and, at the same moment, a few well-formed ones; every well-formed one must have its
 option negotiation answered within a few seconds. Without the wake-ups about one
 round in twelve left a client unanswered for the whole [milter] timeout, and

@@ -28,7 +28,7 @@ def test_starts_writes_pidfile_serves_metrics_and_stops_on_term(start_daemon):
     started = time.monotonic()
     assert daemon.stop() == 0
     # libmilter's listener looks at its stop flag only every 5 s unless woken
-    # (milter_stop.py wakes it).
+    # (milter/stop.py wakes it).
     assert time.monotonic() - started < 2
     assert not os.path.exists(daemon.pidfile)
 

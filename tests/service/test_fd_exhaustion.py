@@ -7,7 +7,7 @@ for every failed accept. Now the daemon must stay under 30 % of a core, log no
 traceback, count what it shed in stsmilter_out_of_descriptors_total, and serve a real
 milter transaction and a /metrics scrape within 2 s once the connections close. Twice:
 as on a host, and under a seccomp filter that refuses unshare(2), as Docker's default
-profile does (the milter guard then parks libmilter's listener: milter_shed.py).
+profile does (the milter guard then parks libmilter's listener: milter/shed.py).
 """
 
 import errno

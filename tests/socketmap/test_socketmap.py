@@ -1,4 +1,4 @@
-"""socketmap.py and socketmap_server.py: a real server on loopback (the answers
+"""socketmap.py and socketmap/server.py: a real server on loopback (the answers
 themselves: test_tlspolicy.py)."""
 
 import concurrent.futures

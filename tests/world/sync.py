@@ -1,7 +1,7 @@
 """Plain calls into the engine's coroutines, for tests that exercise one layer alone.
 
 The engine's DNS, fetch and DANE lookups are coroutines that the daemon runs on its
-engine loop (stsmilter/engine_loop.py). A test that checks, say, the resolver against a
+engine loop (stsmilter/engine/loop.py). A test that checks, say, the resolver against a
 real DNS server wants to call it like a function: Sync(obj).method(...) runs the
 coroutine method to completion on a fresh event loop (asyncio.run), and passes any other
 attribute through."""
