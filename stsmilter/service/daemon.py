@@ -120,7 +120,7 @@ def import_everything(cfg=None) -> None:
             dns.rdata.get_rdata_class(dns.rdataclass.IN, rdtype)
     if cfg is not None and cfg.cache.redis:
         try:
-            from stsmilter.engine.store import redis_client
+            from stsmilter.engine.store import redis as _redis_store, redis_client  # noqa: F401 (the store, now)
         except ImportError:
             return
         redis_client.prepare(cfg.cache.redis, cfg.cache.redis_timeout)
