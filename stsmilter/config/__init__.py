@@ -160,6 +160,9 @@ def _build(raw: Dict[str, Dict[str, str]], filename: str, line_numbers) -> Confi
 
 
 def _check_consistency(config: Config) -> None:
+    if not config.milter.socket and config.socketmap.listen is None:
+        raise ConfigError(f"{config.where('milter', 'socket')}: [milter] socket and [socketmap] listen are both empty:"
+                          " nothing to serve (set at least one)")
     if config.fetch.ca_file and not config.fetch.ca_file.startswith("/"):
         raise ConfigError(f"{config.where('fetch', 'ca_file')}: [fetch] ca_file: expected an absolute path")
     if config.daemon.pidfile and not config.daemon.pidfile.startswith("/"):  # else: relative to any cwd

@@ -112,9 +112,12 @@ _MILTER_SOCKET = re.compile(r"(unix|local):/.+|inet6?:\d{1,5}(@.+)?")
 
 
 def _milter_socket(raw: str) -> str:
+    """libmilter's form; empty: no milter (the daemon serves the socketmap only)."""
     value = raw.strip()
+    if not value:
+        return ""
     if not _MILTER_SOCKET.fullmatch(value):
-        raise ValueError("inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH")
+        raise ValueError("inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH (or empty: no milter)")
     if value.startswith("inet"):
         port = int(value.split(":", 1)[1].split("@", 1)[0])
         if not 1 <= port <= 65535:
