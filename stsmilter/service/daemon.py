@@ -169,7 +169,7 @@ class Daemon:
         if self.cfg.socketmap.listen is not None:
             from stsmilter.socketmap.server import SocketmapServer
 
-            self.socketmap = SocketmapServer(self.discovery, self.cfg.socketmap)
+            self.socketmap = SocketmapServer(self.discovery, self.cfg.socketmap, maps=self.cfg.maps)
             self.socketmap.connection_limit = socketmap_room
             try:
                 self.socketmap.start()
@@ -203,7 +203,7 @@ class Daemon:
         if self.started.milter.socket:  # a milter added by a reload waits for a restart
             self.install_milter(new)
         if self.socketmap is not None:
-            self.socketmap.update(self.discovery, new.socketmap)
+            self.socketmap.update(self.discovery, new.socketmap, new.maps)
         self.cfg = new
         if restart_needed:
             log.warning("changes to %s take effect only after a restart", ", ".join(restart_needed))

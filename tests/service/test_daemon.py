@@ -238,3 +238,23 @@ def test_socketmap_only_check_config_and_nothing_to_serve(sts_world, tmp_path):
     line = open(neither).read().splitlines().index("socket = ") + 1
     assert refused.stderr.strip() == (f"stsmilter: configuration error: {neither}:{line}: [milter] socket and"
                                       " [socketmap] listen are both empty: nothing to serve (set at least one)")
+
+
+def test_map_sections_answer_per_map_name_and_follow_a_reload(start_daemon, sts_world):
+    """A strict zone answers secure for a testing policy, the default map NOTFOUND;
+    the sections come and go with USR1, and the metrics count each configured map."""
+    sts_world.publish("testing.example", mode="testing")
+    daemon = start_daemon(**{"socketmap strict": {"strict_testing": "yes", "lookup_timeout": "3"}})
+    secure = "OK secure match=mx.testing.example servername=hostname"
+    poll_until(lambda: ask(daemon.socketmap_port, "testing.example", name="strict") == secure, 10, "strict")
+    assert ask(daemon.socketmap_port, "testing.example") == "NOTFOUND "
+    assert ask(daemon.socketmap_port, "testing.example", name="sts") == "NOTFOUND "
+    metrics = scrape(daemon.metrics_port)
+    assert 'stsmilter_socketmap_answers_total{kind="secure",map="strict"}' in metrics
+    assert 'stsmilter_socketmap_answers_total{kind="notfound",map="default"}' in metrics
+    assert 'stsmilter_socketmap_answers_total{kind="notfound",map="sts"}' in metrics
+    daemon.reload(lambda text: text.replace("[socketmap strict]", "[socketmap postfix]"))
+    assert ask(daemon.socketmap_port, "testing.example") == secure
+    assert ask(daemon.socketmap_port, "testing.example", name="strict") == "NOTFOUND "
+    assert 'map="postfix"' in scrape(daemon.metrics_port)
+    assert daemon.stop() == 0
