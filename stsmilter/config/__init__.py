@@ -44,7 +44,7 @@ class Config:
     line_numbers: Any = dataclasses.field(default_factory=dict, compare=False, repr=False)
     # [socketmap NAME] sections, in file order: NAME -> {key: typed value} for the keys
     # (of MAP_KEYS) the section sets; the socketmap front end applies them over [socketmap].
-    maps: Any = dataclasses.field(default_factory=dict)
+    maps: Any = dataclasses.field(default_factory=dict, hash=False)
 
     def where(self, section: str, key: str) -> str:
         """'FILE:LINE' of a key the file sets, 'FILE' for a default: the start of an error
