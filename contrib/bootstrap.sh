@@ -40,6 +40,10 @@ if [ "$mode" = test ]; then
     pkgs="$pkgs python3-milter python3-dnspython python3-cachetools python3-prometheus-client python3-idna"
     pkgs="$pkgs python3-h11"
     pkgs="$pkgs python3-redis python3-setuptools python3-wheel make lintian man-db"
+    # python3-yaml (6.0): stsmilter import-config (a Recommends of the .deb); util-linux
+    # and iproute2 (unshare, ip): the side-by-side test with postfix-mta-sts-resolver runs
+    # in a network namespace of its own.
+    pkgs="$pkgs python3-yaml util-linux iproute2"
 fi
 for p in $pkgs; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_apt="$need_apt $p"

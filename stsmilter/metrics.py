@@ -87,8 +87,9 @@ for _listener in ("milter", "socketmap", "metrics", "control"):  # every series 
     OUT_OF_DESCRIPTORS.labels(listener=_listener)
 SOCKETMAP_ANSWERS = Counter(
     "stsmilter_socketmap_answers",
-    "Socketmap answers by kind: secure (MTA-STS), dane (dane-only: DANE governs), notfound, temp or perm.",
-    ["kind"],
+    "Socketmap answers by kind: secure (MTA-STS), dane (dane-only: DANE governs), notfound, temp or perm;"
+    " and by map: the name of its [socketmap NAME] section, sts (Sendmail), default for any other name.",
+    ["kind", "map"],
 )
 DANE_CHECKS = Counter(
     "stsmilter_dane_checks",

@@ -94,3 +94,44 @@ def test_a_bad_redis_setting_names_its_key(text, fragment):
     with pytest.raises(config.ConfigError) as e:
         config.loads(text, "t.conf")
     assert fragment in str(e.value) and str(e.value).startswith("t.conf:2: ")
+
+
+def test_socketmap_only_and_milter_only():
+    assert config.loads("[milter]\nsocket =\n").milter.socket == ""
+    assert config.loads("[socketmap]\nlisten =\n").socketmap.listen is None
+    with pytest.raises(config.ConfigError) as e:
+        config.loads("[socketmap]\nlisten =\n[milter]\n\nsocket =\n", "t.conf")
+    assert str(e.value) == ("t.conf:5: [milter] socket and [socketmap] listen are both empty: nothing to serve"
+                            " (set at least one)")
+
+
+def test_map_sections_keep_what_they_set_typed_in_file_order():
+    cfg = config.loads("[socketmap  strict]\nstrict_testing = yes\nlookup_timeout = 2.5\n"
+                       "[socketmap]\nstrict_testing = no\n[socketmap lmtp.b-c_1]\n"
+                       "on_timeout = NotFound\ndane = no\ntlsrpt = yes\n", "t.conf")
+    assert cfg.maps == {"strict": {"strict_testing": True, "lookup_timeout": 2.5},
+                        "lmtp.b-c_1": {"on_timeout": "notfound", "dane": "no", "tlsrpt": True}}
+    assert list(cfg.maps) == ["strict", "lmtp.b-c_1"]
+    assert cfg.socketmap.strict_testing is False  # [socketmap] is not changed by a section
+    assert cfg.map_where("strict", "lookup_timeout") == "t.conf:3" and cfg.map_where("strict") == "t.conf:1"
+    assert config.defaults().maps == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[socketmap strict]\n\nlisten = inet:127.0.0.1:1\n",
+     "t.conf:3: [socketmap strict] listen: unknown key (keys of [socketmap strict]: strict_testing,"
+     " lookup_timeout, on_timeout, dane, tlsrpt; the others are [socketmap]'s alone)"),
+    ("[socketmap strict]\nstrict_testing = perhaps\n",
+     "t.conf:2: [socketmap strict] strict_testing = 'perhaps': expected yes or no"),
+    ("[socketmap strict]\nlookup_timeout = 0\n",
+     "t.conf:2: [socketmap strict] lookup_timeout = '0': expected a number of seconds from 0.05 to 60"),
+    ("[milter]\n[socketmap a:b]\n",
+     "t.conf:2: [socketmap a:b]: expected [socketmap NAME] with NAME 1 to 64 letters, digits or _.-"
+     " (the map name the MTA asks for)"),
+    ("[socketmap x]\n[socketmap  x]\n", "t.conf:2: [socketmap x]: section appears twice"),
+    ("[socketmapx]\n", "t.conf:1: [socketmapx]: unknown section (expected one of [daemon],"),
+])
+def test_a_bad_map_section_is_one_line_with_file_and_line(text, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.loads(text, "t.conf")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)

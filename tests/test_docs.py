@@ -112,6 +112,10 @@ def man5_entries():
         m = re.fullmatch(r"\.SS \"?\[(\w+)\]\"?", line)
         if m:
             section = m.group(1)
+        elif line.startswith(".SS"):
+            section = None  # [socketmap NAME]: man5_map_keys()
+        elif after_tp and section is None:
+            pass
         elif after_tp:
             m = re.fullmatch(r'\.B "(\w+) =(.*)"', line)
             assert m, f"stsmilter.conf(5): tag after .TP in [{section}] is not '.B \"key = default\"': {line!r}"
@@ -469,3 +473,24 @@ def test_ranges_in_the_sample_and_man5_are_the_schema_ranges():
         word = {"whole number": "integer", "number of seconds": "seconds"}[kind]
         assert f"\n.RI ( {word} ,\n{lo}\\(en{hi})" in entry, \
             f"stsmilter.conf(5) [{section}] {key}: not ({word}, {lo}-{hi})"
+
+
+# --- [socketmap NAME] sections --------------------------------------------------------
+
+
+def test_man5_documents_the_map_sections_keys():
+    lines = man_section(MAN5, "KEYS")
+    start = lines.index('.SS "[socketmap NAME]"')
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(".SS"))
+    tags = [lines[i + 1] for i in range(start, end) if lines[i] in (".TP", ".TQ")]
+    assert tags == [f".B {key}" for key in config.MAP_KEYS]
+    assert all(key in config.SCHEMA[config.MAP_SECTION] for key in config.MAP_KEYS)
+
+
+def test_sample_shows_a_map_section_that_loads():
+    text = SAMPLE.read_text()
+    assert "Its keys: " + ", ".join(config.MAP_KEYS[:3]) in " ".join(sample_comments().split())
+    example = [line[1:] for line in text.splitlines() if line.startswith("#[socketmap ") or
+               (line.startswith("#") and re.fullmatch(r"#\w+ = \S+", line))]
+    assert example == ["[socketmap strict]", "strict_testing = yes"]
+    assert config.loads("\n".join(example) + "\n").maps == {"strict": {"strict_testing": True}}

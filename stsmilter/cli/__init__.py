@@ -1,7 +1,8 @@
-"""The `stsmilter` command: run, query, check, check-config, cache list|purge.
+"""The `stsmilter` command: run, query, check, check-config, import-config, cache list|purge.
 
 This module is the parser and main(); the subcommands live beside it (lookup.py: query,
-check, check-config; cache.py: cache list, cache purge; common.py: what they share).
+check, check-config; cache.py: cache list, cache purge; import_config.py: import-config;
+common.py: what they share).
 
 Exit status: 0 when the command could answer, 2 for usage and configuration errors
 (one line on stderr), 1 for anything else that went wrong, 141 (128 + SIGPIPE, quietly)
@@ -28,6 +29,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
         command = self.prog.partition(" ")[2]  # "stsmilter cache purge" -> "cache purge"
         raise UsageError(f"{command}: {message}" if command else message)
+
+
+def _cmd_import_config(args) -> int:
+    from stsmilter.cli.import_config import cmd_import_config  # PyYAML: imported by this command only
+
+    return cmd_import_config(args)
 
 
 def cmd_run(args) -> int:
@@ -69,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("addresses", metavar="ADDRESS", nargs="+", help="recipient addresses, e.g. user@example.com")
     p = command(sub, "check-config", cmd_check_config, "validate a configuration file and print the effective values")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing for a valid file (exit status only)")
+    p = sub.add_parser("import-config", help="print a postfix-mta-sts-resolver configuration as a stsmilter.conf",
+                       description="print a postfix-mta-sts-resolver configuration (mta-sts-daemon.yml) as an"
+                                   " equivalent stsmilter.conf")
+    p.set_defaults(func=_cmd_import_config)
+    p.add_argument("--listen", metavar="ADDRESS", help="[socketmap] listen to write instead of the file's"
+                                                        " host/port/path, e.g. inet:127.0.0.1:8462")
+    p.add_argument("file", metavar="FILE.yml", help="e.g. /etc/mta-sts-daemon.yml")
     cache = sub.add_parser("cache", help="inspect or purge the policy cache", description="inspect or purge the policy cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
     cache_sub.required = True

@@ -126,6 +126,8 @@ def cmd_check_config(args) -> int:
     section = None
     for name, key, value in cfg.items():
         if name != section:
+            if section == config_mod.MAP_SECTION:
+                _print_map_sections(cfg)
             print(f"{'' if section is None else chr(10)}[{name}]")
             section = name
         if key == "socket_mode":
@@ -135,4 +137,18 @@ def cmd_check_config(args) -> int:
         else:
             text = config_mod.format_value(value)
         print(f"{key} = {text}".rstrip())
+    if section == config_mod.MAP_SECTION:
+        _print_map_sections(cfg)
     return EXIT_OK
+
+
+def _print_map_sections(cfg) -> None:
+    """Each [socketmap NAME] section with the effective value of each of its keys (its own
+    or [socketmap]'s), as the socketmap answers that map name."""
+    from stsmilter.socketmap.maps import effective
+
+    for name, overrides in cfg.maps.items():
+        settings = effective(cfg.socketmap, name, overrides)
+        print(f"\n[{config_mod.MAP_SECTION} {name}]")
+        for key in config_mod.MAP_KEYS:
+            print(f"{key} = {config_mod.format_value(getattr(settings, key))}")

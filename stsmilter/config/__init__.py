@@ -11,6 +11,7 @@ import re
 from typing import Any, Dict, Optional, Tuple
 
 from stsmilter.config.schema import SCHEMA, Listen, parse_listen, plain_number  # noqa: F401 (the package's interface)
+from stsmilter.config.schema import MAP_KEYS, MAP_SECTION, map_section_name  # noqa: F401
 
 DEFAULT_CONFIG_PATH = "/etc/stsmilter/stsmilter.conf"
 
@@ -41,11 +42,21 @@ class Config:
     source: str = "<defaults>"
     # (section, key) -> line number in source, for what the file sets (see where()).
     line_numbers: Any = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # [socketmap NAME] sections, in file order: NAME -> {key: typed value} for the keys
+    # (of MAP_KEYS) the section sets; the socketmap front end applies them over [socketmap].
+    maps: Any = dataclasses.field(default_factory=dict, hash=False)
 
     def where(self, section: str, key: str) -> str:
         """'FILE:LINE' of a key the file sets, 'FILE' for a default: the start of an error
         line about that key, found after loading (preflight, engine, binding a listener)."""
         return _where(self.source, self.line_numbers, section, key)
+
+    def map_where(self, name: str, key: Optional[str] = None) -> str:
+        """'FILE:LINE' of a [socketmap NAME] section (key None) or of a key in it."""
+        for (section, line_key), _line in self.line_numbers.items():
+            if line_key == key and _map_name_or_none(section) == name:
+                return _where(self.source, self.line_numbers, section, key)
+        return self.source
 
     def items(self):
         """(section, key, value) for every key, in schema order."""
@@ -126,9 +137,20 @@ def loads(text: str, filename: str = "<string>") -> Config:
     if parser.defaults():
         raise ConfigError(f"{filename}:{line_numbers.get(('DEFAULT', None), 0)}: [DEFAULT]: unknown section")
     raw: Dict[str, Dict[str, str]] = {}
+    maps: Dict[str, Dict[str, Any]] = {}
     for section in parser.sections():
+        where_section = f"{filename}:{line_numbers.get((section, None), 0)}"
+        try:
+            map_name = map_section_name(section)
+        except ValueError as e:
+            raise ConfigError(f"{where_section}: [{section}]: expected [{MAP_SECTION} NAME] with NAME {e}") from None
+        if map_name is not None:
+            if map_name in maps:
+                raise ConfigError(f"{where_section}: [{MAP_SECTION} {map_name}]: section appears twice")
+            maps[map_name] = _map_section(parser, section, map_name, filename, line_numbers)
+            continue
         if section not in SCHEMA:
-            known = ", ".join(f"[{s}]" for s in SCHEMA)
+            known = ", ".join(f"[{s}]" for s in SCHEMA) + f", [{MAP_SECTION} NAME]"
             raise ConfigError(
                 f"{filename}:{line_numbers.get((section, None), 0)}: [{section}]: unknown section (expected one of {known})"
             )
@@ -139,10 +161,33 @@ def loads(text: str, filename: str = "<string>") -> Config:
                     f" (keys of [{section}]: {', '.join(SCHEMA[section])})"
                 )
             raw.setdefault(section, {})[key] = value
-    return _build(raw, filename, line_numbers)
+    return _build(raw, filename, line_numbers, maps)
 
 
-def _build(raw: Dict[str, Dict[str, str]], filename: str, line_numbers) -> Config:
+def _map_name_or_none(section: str) -> Optional[str]:
+    try:
+        return map_section_name(section)
+    except ValueError:
+        return None
+
+
+def _map_section(parser, section: str, name: str, filename: str, line_numbers) -> Dict[str, Any]:
+    """The typed values a [socketmap NAME] section sets (only MAP_KEYS, [socketmap]'s converters)."""
+    label = f"[{MAP_SECTION} {name}]"
+    values: Dict[str, Any] = {}
+    for key, text in parser.items(section, raw=True):
+        where = _where(filename, line_numbers, section, key)
+        if key not in MAP_KEYS:
+            raise ConfigError(f"{where}: {label} {key}: unknown key (keys of {label}: {', '.join(MAP_KEYS)};"
+                              f" the others are [{MAP_SECTION}]'s alone)")
+        try:
+            values[key] = SCHEMA[MAP_SECTION][key][0](text)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {label} {key} = {text.strip()!r}: expected {e}") from None
+    return values
+
+
+def _build(raw: Dict[str, Dict[str, str]], filename: str, line_numbers, maps=None) -> Config:
     sections = {}
     for section, keys in SCHEMA.items():
         values = {}
@@ -154,12 +199,15 @@ def _build(raw: Dict[str, Dict[str, str]], filename: str, line_numbers) -> Confi
                 where = _where(filename, line_numbers, section, key)
                 raise ConfigError(f"{where}: [{section}] {key} = {text.strip()!r}: expected {e}") from None
         sections[section] = _SECTION_CLASSES[section](**values)
-    config = Config(source=filename, line_numbers=line_numbers, **sections)
+    config = Config(source=filename, line_numbers=line_numbers, maps=dict(maps or {}), **sections)
     _check_consistency(config)
     return config
 
 
 def _check_consistency(config: Config) -> None:
+    if not config.milter.socket and config.socketmap.listen is None:
+        raise ConfigError(f"{config.where('milter', 'socket')}: [milter] socket and [socketmap] listen are both empty:"
+                          " nothing to serve (set at least one)")
     if config.fetch.ca_file and not config.fetch.ca_file.startswith("/"):
         raise ConfigError(f"{config.where('fetch', 'ca_file')}: [fetch] ca_file: expected an absolute path")
     if config.daemon.pidfile and not config.daemon.pidfile.startswith("/"):  # else: relative to any cwd

@@ -112,9 +112,12 @@ _MILTER_SOCKET = re.compile(r"(unix|local):/.+|inet6?:\d{1,5}(@.+)?")
 
 
 def _milter_socket(raw: str) -> str:
+    """libmilter's form; empty: no milter (the daemon serves the socketmap only)."""
     value = raw.strip()
+    if not value:
+        return ""
     if not _MILTER_SOCKET.fullmatch(value):
-        raise ValueError("inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH")
+        raise ValueError("inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH (or empty: no milter)")
     if value.startswith("inet"):
         port = int(value.split(":", 1)[1].split("@", 1)[0])
         if not 1 <= port <= 65535:
@@ -258,3 +261,25 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "listen": (_http_listen, "127.0.0.1:9464"),
     },
 }
+
+
+# --- per-map sections: [socketmap NAME] overrides these [socketmap] keys for requests
+# whose map name (Postfix: socketmap:inet:HOST:PORT:NAME) is NAME; other names get
+# [socketmap]'s values. Converters and defaults are [socketmap]'s.
+
+MAP_SECTION = "socketmap"
+MAP_KEYS = ("strict_testing", "lookup_timeout", "on_timeout", "dane", "tlsrpt")
+MAP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+MAP_NAME_FORM = "1 to 64 letters, digits or _.- (the map name the MTA asks for)"
+
+
+def map_section_name(section: str) -> Optional[str]:
+    """'socketmap strict' -> 'strict' (whatever the spaces); None for any other section.
+    ValueError (MAP_NAME_FORM) for a [socketmap ...] header whose name is not a map name."""
+    head, _, name = section.strip().partition(" ")
+    if head != MAP_SECTION or not name.strip():
+        return None
+    name = name.strip()
+    if not MAP_NAME.fullmatch(name):
+        raise ValueError(MAP_NAME_FORM)
+    return name

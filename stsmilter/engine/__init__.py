@@ -69,10 +69,17 @@ def _dane_parts(config, limiter):
     return resolver, settings
 
 
+def dane_wanted(config) -> bool:
+    """[socketmap] dane = auto, or a [socketmap NAME] section sets it (the socketmap's
+    maps.py decides per request; the milter follows the checker whenever there is one)."""
+    return config.socketmap.dane == "auto" or any(
+        overrides.get("dane") == "auto" for overrides in getattr(config, "maps", {}).values())
+
+
 def make_dane(config, discovery: Discovery):
-    """The DANE checker when [socketmap] dane = auto, else None: on the discovery's loop,
+    """The DANE checker when some map has dane = auto, else None: on the discovery's loop,
     its DNS queries under the same bound."""
-    if config.socketmap.dane != "auto":
+    if not dane_wanted(config):
         return None
     return dane.DaneChecker(*_dane_parts(config, discovery.resolver.limiter), engine=discovery.engine)
 
@@ -105,7 +112,7 @@ def reconfigure(discovery: Discovery, config) -> None:
     if isinstance(discovery.fleet, SharedFleet):  # new [dns]/[fetch] timeouts: the lock follows
         discovery.fleet.lock_seconds = fleet_lock_seconds(config)
     # [socketmap] dane switched on or off, or new DNS settings; the verdict cache stays.
-    if config.socketmap.dane != "auto":
+    if not dane_wanted(config):
         if discovery.dane is not None:
             discovery.dane.close()
         discovery.dane = None

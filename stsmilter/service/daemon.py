@@ -7,7 +7,9 @@ Start-up order matters:
 3. preflight (shared with check-config): as root, create the missing last directories of
    the PID file, sockets and cache for the service user, drop privileges, check access;
 4. pidfile, engine (cache loaded from the store), metrics, socketmap, then the milter,
-   which runs in the main thread until libmilter sees TERM or INT.
+   which runs in the main thread until libmilter sees TERM or INT. With [milter] socket
+   empty (socketmap only) no part of the milter starts: the main thread itself waits
+   for TERM/INT/HUP (sigwait: blocked in every thread) and stops the same way.
 USR1 reloads the configuration: new Milter.factory (each milter connection keeps the
 snapshot it started with), new DNS/fetch settings; the cache stays.
 """
@@ -167,7 +169,7 @@ class Daemon:
         if self.cfg.socketmap.listen is not None:
             from stsmilter.socketmap.server import SocketmapServer
 
-            self.socketmap = SocketmapServer(self.discovery, self.cfg.socketmap)
+            self.socketmap = SocketmapServer(self.discovery, self.cfg.socketmap, maps=self.cfg.maps)
             self.socketmap.connection_limit = socketmap_room
             try:
                 self.socketmap.start()
@@ -198,9 +200,10 @@ class Daemon:
             if (section, key) in _RESTART_KEYS and value != getattr(getattr(self.started, section), key)
         ]
         setup_logging(new.daemon)
-        self.install_milter(new)
+        if self.started.milter.socket:  # a milter added by a reload waits for a restart
+            self.install_milter(new)
         if self.socketmap is not None:
-            self.socketmap.update(self.discovery, new.socketmap)
+            self.socketmap.update(self.discovery, new.socketmap, new.maps)
         self.cfg = new
         if restart_needed:
             log.warning("changes to %s take effect only after a restart", ", ".join(restart_needed))
@@ -221,6 +224,15 @@ class Daemon:
 
         threading.Thread(target=loop, name="sts-reload", daemon=True).start()
         ready.wait(5)
+
+    def serve_without_milter(self) -> None:
+        """[milter] socket is empty: no libmilter, and none of the threads that look after
+        it (milter/stop.py, wake.py, shed.py). The main thread waits for a stop signal
+        itself; USR1 stays the reload thread's."""
+        log.info("stsmilter %s: no milter ([milter] socket is empty); socketmap on %s", __version__,
+                 self.cfg.socketmap.listen)
+        signum = signal.sigwait({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+        log.info("%s received", signal.Signals(signum).name)
 
     def serve_milter(self) -> None:
         import Milter
@@ -302,9 +314,13 @@ def run(config_path: Optional[str]) -> int:
         pidfile.write()
         started = True
         daemon.start_services()
-        daemon.install_milter(cfg)
+        if cfg.milter.socket:
+            daemon.install_milter(cfg)
         daemon.wait_for_reloads()
-        daemon.serve_milter()
+        if cfg.milter.socket:
+            daemon.serve_milter()
+        else:
+            daemon.serve_without_milter()
         log.info("stopping")
         return 0
     except (StartupError, config_mod.ConfigError) as e:

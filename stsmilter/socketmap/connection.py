@@ -8,13 +8,14 @@ netstrings "OK data", "NOTFOUND ", "TEMP reason" or "PERM reason" (the payloads 
 tlspolicy.answer()). Postfix keeps connections open and may pipeline, so replies leave in
 request order.
 
-A request that discovery.peek() (and, for an enforced policy, dane.peek()) can answer is
-answered inside data_received (no task, no await); any other waits for discovery.submit()
+Each request is answered with the settings of its map name (maps.py: [socketmap NAME],
+else [socketmap]). A request that discovery.peek() (and, for an enforced policy, dane.peek())
+can answer is answered inside data_received (no task, no await); any other waits for discovery.submit()
 and the DANE check at most lookup_timeout. A request that has begun starts a clock
 (request_started; the server closes the connection after request_timeout), and a client
 that does not read its replies is not read from either.
 
-What a Connection uses of its server: state (discovery, settings, DANE checker), cache
+What a Connection uses of its server: state (discovery, MapTable, DANE checker), cache
 (request -> _Entry), loop, inbox (Inbox: the engine's answers, in batches), connections (least recently active first), begun (the
 connections with an incomplete request), idle_timeout, connection_limit, evict_idlest().
 """
@@ -28,7 +29,8 @@ from typing import Optional
 
 from stsmilter import metrics
 from stsmilter.engine import policy
-from stsmilter.engine.tlspolicy import DANE_ONLY, NOTFOUND, answer, dane_first, enforced, normalize_key, on_timeout_answer
+from stsmilter.engine.tlspolicy import DANE_ONLY, NOTFOUND, answer, enforced, normalize_key, on_timeout_answer
+from stsmilter.socketmap.maps import DEFAULT_LABEL
 
 log = logging.getLogger("stsmilter.socketmap")
 
@@ -54,38 +56,50 @@ INTERNAL_ERROR_REPLY = netstring(INTERNAL_ERROR)
 
 
 class _Count:
-    """One answer counted twice: by result (ok/notfound/temp/perm) and by kind."""
+    """One answer counted twice: by result (ok/notfound/temp/perm) and by kind and map."""
 
     __slots__ = ("result", "kind")
 
-    def __init__(self, result: str, kind: str):
+    def __init__(self, result: str, kind: str, label: str):
         # Children bound once: .labels() per request costs a lock.
         self.result = metrics.SOCKETMAP_LOOKUPS.labels(result=result)
-        self.kind = metrics.SOCKETMAP_ANSWERS.labels(kind=kind)
+        self.kind = metrics.SOCKETMAP_ANSWERS.labels(kind=kind, map=label)
 
     def inc(self) -> None:
         self.result.inc()
         self.kind.inc()
 
 
-# Keyed by the reply's first byte; "OK dane-only" is the one OK that is not "secure".
-_COUNTERS = {ord(r[0].upper()): _Count(r, k) for r, k in
-             (("ok", "secure"), ("notfound", "notfound"), ("temp", "temp"), ("perm", "perm"))}
-_DANE_COUNT = _Count("ok", "dane")
+_DANE = 0  # the key of "OK dane-only", the one OK that is not "secure"; the others: the reply's first byte
+_COUNTS = {}  # map label -> {_DANE or first byte: _Count}; labels come from the configuration only
 
 
-def _count(payload: bytes) -> _Count:
-    return _DANE_COUNT if payload == DANE_ONLY else _COUNTERS[payload[0]]
+def counts(label: str) -> dict:
+    """The counters of one map label, made (and their series exported, at 0) on first use."""
+    table = _COUNTS.get(label)
+    if table is None:
+        table = {ord(r[0].upper()): _Count(r, k, label) for r, k in
+                 (("ok", "secure"), ("notfound", "notfound"), ("temp", "temp"), ("perm", "perm"))}
+        table[_DANE] = _Count("ok", "dane", label)
+        _COUNTS[label] = table
+    return table
+
+
+counts(DEFAULT_LABEL)
+
+
+def _count(payload: bytes, label: str = DEFAULT_LABEL) -> _Count:
+    return counts(label)[_DANE if payload == DANE_ONLY else payload[0]]
 
 
 class _Entry:
     """Fast-path memory for one request: the reply last built and what it was built from."""
 
-    __slots__ = ("domain", "dane_map", "result", "settings", "verdict", "needs_dane", "reply", "counter")
+    __slots__ = ("domain", "map", "result", "settings", "verdict", "needs_dane", "reply", "counter")
 
-    def __init__(self, domain: Optional[str], dane_map: bool):
-        self.domain, self.dane_map, self.result, self.settings, self.verdict = domain, dane_map, None, None, None
-        self.needs_dane = False  # result, settings and map call for a DANE verdict
+    def __init__(self, domain: Optional[str], map_name: bytes):
+        self.domain, self.map, self.result, self.settings, self.verdict = domain, map_name, None, None, None
+        self.needs_dane = False  # result and the map's settings call for a DANE verdict
         self.reply, self.counter = NOTFOUND_REPLY, _count(NOTFOUND)
 
 
@@ -182,43 +196,45 @@ class Connection(asyncio.Protocol):
     def _lookup(self, request: bytes):
         started = _perf_counter()
         server = self.server
-        discovery, settings, checker = server.state
-        entry = server.cache.get(request)  # keyed by map name and key: "sts" differs
+        discovery, table, checker = server.state
+        entry = server.cache.get(request)  # keyed by map name and key: maps differ
         try:
             if entry is None:
                 if len(server.cache) >= CACHE_LIMIT:
                     server.cache.clear()
                 name, _, key = request.partition(b" ")
-                entry = server.cache[request] = _Entry(normalize_key(key), dane_first(name))
+                entry = server.cache[request] = _Entry(normalize_key(key), name)
+            # The map's settings (a reload makes new ones: the reply below is rebuilt).
+            settings, label = table.by_name.get(entry.map, table.default)
             if entry.domain is None:
-                return self._send(NOTFOUND_REPLY, entry.counter, started)
+                return self._send(NOTFOUND_REPLY, _count(NOTFOUND, label), started)
             result = discovery.peek(entry.domain)
             if result is None or result.status == policy.PENDING:
-                return self._later(entry, discovery, settings, checker, started)
+                return self._later(entry, discovery, settings, label, checker, started)
             if result is not entry.result or settings is not entry.settings:
-                entry.needs_dane = checker is not None and entry.dane_map and enforced(result, settings)
+                entry.needs_dane = checker is not None and settings.dane == "auto" and enforced(result, settings)
                 entry.verdict = None
             verdict = None
             if entry.needs_dane:
                 verdict = checker.peek(entry.domain)
                 if verdict is None:
-                    return self._later(entry, discovery, settings, checker, started, result)
+                    return self._later(entry, discovery, settings, label, checker, started, result)
             if result is not entry.result or settings is not entry.settings or verdict is not entry.verdict:
                 payload = answer(result, settings, verdict)
-                entry.reply, entry.counter = netstring(payload), _count(payload)
+                entry.reply, entry.counter = netstring(payload), _count(payload, label)
                 entry.result, entry.settings, entry.verdict = result, settings, verdict
             self._send(entry.reply, entry.counter, started)
         except Exception:
             log.exception("socketmap: lookup of %r failed", request)
             self._send(INTERNAL_ERROR_REPLY, _count(INTERNAL_ERROR), started)
 
-    def _later(self, entry, discovery, settings, checker, started, result=None):
+    def _later(self, entry, discovery, settings, label, checker, started, result=None):
         """Answer from a task: discovery and/or the DANE check must run first."""
         slot = [None]  # holds our place in the reply order
         self.queue.append(slot)
-        checker = checker if entry.dane_map else None
+        checker = checker if settings.dane == "auto" else None
         task = self.server.loop.create_task(
-            self._discover(slot, entry.domain, discovery, settings, checker, started, result))
+            self._discover(slot, entry.domain, discovery, settings, label, checker, started, result))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -230,7 +246,7 @@ class Connection(asyncio.Protocol):
         else:
             self.transport.write(reply)
 
-    async def _discover(self, slot, domain, discovery, settings, checker, started, result=None):
+    async def _discover(self, slot, domain, discovery, settings, label, checker, started, result=None):
         loop = self.server.loop
         try:
             deadline = loop.time() + settings.lookup_timeout
@@ -250,7 +266,7 @@ class Connection(asyncio.Protocol):
             log.exception("socketmap: discovery for %s failed", domain)
             payload = INTERNAL_ERROR
         log.debug("socketmap: %s -> %s", domain, payload)
-        _count(payload).inc()
+        _count(payload, label).inc()
         metrics.SOCKETMAP_LOOKUP_SECONDS.observe(_perf_counter() - started)
         slot[0] = netstring(payload)
         self._flush()

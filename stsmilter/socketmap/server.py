@@ -21,7 +21,8 @@ import time
 
 from stsmilter import metrics
 from stsmilter.unixsocket import chmod_socket
-from stsmilter.socketmap.connection import Connection, Inbox
+from stsmilter.socketmap.connection import Connection, Inbox, counts
+from stsmilter.socketmap.maps import MapTable
 from stsmilter.threads import LoopServer
 
 log = logging.getLogger("stsmilter.socketmap")  # one logger for the socketmap front end
@@ -35,11 +36,12 @@ class SocketmapServer(LoopServer):
 
     thread_name, log, what = "stsmilter-socketmap", log, "socketmap"
 
-    def __init__(self, discovery, settings, idle_timeout: float = IDLE_TIMEOUT):
+    def __init__(self, discovery, settings, idle_timeout: float = IDLE_TIMEOUT, maps=None):
         super().__init__()
-        # One tuple, so update() swaps all at once; the third is the engine's DANE checker
-        # (None with [socketmap] dane = no).
-        self.state = (discovery, settings, getattr(discovery, "dane", None))
+        # One tuple, so update() swaps all at once: the engine, the settings per map name
+        # ([socketmap] and its [socketmap NAME] sections: maps.py), the engine's DANE
+        # checker (None when no map has dane = auto).
+        self.state = (discovery, self._table(settings, maps), getattr(discovery, "dane", None))
         self.listen = settings.listen
         self.idle_timeout = idle_timeout
         # At most this many connections; the daemon may set it below max_connections
@@ -68,7 +70,7 @@ class SocketmapServer(LoopServer):
 
     def _expire_requests(self) -> None:
         """Close connections whose incomplete request is older than request_timeout."""
-        timeout = self.state[1].request_timeout
+        timeout = self.state[1].base.request_timeout
         now = time.monotonic()
         for connection in [c for c in self.begun if now - c.request_started >= timeout]:
             self._evict(connection, "request_timeout")
@@ -90,9 +92,16 @@ class SocketmapServer(LoopServer):
                 log.warning("socketmap: a request was not complete within [socketmap] request_timeout;"
                             " connection closed (%d so far)", count)
 
-    def update(self, discovery, settings) -> None:
+    def update(self, discovery, settings, maps=None) -> None:
         """Engine and settings for the next request; a new listen needs a new server."""
-        self.state = (discovery, settings, getattr(discovery, "dane", None))
+        self.state = (discovery, self._table(settings, maps), getattr(discovery, "dane", None))
+
+    @staticmethod
+    def _table(settings, maps) -> MapTable:
+        table = MapTable(settings, maps or {})
+        for label in table.labels():
+            counts(label)  # every configured map's series exist from the start
+        return table
 
     @property
     def address(self):
@@ -116,7 +125,7 @@ class SocketmapServer(LoopServer):
         if self.listen.family == "unix":
             _remove_stale_socket(self.listen.path)
             listener = await loop.create_unix_server(factory, self.listen.path, backlog=1024, start_serving=False)
-            chmod_socket(self.listen.path, self.state[1].socket_mode)  # before the first accept
+            chmod_socket(self.listen.path, self.state[1].base.socket_mode)  # before the first accept
         else:
             listener = await loop.create_server(factory, self.listen.host, self.listen.port, backlog=1024,
                                                 start_serving=False)

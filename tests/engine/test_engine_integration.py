@@ -190,3 +190,16 @@ def test_human_readable_output(sts_world):
     proc = sts_world.cli("query", "-c", sts_world.write_config(), "human.example")
     assert proc.returncode == 0
     assert "status:  valid" in proc.stdout and "mode:    enforce" in proc.stdout and "mx:      mx.human.example" in proc.stdout
+
+
+@pytest.mark.parametrize("text, wanted", [
+    ("", True),
+    ("[socketmap]\ndane = no\n", False),
+    ("[socketmap]\ndane = no\n[socketmap postfix]\ndane = auto\n", True),
+    ("[socketmap]\ndane = no\n[socketmap strict]\nstrict_testing = yes\n", False),
+    ("[socketmap strict]\ndane = no\n", True),
+])
+def test_the_dane_checker_runs_when_any_map_wants_it(text, wanted):
+    from stsmilter import config, engine
+
+    assert engine.dane_wanted(config.loads(text)) is wanted

@@ -5,6 +5,7 @@ import pwd
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
@@ -162,3 +163,98 @@ def test_stop_removes_the_socket_in_use_not_the_path_of_a_reload(start_daemon, t
     assert daemon.stop() == 0
     assert not listening.exists()
     assert renamed.read_text() == "not ours\n"
+
+
+# Runs `stsmilter run` with the milter's entry points replaced by a line on stderr: a
+# socketmap-only daemon must call none of them.
+_MILTER_TRAP = """
+import sys
+import Milter
+from stsmilter import cli
+from stsmilter.milter import shed, stop, wake
+
+def trap(name):
+    def called(*args, **kwargs):
+        sys.stderr.write("milter part started: %s\\n" % name)
+        sys.stderr.flush()
+    return called
+
+stop.start_watcher, wake.start_waker = trap("stop"), trap("wake")
+shed.start_guard, Milter.runmilter = trap("shed"), trap("runmilter")
+sys.exit(cli.main(sys.argv[-3:]))
+"""
+
+
+def _socketmap_only(sts_world, tmp_path, name="smonly"):
+    trap = tmp_path / "milter_trap.py"
+    trap.write_text(_MILTER_TRAP)
+    ports = {"socketmap": free_port(), "metrics": free_port()}
+    conf = sts_world.write_config(
+        f"{name}.conf",
+        milter={"socket": ""},
+        socketmap={"listen": f"inet:127.0.0.1:{ports['socketmap']}"},
+        metrics={"listen": f"127.0.0.1:{ports['metrics']}"},
+        daemon={"pidfile": str(tmp_path / f"{name}.pid"), "log": "stderr", "user": "", "group": ""},
+    )
+    daemon = DaemonProcess(conf, str(tmp_path / f"{name}.log"), prefix=[sys.executable, str(trap)])
+    daemon.start(wait_port=ports["socketmap"])
+    return daemon, ports
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_socketmap_only_serves_reloads_and_stops_on_each_stop_signal(sts_world, tmp_path, signum):
+    """[milter] socket empty: no milter, none of its helper threads; the main thread waits
+    for TERM/INT/HUP itself, USR1 still reloads."""
+    sts_world.publish("only.example")
+    daemon, ports = _socketmap_only(sts_world, tmp_path)
+    try:
+        daemon.wait_log("no milter ([milter] socket is empty)")
+        secure = "OK secure match=mx.only.example servername=hostname"
+        poll_until(lambda: ask(ports["socketmap"], "only.example") == secure, 10, "the policy")
+        metrics = scrape(ports["metrics"])
+        assert 'stsmilter_socketmap_lookups_total{result="ok"}' in metrics
+        daemon.reload(lambda text: text.replace("[socketmap]\n", "[socketmap]\nstrict_testing = yes\n"))
+        started = time.monotonic()
+        daemon.signal(signum)
+        assert daemon.proc.wait(10) == 0
+        assert time.monotonic() - started < 2
+        assert "Traceback" not in daemon.log(), daemon.log()
+        # No libmilter, no stop watcher, waker or shedding guard.
+        assert "milter part started" not in daemon.log() and "milter on" not in daemon.log()
+        assert not os.path.exists(tmp_path / "smonly.pid")
+    finally:
+        daemon.stop()
+
+
+def test_socketmap_only_check_config_and_nothing_to_serve(sts_world, tmp_path):
+    conf = sts_world.write_config("smonly.conf", milter={"socket": ""},
+                                  socketmap={"listen": f"inet:127.0.0.1:{free_port()}"})
+    checked = sts_world.cli("check-config", "-c", conf)
+    assert checked.returncode == 0, checked.stderr
+    assert "\n[milter]\nsocket =\n" in checked.stdout
+    neither = sts_world.write_config("neither.conf", milter={"socket": ""}, socketmap={"listen": ""})
+    refused = sts_world.cli("check-config", "-c", neither)
+    assert refused.returncode == 2
+    line = open(neither).read().splitlines().index("socket = ") + 1
+    assert refused.stderr.strip() == (f"stsmilter: configuration error: {neither}:{line}: [milter] socket and"
+                                      " [socketmap] listen are both empty: nothing to serve (set at least one)")
+
+
+def test_map_sections_answer_per_map_name_and_follow_a_reload(start_daemon, sts_world):
+    """A strict zone answers secure for a testing policy, the default map NOTFOUND;
+    the sections come and go with USR1, and the metrics count each configured map."""
+    sts_world.publish("testing.example", mode="testing")
+    daemon = start_daemon(**{"socketmap strict": {"strict_testing": "yes", "lookup_timeout": "3"}})
+    secure = "OK secure match=mx.testing.example servername=hostname"
+    poll_until(lambda: ask(daemon.socketmap_port, "testing.example", name="strict") == secure, 10, "strict")
+    assert ask(daemon.socketmap_port, "testing.example") == "NOTFOUND "
+    assert ask(daemon.socketmap_port, "testing.example", name="sts") == "NOTFOUND "
+    metrics = scrape(daemon.metrics_port)
+    assert 'stsmilter_socketmap_answers_total{kind="secure",map="strict"}' in metrics
+    assert 'stsmilter_socketmap_answers_total{kind="notfound",map="default"}' in metrics
+    assert 'stsmilter_socketmap_answers_total{kind="notfound",map="sts"}' in metrics
+    daemon.reload(lambda text: text.replace("[socketmap strict]", "[socketmap postfix]"))
+    assert ask(daemon.socketmap_port, "testing.example") == secure
+    assert ask(daemon.socketmap_port, "testing.example", name="strict") == "NOTFOUND "
+    assert 'map="postfix"' in scrape(daemon.metrics_port)
+    assert daemon.stop() == 0

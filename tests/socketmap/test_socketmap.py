@@ -79,8 +79,9 @@ def serve(discovery):
     """serve(**settings) -> a started server; every server is stopped at teardown."""
     servers = []
 
-    def start(idle_timeout=socketmap_server.IDLE_TIMEOUT, **changes):
-        server = socketmap_server.SocketmapServer(discovery, make_settings(**changes), idle_timeout=idle_timeout)
+    def start(idle_timeout=socketmap_server.IDLE_TIMEOUT, maps=None, **changes):
+        server = socketmap_server.SocketmapServer(discovery, make_settings(**changes), idle_timeout=idle_timeout,
+                                                  maps=maps)
         server.start()
         servers.append(server)
         return server
@@ -108,8 +109,8 @@ def sample(result):
     return REGISTRY.get_sample_value("stsmilter_socketmap_lookups_total", {"result": result}) or 0.0
 
 
-def answered(kind):
-    return REGISTRY.get_sample_value("stsmilter_socketmap_answers_total", {"kind": kind}) or 0.0
+def answered(kind, map_label="default"):
+    return REGISTRY.get_sample_value("stsmilter_socketmap_answers_total", {"kind": kind, "map": map_label}) or 0.0
 
 
 # --- the server on loopback
@@ -133,6 +134,45 @@ def test_any_map_name_is_accepted(serve, clients, discovery):
     for name in (b"postfix", b"sts", b"x"):
         sock.sendall(request(b"example.com", name=name))
         assert read_replies(sock, 1) == [SECURE]
+
+
+def test_a_map_section_overrides_its_keys_for_its_name_only(serve, clients, discovery):
+    """[socketmap strict] strict_testing = yes: a testing policy is enforced for
+    "strict DOMAIN" only; other names keep [socketmap]; counted per configured map."""
+    discovery.cached["example.com"] = valid(sts=TESTING)
+    sock = clients(serve(maps={"strict": {"strict_testing": True, "tlsrpt": True}}))
+    before = answered("secure", "strict"), answered("notfound", "default"), answered("notfound", "sts")
+    assert ask(sock, b"example.com", name=b"strict").startswith(SECURE + b" policy_type=sts")
+    for name in (b"postfix", b"Strict", b"strictly", b"sts"):
+        assert ask(sock, b"example.com", name=name) == b"NOTFOUND "
+    assert answered("secure", "strict") == before[0] + 1
+    assert answered("notfound", "default") == before[1] + 3  # names without a section: one label
+    assert answered("notfound", "sts") == before[2] + 1
+    assert REGISTRY.get_sample_value("stsmilter_socketmap_answers_total", {"kind": "secure", "map": "Strict"}) is None
+
+
+def test_a_map_section_has_its_own_lookup_timeout_and_on_timeout(serve, clients, discovery):
+    discovery.fetched["slow.example"] = valid("slow.example")
+    discovery.delays["slow.example"] = 0.6
+    sock = clients(serve(lookup_timeout=5.0, maps={"quick": {"lookup_timeout": 0.1, "on_timeout": "notfound"},
+                                                   "patient": {"on_timeout": "notfound"}}))
+    started = time.monotonic()
+    assert ask(sock, b"slow.example", name=b"quick") == b"NOTFOUND "
+    assert time.monotonic() - started < 0.5
+    # The same lookup, still under way, for a map that waits [socketmap]'s 5 s: the answer.
+    assert ask(sock, b"slow.example", name=b"patient").startswith(b"OK secure match=")
+
+
+def test_a_reload_changes_the_map_sections(serve, clients, discovery):
+    discovery.cached["example.com"] = valid(sts=TESTING)
+    server = serve()
+    sock = clients(server)
+    assert ask(sock, b"example.com", name=b"strict") == b"NOTFOUND "
+    server.update(discovery, make_settings(), {"strict": {"strict_testing": True}})
+    assert ask(sock, b"example.com", name=b"strict") == SECURE
+    assert ask(sock, b"example.com") == b"NOTFOUND "
+    server.update(discovery, make_settings())
+    assert ask(sock, b"example.com", name=b"strict") == b"NOTFOUND "
 
 
 def test_slow_path_submits_and_answers(serve, clients, discovery):

@@ -192,3 +192,19 @@ def test_a_checker_closed_by_a_reload_before_the_update_answers_without_a_traceb
         assert not [r for r in caplog.records if r.exc_info]
     finally:
         engine.close()
+
+
+def test_dane_per_map_and_sendmails_map_only_when_its_section_says_so(serve, clients, world):
+    """[socketmap] dane = no with [socketmap postfix] dane = auto: DANE first for "postfix"
+    only. "sts" gets no check even with a section, unless that section sets dane."""
+    discovery, checker = world
+    discovery.cached["example.com"] = valid()
+    checker.cached["example.com"] = DANE
+    maps = {"postfix": {"dane": "auto"}, "sts": {"strict_testing": True}}
+    sock = clients(serve(dane="no", maps=maps))
+    assert ask(sock, b"example.com") == b"OK dane-only"
+    assert ask(sock, b"example.com", name=b"other") == SECURE
+    assert ask(sock, b"example.com", name=b"sts") == SECURE
+    sock = clients(serve(dane="no", maps={"sts": {"dane": "auto"}}))
+    assert ask(sock, b"example.com", name=b"sts") == b"OK dane-only"
+    assert ask(sock, b"example.com") == SECURE

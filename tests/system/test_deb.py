@@ -328,6 +328,40 @@ def test_init_script_starts_a_daemon_that_answers(installed):
     assert not PIDFILE.exists()
 
 
+def test_init_script_runs_a_socketmap_only_daemon_imported_from_postfix_mta_sts_resolver(installed):
+    """The migration README describes, with the installed program: import-config turns the
+    resolver's shipped Docker configuration into a socketmap-only stsmilter.conf (no
+    milter), which the package's init script starts, reloads and stops."""
+    ports = installed["ports"]
+    good = CONF.read_text()
+    peer_yml = paths.DATA / "peer-configs" / "docker-config.yml"
+    imported = run(["stsmilter", "import-config", "--listen", f"inet:127.0.0.1:{ports['socketmap']}", str(peer_yml)])
+    assert imported.stderr == ""
+    CONF.write_text(imported.stdout + f"\n[metrics]\nlisten = 127.0.0.1:{ports['metrics']}\n")
+    try:
+        assert run(["stsmilter", "check-config", "--quiet"]).stdout == ""
+        start = run(["sh", str(INIT), "start"], check=False, timeout=60)
+        assert start.returncode == 0, start.stdout + start.stderr + (LOGFILE.read_text() if LOGFILE.exists() else "")
+        pid = int(PIDFILE.read_text())
+        installed["pids"].append(pid)
+        assert run(["sh", str(INIT), "status"], check=False).returncode == 0
+        wait_until(lambda: not port_closed(ports["socketmap"]), what="the socketmap port")
+        assert socketmap_client.ask(ports["socketmap"], "[127.0.0.1]") == "NOTFOUND "
+        assert port_closed(ports["milter"])  # [milter] socket is empty: no milter at all
+        metrics = scrape(ports["metrics"])
+        assert 'stsmilter_socketmap_answers_total{kind="notfound",map="default"} 1.0' in metrics
+        if not os.path.exists("/dev/log"):
+            wait_until(lambda: "no milter ([milter] socket is empty)" in LOGFILE.read_text(), what="start line")
+        assert run(["sh", str(INIT), "reload"], check=False, timeout=60).returncode == 0
+        assert pid_alive(pid) and socketmap_client.ask(ports["socketmap"], "[127.0.0.1]") == "NOTFOUND "
+        assert run(["sh", str(INIT), "stop"], check=False, timeout=60).returncode == 0
+        wait_until(lambda: not pid_alive(pid), what="the daemon to exit")
+        assert not PIDFILE.exists() and port_closed(ports["socketmap"])
+    finally:
+        stop_daemon(installed)
+        CONF.write_text(good)
+
+
 def test_man_stsmilter(installed):
     page = "/usr/share/man/man8/stsmilter.8.gz"
     if dpkg_excludes(page):
