@@ -233,8 +233,14 @@ class Connection(asyncio.Protocol):
         slot = [None]  # holds our place in the reply order
         self.queue.append(slot)
         checker = checker if settings.dane == "auto" else None
-        task = self.server.loop.create_task(
-            self._discover(slot, entry.domain, discovery, settings, label, checker, started, result))
+        # Started through the inbox, 32 per turn of the loop: a burst of new domains on a
+        # thousand connections must not hold up the cached answers of the others.
+        self.server.inbox.put(self._start, (slot, entry.domain, discovery, settings, label, checker, started, result))
+
+    def _start(self, arguments):
+        if self.transport is None or self.transport.is_closing():
+            return  # the client went away while its lookup waited to start
+        task = self.server.loop.create_task(self._discover(*arguments))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -297,13 +303,14 @@ class Connection(asyncio.Protocol):
 
 
 class Inbox:
-    """The engine's answers, handed to the socketmap's loop in batches of BATCH.
+    """Work for the socketmap's loop, done BATCH items at a time: the engine's answers,
+    and the starts of lookups that must wait for the engine.
 
-    A burst of lookups for dead destinations times out together: a thousand outcomes
-    arriving at once, each a callback on the loop, would hold up every cached answer
-    behind them (they are answered inside data_received, when the loop next reads its
-    sockets). Here they queue, and the loop takes BATCH of them, then looks at its
-    sockets again, and so on; one wake-up of the loop per batch, not per outcome."""
+    A burst of new domains arrives together, and a burst of lookups for dead
+    destinations times out together: a thousand callbacks run at once would hold up
+    every cached answer behind them (those are answered inside data_received, when the
+    loop next reads its sockets). Here they queue, and the loop takes BATCH of them,
+    then looks at its sockets again, and so on; one wake-up of the loop per batch."""
 
     BATCH = 32
 
