@@ -16,6 +16,7 @@ from stsmilter.engine.mxtls import (
     CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_NOT_TRUSTED, OK, STARTTLS_NOT_SUPPORTED, UNREACHABLE,
     VALIDATION_FAILURE,
 )
+from world.mx_hosts import converse, converse_text_instead_of_tls
 
 pytestmark = pytest.mark.integration
 
@@ -161,35 +162,10 @@ def test_many_callers_one_check(mx_hosts, make_checker):
 # --- hostile peers ------------------------------------------------------------------------------
 
 
-def converse(greeting=b"220 mx ESMTP\r\n", ehlo=b"250-mx\r\n250 STARTTLS\r\n", starttls=b"220 go ahead\r\n",
-             then=None):
-    """A scripted SMTP server: greeting, EHLO reply, STARTTLS reply, then then(conn)."""
-
-    def script(conn):
-        conn.send(greeting)
-        if ehlo is None or not conn.read_line().startswith(b"EHLO "):
-            return conn.hold()
-        conn.send(ehlo)
-        line = conn.read_line()
-        if starttls is None or line != b"STARTTLS\r\n":
-            return conn.hold()
-        conn.send(starttls)
-        if then is not None:
-            then(conn)
-        conn.hold()
-
-    return script
-
-
 def drip(conn):
     for byte in b"220 slowly\r\n":
         conn.send(bytes([byte]))
         time.sleep(0.3)
-
-
-def answer_tls_with_text(conn):
-    conn.sock.recv(4096)  # the ClientHello
-    conn.send(b"500 5.5.1 what?\r\n")
 
 
 def hang_up_during_handshake(conn):
@@ -210,7 +186,7 @@ HOSTILE = [
     ("starttls-502", converse(starttls=b"502 5.5.1 not implemented\r\n"), STARTTLS_NOT_SUPPORTED,
      "STARTTLS answered 502"),
     ("injection", converse(starttls=b"220 go ahead\r\n250 injected\r\n"), UNREACHABLE, "plaintext after the 220"),
-    ("text-instead-of-tls", converse(then=answer_tls_with_text), VALIDATION_FAILURE, "TLS handshake: "),
+    ("text-instead-of-tls", converse_text_instead_of_tls, VALIDATION_FAILURE, "TLS handshake: "),
     ("reset-in-handshake", converse(then=hang_up_during_handshake), UNREACHABLE, "TLS handshake: "),
     ("drip", drip, UNREACHABLE, "no answer within [probe] timeout (greeting)"),
     ("binary", converse(greeting=b"220 \x00\xff\x1b[2J hi\r\n", ehlo=b"250-\xff\xfe\r\n250 8BITMIME\r\n"),

@@ -194,6 +194,36 @@ def silent(conn: Conn) -> None:
     conn.hold()
 
 
+def converse(greeting=b"220 mx ESMTP\r\n", ehlo=b"250-mx\r\n250 STARTTLS\r\n", starttls=b"220 go ahead\r\n",
+             then=None):
+    """A scripted SMTP server: greeting, EHLO reply, STARTTLS reply, then then(conn)."""
+
+    def script(conn):
+        conn.send(greeting)
+        if ehlo is None or not conn.read_line().startswith(b"EHLO "):
+            return conn.hold()
+        conn.send(ehlo)
+        line = conn.read_line()
+        if starttls is None or line != b"STARTTLS\r\n":
+            return conn.hold()
+        conn.send(starttls)
+        if then is not None:
+            then(conn)
+        conn.hold()
+
+    return script
+
+
+def answer_tls_with_text(conn: Conn) -> None:
+    conn.sock.recv(4096)  # the ClientHello
+    conn.send(b"500 5.5.1 what?\r\n")
+
+
+# Says 220 to STARTTLS, then answers the ClientHello with SMTP text: a handshake failure
+# the MTA meets too (validation-failure).
+converse_text_instead_of_tls = converse(then=answer_tls_with_text)
+
+
 class MxAddress:
     """One server: an address of an MX host name, of one kind."""
 
