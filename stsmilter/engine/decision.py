@@ -275,7 +275,7 @@ class Decider:
             return self._enforce(violation._replace(action=TEMPFAIL, reply=_tempfail_reply(text_of())))
         if self.on_violation == HOLD:
             return self._enforce(violation._replace(action=HOLD))
-        return self._enforce(self._recheck_before_reject(violation, result, mx, text_of, deadline))
+        return self._enforce(self._recheck_before_reject(violation, mx, text_of, deadline))
 
     def _mx_dns_error(self, recipient: str, domain: str, result: policy.Result, what: str,
                       mx: Tuple[str, ...] = ()) -> Decision:
@@ -288,8 +288,7 @@ class Decider:
         return self._enforce(failed._replace(action=TEMPFAIL, reply=_tempfail_reply(text)))
 
     def _recheck_before_reject(
-        self, violation: Decision, result: policy.Result, mx: Tuple[str, ...], text_of: Callable[..., str],
-        deadline: float,
+        self, violation: Decision, mx: Tuple[str, ...], text_of: Callable[..., str], deadline: float
     ) -> Decision:
         """RFC 8461 §5: a permanent failure only on a policy fetched just now. Anything
         short of a fresh fetch tempfails, so the sender retries and the cache catches up.

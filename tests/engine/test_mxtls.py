@@ -64,6 +64,12 @@ def test_parse_line_refuses_what_is_no_reply(line):
         mxtls.parse_line(line)
 
 
+def test_a_line_must_end():
+    with pytest.raises(ProtocolError) as raised:
+        mxtls.parse_line(b"220 cut short")
+    assert str(raised.value) == "reply line without end of line"
+
+
 def test_a_line_that_is_no_reply_is_quoted_short_in_the_error():
     with pytest.raises(ProtocolError) as raised:
         mxtls.parse_line(b"HTTP/1.1 400 \x1b[31m" + b"x" * 500 + b"\r\n")
