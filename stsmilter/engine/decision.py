@@ -237,7 +237,7 @@ class Decider:
             if any(result.policy.matches(host) for host in mx_set.hosts):
                 return base
         else:
-            matching = tuple(host for host in mx_set.hosts if result.policy.matches(host))
+            matching = tuple(filter(result.policy.matches, mx_set.hosts))
             if matching:
                 base, failed = self._check_tls(base, matching, result.mode, deadline)
                 if failed is None:
@@ -304,7 +304,7 @@ class Decider:
         )
         if fresh.mode == "none":
             return judged._replace(reason="mode-none", would=ACCEPT)
-        matching = tuple(host for host in mx if fresh.policy.matches(host))
+        matching = tuple(filter(fresh.policy.matches, mx))
         if not matching:
             judged, text = judged._replace(reason="mx-mismatch"), _mismatch_text(domain, fresh, mx)
         elif self.mxtls is None:

@@ -587,3 +587,36 @@ def test_os_errors_read_as_the_system_says_them():
     assert mxtls._os_error(OSError("no errno")) == "OSError"
     assert mxtls._os_error(OSError(0, "zero")) == "zero"
     assert mxtls._os_error(EOFError()) == "EOFError"
+
+
+# --- built from the Config, switched by a reload ------------------------------------------------
+
+
+def test_the_engine_builds_the_checker_from_the_config_and_a_reload_switches_it():
+    from stsmilter import config, engine
+
+    cfg = config.defaults().replace(cache={"path": ""}, dns={"nameservers": ("127.0.0.1",)},
+                                    probe={"enabled": True, "helo_name": "mta.example.net", "port": 2525, "ttl": 600.0})
+    plain = engine.open_engine(cfg.replace(probe={"enabled": False}), one_shot=True)
+    plain.close()
+    assert plain.mxtls is None
+    disc = engine.open_engine(cfg)
+    try:
+        checker = disc.mxtls
+        assert checker.settings == mxtls.Settings(port=2525, helo_name="mta.example.net", timeout=10.0, ttl=600.0,
+                                                  failure_ttl=300.0, max_entries=200000, allow_private=False)
+        assert (checker.limiter.limit, checker.limiter.stage) == (64, "probe")
+        assert checker.engine is disc.engine and checker.resolver is disc.resolver
+        engine.reconfigure(disc, cfg.replace(probe={"timeout": 3.0}, fetch={"allow_private_addresses": True}))
+        assert disc.mxtls is checker and checker.resolver is disc.resolver
+        assert (checker.settings.timeout, checker.settings.allow_private) == (3.0, True)
+        with pytest.raises(config.ConfigError, match=r"\[probe\] ca_file /nonexistent/ca.pem: No such file"):
+            engine.reconfigure(disc, cfg.replace(probe={"ca_file": "/nonexistent/ca.pem"}))
+        assert checker.settings.timeout == 3.0  # a refused reload changes nothing
+        engine.reconfigure(disc, cfg.replace(probe={"enabled": False}))
+        assert disc.mxtls is None and checker.check(["mx.example"], timeout=1) == (None,)  # closed
+        engine.reconfigure(disc, cfg)
+        assert disc.mxtls is not None and disc.mxtls is not checker
+    finally:
+        disc.close()
+        disc.cache.close()
