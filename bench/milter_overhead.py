@@ -20,13 +20,21 @@ cannot bound as it bounds throughput: utime+stime of each milter process over a 
 4 connections, TCP; CPU_ROUNDS rounds, A/B order alternating; each round gives the ratio
 stsmilter/no-op of its two adjacent measurements, and the median of those counts.
 
+With --probe, stsmilter runs with the MX TLS check on ([probe] enabled = yes) and warm
+results: one aiosmtpd on 127.0.0.1 offers STARTTLS with a certificate for every MX name
+(a private trustme CA as [probe] ca_file), each enforce and testing domain's MX host is
+checked during the warm-up, and the ratios then measure the milter with a result per MX
+host in memory (the lock-free peek of engine/mxtls.py); a warning is printed if any MX
+host was checked again during the runs.
+
 Last two lines: milter_overhead_ratio=<stsmilter/noop transactions/s at concurrency 4,
 TCP> and milter_cpu_ratio=<stsmilter/noop milter CPU per transaction, median round>.
-Options: --cpu-only (skip the throughput table), --cpu-rounds N.
+Options: --cpu-only (skip the throughput table), --cpu-rounds N, --probe.
 """
 
 import argparse
 import os
+import ssl
 import statistics
 import sys
 import time
@@ -59,12 +67,32 @@ def decisions(daemon):
     return daemon.samples("stsmilter_decisions_total")
 
 
+def start_mx_host(root, stack, world):
+    """One SMTP server with STARTTLS for every published domain's MX host (all resolve to
+    127.0.0.1): the [probe] section that checks against it."""
+    import trustme
+
+    from world.smtp_peers import SmtpSink
+
+    ca = trustme.CA()
+    ca_file = root / "mx-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*(f"mx.{domain}" for domain in world.modes)).configure_cert(context)
+    sink = SmtpSink(host=common.LOOPBACK, tls_context=context, hostname="mx.bench.example")
+    stack.callback(sink.stop)
+    sink.start()
+    return {"enabled": "yes", "port": str(sink.port), "helo_name": "bench.stsmilter.test", "ca_file": str(ca_file),
+            "timeout": "5"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--cpu-only", action="store_true", help="only the milter CPU rounds")
     parser.add_argument("--cpu-rounds", type=int, default=CPU_ROUNDS, metavar="N")
+    parser.add_argument("--probe", action="store_true", help="stsmilter with [probe] enabled and warm MX TLS results")
     args = parser.parse_args()
-    print(f"# milter_overhead: {common.machine()}")
+    print(f"# milter_overhead: {common.machine()}" + (" (--probe: MX TLS check on, results warm)" if args.probe else ""))
     with common.bench_session("milter") as (root, stack):
         world = common.BenchWorld(root)
         stack.callback(world.stop)
@@ -72,6 +100,9 @@ def main() -> int:
         modes = world.publish(domains)
         counts = {m: list(modes.values()).count(m) for m in ("enforce", "testing", "none")}
         print(f"# world: {NDOMAINS} domains {counts}, DNS :{world.dns.port}, HTTPS :{world.https.port}")
+
+        probe = {"probe": start_mx_host(root, stack, world)} if args.probe else {}
+        checked = NDOMAINS - counts["none"]  # one MX host per enforce and testing domain
 
         transports = ("tcp",) if args.cpu_only else ("tcp", "unix")
         specs = {
@@ -84,7 +115,8 @@ def main() -> int:
         for transport in transports:
             noop = common.start_noop_milter(root, stack, specs[("noop", transport)], f"noop-{transport}")
             pids[("noop", transport)] = noop.pid
-            sts = common.StsDaemon(world, root, stack, f"sts-{transport}", milter_spec=specs[("sts", transport)])
+            sts = common.StsDaemon(world, root, stack, f"sts-{transport}", milter_spec=specs[("sts", transport)],
+                                   **probe)
             pids[("sts", transport)] = sts.pid
             daemons[transport] = sts
 
@@ -96,8 +128,12 @@ def main() -> int:
             common.wait_for(lambda: daemon.sample("stsmilter_policy_fetches_total", result="ok") >= NDOMAINS,
                             30, f"{NDOMAINS} policy fetches by sts-{transport}")
             warm(specs[("sts", transport)], cover)
+            if args.probe:
+                common.wait_for(lambda: daemon.sample("stsmilter_mx_checks_total", result="ok") >= checked,
+                                30, f"{checked} MX TLS checks by sts-{transport}")
         warmed_at = [time.monotonic()]
         before = {t: decisions(d) for t, d in daemons.items()}
+        probes_before = {t: sum(d.samples("stsmilter_mx_checks_total").values()) for t, d in daemons.items()}
 
         def measure(milter, transport, conc, txs, duration):
             """(tx/s, p50 ms, p99 ms, milter CPU us/tx, driver CPU us/tx) of one run."""
@@ -142,6 +178,13 @@ def main() -> int:
                   f"{sum(v for k, v in delta.items() if 'mode-none' in k):.0f} mode-none")
             if bad:
                 print(f"# WARNING sts-{transport}: unexpected decisions {bad}")
+            if args.probe:
+                probes = sum(daemon.samples("stsmilter_mx_checks_total").values())
+                by_result = {k: v for k, v in daemon.samples("stsmilter_mx_checks_total").items() if v}
+                print(f"# sts-{transport}: MX TLS checks {by_result}")
+                if probes != probes_before[transport] or probes != checked:
+                    print(f"# WARNING sts-{transport}: {probes - probes_before[transport]:.0f} MX TLS checks"
+                          f" during the runs ({probes:.0f} in all, {checked} expected)")
             for line in daemon.proc.log().splitlines():
                 if " ERROR " in line or "Traceback" in line:
                     print(f"# WARNING sts-{transport} log: {line[:200]}")

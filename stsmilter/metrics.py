@@ -96,6 +96,17 @@ DANE_CHECKS = Counter(
     "DANE checks of MTA-STS enforced domains, by verdict: dane, no-dane or dns-error.",
     ["verdict"],
 )
+MX_CHECKS = Counter(
+    "stsmilter_mx_checks",
+    "MX host TLS checks ([probe]), by result: ok, starttls-not-supported, certificate-expired,"
+    " certificate-host-mismatch, certificate-not-trusted, validation-failure or unreachable.",
+    ["result"],
+)
+MX_TLS_FAILING = Gauge(
+    "stsmilter_mx_tls_failing_hosts",
+    "MX hosts of enforce domains whose last TLS check ([probe]) failed for good (any result but ok"
+    " and unreachable), until the result expires ([probe] failure_ttl). Mail to their domains is refused.",
+)
 SOCKETMAP_LOOKUP_SECONDS = Histogram(
     "stsmilter_socketmap_lookup_seconds",
     "Time from a socketmap request to its answer.",

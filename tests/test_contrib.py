@@ -580,7 +580,7 @@ def test_rules_structure():
     assert set(rules) == {"StsmilterDown", "StsmilterRefreshFailing", "StsmilterViolationSpike", "StsmilterFetchErrors",
                           "StsmilterStoreErrors", "StsmilterDnsFailures", "StsmilterSocketmapEvictions",
                           "StsmilterDaneDnsErrors", "StsmilterDiscoverySaturated",
-                          "StsmilterOutOfDescriptors"}
+                          "StsmilterOutOfDescriptors", "StsmilterMxTlsFailing"}
     for name, rule in rules.items():
         assert rule["expr"].strip() and rule["labels"]["severity"] and rule["annotations"]["summary"], name
     assert rules["StsmilterDown"]["for"] == "5m"
@@ -593,6 +593,7 @@ def test_rules_structure():
     assert 'verdict="dns-error"' in rules["StsmilterDaneDnsErrors"]["expr"]
     assert "stsmilter_discovery_waiting" in rules["StsmilterDiscoverySaturated"]["expr"]
     assert "increase(stsmilter_out_of_descriptors_total" in rules["StsmilterOutOfDescriptors"]["expr"]
+    assert "stsmilter_mx_tls_failing_hosts" in rules["StsmilterMxTlsFailing"]["expr"]
 
 
 def test_rules_use_real_metric_names():

@@ -7,7 +7,9 @@ and the socketmap agree (issue 9 item 4).
   gets one well-formed netstring reply;
 * every byte string as an envelope recipient, as pymilter 1.0.5 hands it over
   (envrcpt_bytes: UTF-8 with surrogateescape), and non-UTF-8 macro values, get a
-  milter return code whose SMTP reply agrees with it, and log lines syslog can encode.
+  milter return code whose SMTP reply agrees with it, and log lines syslog can encode;
+* every byte stream an MX host sends the MX TLS check is one bounded reply or a
+  ProtocolError.
 
 Runs are bounded and deterministic: derandomize, no example database.
 """
@@ -458,3 +460,43 @@ def test_other_untrapped_exceptions_are_logged_with_their_traceback(caplog):
     with caplog.at_level(logging.ERROR, logger="stsmilter"):
         milter.log_untrapped_exception(*exc_info)
     assert caplog.records[-1].exc_info == exc_info
+
+
+# --- the MX TLS check: what an MX host sends -------------------------------------------
+
+
+smtp_streams = st.one_of(
+    st.binary(max_size=3000),  # anything at all
+    st.lists(st.one_of(  # lines that look like SMTP, or nearly
+        st.builds(lambda code, sep, text: code + sep + text + b"\r\n",
+                  st.sampled_from([b"220", b"250", b"421", b"554", b"199", b"600", b"2x0", b"25"]),
+                  st.sampled_from([b" ", b"-", b"", b"x"]),
+                  st.binary(max_size=40)),
+        st.binary(max_size=1200),
+    ), max_size=120).map(b"".join),
+)
+
+
+@BOUNDED
+@given(stream=smtp_streams)
+def test_every_byte_stream_from_an_mx_host_is_a_reply_or_a_protocol_error(stream):
+    """The reply reader of the MX TLS check (engine/mxtls.py) on any bytes a peer sends,
+    then EOF: one Reply within the bounds, or ProtocolError; nothing else, no hang."""
+    import asyncio
+
+    from stsmilter.engine import mxtls
+
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(stream)
+        reader.feed_eof()
+        return await mxtls._Session(reader, None).reply()
+
+    try:
+        reply = asyncio.run(read())
+    except mxtls.ProtocolError as e:
+        assert str(e).isprintable()
+        return
+    assert 200 <= reply.code <= 599 and 1 <= len(reply.lines) <= mxtls.MAX_LINES
+    assert sum(len(line) for line in reply.lines) <= mxtls.MAX_REPLY
+    assert mxtls.offers_starttls(reply) in (True, False)

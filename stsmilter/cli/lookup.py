@@ -3,8 +3,10 @@ asked from the command line with the daemon's configuration."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import sys
+import time
 
 from stsmilter import config as config_mod
 from stsmilter.cli.common import EXIT_OK, CommandError, UsageError, as_service_user, cache_errors, load_config
@@ -79,21 +81,52 @@ def cmd_query(args) -> int:
     return EXIT_OK
 
 
+def _complete_tls(checker, decisions, timeout: float) -> list:
+    """The MX TLS check of every host a decision left unknown (the milter stops waiting
+    at the first good host), waited for up to timeout in all: shown, not decided on."""
+    deadline = time.monotonic() + timeout
+    completed = []
+    for d in decisions:
+        if any(result is None for _host, result in d.tls):
+            d = d._replace(tls=tuple((host, result if result is not None else _tls_result(checker, host, deadline))
+                                     for host, result in d.tls))
+        completed.append(d)
+    return completed
+
+
+def _tls_result(checker, host: str, deadline: float):
+    left = max(0.0, deadline - time.monotonic())
+    try:
+        return checker.submit(host, wait=left).result(left)
+    except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+        return None
+
+
+def _tls_line(item: dict) -> str:
+    if item["result"] is None:
+        return f"    mx tls: {item['host']}: not known yet"
+    return f"    mx tls: {item['host']}: {item['result']} ({item['age']:.0f} s ago): {item['detail']}"
+
+
 def cmd_check(args) -> int:
     from stsmilter.engine.decision import Decider
 
     cfg = load_config(args)
     discovery = _engine(cfg, args.no_cache)
+    now = None
     try:
         decider = Decider(discovery, cfg.milter, cfg.scope)
         decisions = [decider.decide(address) for address in args.addresses]
+        if discovery.mxtls is not None:
+            decisions = _complete_tls(discovery.mxtls, decisions, cfg.milter.lookup_timeout)
+            now = discovery.mxtls.clock()
     finally:
         discovery.close()
     if args.json:
-        print(json.dumps([d.as_dict() for d in decisions], indent=2))
+        print(json.dumps([d.as_dict(now) for d in decisions], indent=2))
         return EXIT_OK
     for d in decisions:
-        data = d.as_dict()
+        data = d.as_dict(now)
         line = f"{d.recipient}: {d.action}"
         if data["reply"]:
             line += f" {data['reply']}"
@@ -108,6 +141,8 @@ def cmd_check(args) -> int:
             print(f"    mx: {', '.join(d.mx)}")
         if d.patterns:
             print(f"    policy mx: {', '.join(d.patterns)}")
+        for item in data["mx_tls"]:
+            print(_tls_line(item))
     return EXIT_OK
 
 

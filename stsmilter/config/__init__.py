@@ -36,6 +36,7 @@ class Config:
     scope: Any
     dns: Any
     fetch: Any
+    probe: Any
     cache: Any
     socketmap: Any
     metrics: Any
@@ -210,6 +211,8 @@ def _check_consistency(config: Config) -> None:
                           " nothing to serve (set at least one)")
     if config.fetch.ca_file and not config.fetch.ca_file.startswith("/"):
         raise ConfigError(f"{config.where('fetch', 'ca_file')}: [fetch] ca_file: expected an absolute path")
+    if config.probe.ca_file and not config.probe.ca_file.startswith("/"):
+        raise ConfigError(f"{config.where('probe', 'ca_file')}: [probe] ca_file: expected an absolute path")
     if config.daemon.pidfile and not config.daemon.pidfile.startswith("/"):  # else: relative to any cwd
         raise ConfigError(f"{config.where('daemon', 'pidfile')}: [daemon] pidfile: expected an absolute path or empty")
     if config.cache.path and config.cache.path != ":memory:" and not config.cache.path.startswith("/"):

@@ -171,6 +171,22 @@ def _http_listen(raw: str) -> Optional[Listen]:
     return parse_listen(raw, unix_ok=False)
 
 
+_HELO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def is_helo_name(value: str) -> bool:
+    """A name an SMTP client may send in EHLO: a host name or an address literal."""
+    return _HELO_NAME.fullmatch(value) is not None
+
+
+def _helo_name(raw: str) -> str:
+    """A host name (or address literal) to send in EHLO; empty: this host's name."""
+    value = raw.strip()
+    if value and not is_helo_name(value):
+        raise ValueError("a host name such as mail.example.com, an address literal such as [192.0.2.1], or empty")
+    return value
+
+
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -231,6 +247,16 @@ SCHEMA: Dict[str, Dict[str, Tuple[Callable[[str], Any], str]]] = {
         "ca_file": (_text, ""),
         "allow_private_addresses": (_bool, "no"),
         "max_concurrent": (_int(1, 4096), "1024"),
+    },
+    "probe": {
+        "enabled": (_bool, "no"),
+        "port": (_int(1, 65535), "25"),
+        "helo_name": (_helo_name, ""),
+        "timeout": (_seconds(1, 120), "10"),
+        "ttl": (_seconds(60, 86400), "3600"),
+        "failure_ttl": (_seconds(10, 86400), "300"),
+        "ca_file": (_text, ""),
+        "max_concurrent": (_int(1, 4096), "64"),
     },
     "cache": {
         "path": (_text, "/var/lib/stsmilter/cache.sqlite"),

@@ -1,4 +1,4 @@
-"""Builds the engine (resolver, fetcher, cache, discovery) from a Config.
+"""Builds the engine (resolver, fetcher, cache, discovery, DANE and MX TLS checkers) from a Config.
 
 Shared by the daemon and the one-shot CLI commands, so `stsmilter query` sees exactly
 what the running daemon would."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 
-from stsmilter.engine import dane, dns
+from stsmilter.engine import dane, dns, mxtls
 from stsmilter.config import ConfigError
 from stsmilter.engine.cache import PolicyCache
 from stsmilter.engine.discovery import Discovery, Settings
@@ -84,6 +84,32 @@ def make_dane(config, discovery: Discovery):
     return dane.DaneChecker(*_dane_parts(config, discovery.resolver.limiter), engine=discovery.engine)
 
 
+def probe_context(config):
+    """The TLS context of the MX TLS checks: ConfigError naming [probe] ca_file if unusable."""
+    ca_file = config.probe.ca_file
+    try:
+        return mxtls.make_context(ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{config.where('probe', 'ca_file')}: [probe] ca_file {ca_file}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _probe_settings(config) -> mxtls.Settings:
+    p = config.probe
+    return mxtls.Settings(port=p.port, helo_name=p.helo_name or mxtls.default_helo_name(), timeout=p.timeout,
+                          ttl=p.ttl, failure_ttl=p.failure_ttl, max_entries=config.cache.max_entries,
+                          allow_private=config.fetch.allow_private_addresses)
+
+
+def make_mxtls(config, discovery: Discovery, context=None):
+    """The MX TLS checker when [probe] enabled = yes, else None: on the discovery's loop,
+    its address lookups under the DNS bound, at most [probe] max_concurrent checks at once.
+    context: probe_context(config), if made already."""
+    if not config.probe.enabled:
+        return None
+    return mxtls.MxTlsChecker(discovery.resolver, _probe_settings(config), context or probe_context(config),
+                              engine=discovery.engine, limiter=PriorityLimiter(config.probe.max_concurrent, "probe"))
+
+
 def open_engine(config, one_shot: bool = False) -> Discovery:
     """A Discovery over the configured store, its memory filled from the store.
     one_shot (the CLI): every lookup re-checks the TXT id and waits for it (query and
@@ -91,6 +117,7 @@ def open_engine(config, one_shot: bool = False) -> Discovery:
     a cache that cannot be opened is an error (StoreError)."""
     resolver = make_resolver(config, dns_slots(config))
     fetcher = make_fetcher(config, resolver)
+    context = probe_context(config) if config.probe.enabled else None  # ConfigError before anything opens
     cache = open_cache(config, one_shot)
     cache.load()
     settings = Settings.from_config(config)
@@ -99,6 +126,7 @@ def open_engine(config, one_shot: bool = False) -> Discovery:
     fleet = make_fleet(config, cache, listening=not one_shot)
     discovery = Discovery(resolver, fetcher, cache, settings, fleet=fleet, engine=EngineLoop())
     discovery.dane = make_dane(config, discovery)
+    discovery.mxtls = make_mxtls(config, discovery, context)
     if not one_shot:
         discovery.fleet.start()  # the daemon hears the fleet's events; a command only polls
     return discovery
@@ -108,6 +136,7 @@ def reconfigure(discovery: Discovery, config) -> None:
     slots = getattr(discovery.resolver, "limiter", None)  # the bound is read at start only (tests: fakes)
     resolver = make_resolver(config, slots)
     fetcher = make_fetcher(config, resolver)  # ConfigError for [fetch] ca_file: nothing changed yet
+    context = probe_context(config) if config.probe.enabled else None  # and for [probe] ca_file
     discovery.reconfigure(resolver, fetcher, Settings.from_config(config))
     if isinstance(discovery.fleet, SharedFleet):  # new [dns]/[fetch] timeouts: the lock follows
         discovery.fleet.lock_seconds = fleet_lock_seconds(config)
@@ -120,3 +149,13 @@ def reconfigure(discovery: Discovery, config) -> None:
         discovery.dane = make_dane(config, discovery)
     else:
         discovery.dane.reconfigure(*_dane_parts(config, slots))
+    # [probe] enabled switched on or off, or new settings; the results stay. The bound
+    # ([probe] max_concurrent) is read at start (or when the check is switched on).
+    if not config.probe.enabled:
+        if discovery.mxtls is not None:
+            discovery.mxtls.close()
+        discovery.mxtls = None
+    elif discovery.mxtls is None:
+        discovery.mxtls = make_mxtls(config, discovery, context)
+    else:
+        discovery.mxtls.reconfigure(resolver, _probe_settings(config), context)

@@ -25,16 +25,20 @@ Decision.reason is a metrics label, so its vocabulary is fixed:
   mx-mismatch       no MX host matches the policy (the violation)
   dane              no MX host matches, but DANE governs delivery to the domain (RFC 8461
                     §2; [socketmap] dane = auto): the socketmap answers "dane-only", so the
-                    MTA-STS mismatch does not stop delivery and the recipient is accepted
+                    MTA-STS mismatch does not stop delivery and the recipient is accepted;
+                    or every matching MX host fails the TLS check, but DANE governs
+  mx-tls            MX hosts match, but every one of them fails the MX TLS check ([probe]
+                    enabled = yes, mxtls.py) for good: expired, misnamed or untrusted
+                    certificate, no STARTTLS, a failed handshake; delivery would fail too
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Iterable, NamedTuple, Optional, Tuple
+from typing import Callable, Iterable, NamedTuple, Optional, Tuple
 
-from stsmilter.engine import dane, dns, policy
+from stsmilter.engine import dane, dns, mxtls, policy
 
 ACCEPT, TEMPFAIL, REJECT, HOLD = "accept", "tempfail", "reject", "hold"
 
@@ -44,6 +48,7 @@ REASONS = (
     "mx-match", "mx-mismatch",
     "non-smtp",
     "dane",
+    "mx-tls",
 )
 
 MAX_NAMES = 5  # MX hosts / patterns quoted in a reply text
@@ -91,8 +96,12 @@ class Decision(NamedTuple):
     mx: Tuple[str, ...] = ()
     patterns: Tuple[str, ...] = ()
     reply: Optional[Tuple[str, str, str]] = None  # (code, enhanced code, text) iff tempfail/reject
+    # The MX TLS check of each policy-matching MX host: (host, mxtls.HostResult or None
+    # when not known by the deadline); () when nothing was checked.
+    tls: Tuple[Tuple[str, Optional[mxtls.HostResult]], ...] = ()
 
-    def as_dict(self) -> dict:
+    def as_dict(self, now: Optional[float] = None) -> dict:
+        """now: the MX TLS checker's clock(), for each result's age (None: no ages)."""
         return {
             "recipient": self.recipient,
             "domain": self.domain,
@@ -104,7 +113,15 @@ class Decision(NamedTuple):
             "mx": list(self.mx),
             "patterns": list(self.patterns),
             "would": self.would,
+            "mx_tls": [_tls_dict(host, result, now) for host, result in self.tls],
         }
+
+
+def _tls_dict(host: str, result: Optional[mxtls.HostResult], now: Optional[float]) -> dict:
+    if result is None:
+        return {"host": host, "result": None, "detail": None, "age": None}
+    age = None if now is None else round(max(0.0, now - result.checked_at), 1)
+    return {"host": host, "result": result.kind, "detail": result.detail, "age": age}
 
 
 def _tempfail_reply(text: str) -> Tuple[str, str, str]:
@@ -120,6 +137,12 @@ def _mismatch_text(domain: str, result: policy.Result, mx: Tuple[str, ...], note
         f"MTA-STS policy of {safe_name(domain)} (id {safe_id(result.policy_id)}) allows no MX host"
         f" of the domain{note}: {safe_names(mx)} do not match {safe_names(result.policy.mx)}"
     )
+
+
+def _tls_text(domain: str, host: str, result: mxtls.HostResult, note: str = "") -> str:
+    """Names one failing host and its failure in fixed words (never the peer's text)."""
+    return (f"MTA-STS: no MX host of {safe_name(domain)} offers valid TLS{note}: {safe_name(host)}:"
+            f" {mxtls.DESCRIPTIONS[result.kind]}")
 
 
 def _is_address_literal(address: str) -> bool:
@@ -139,6 +162,8 @@ class Decider:
         self.clock = clock
         # DANE first, as the socketmap answers at delivery (None: [socketmap] dane = no).
         self.dane = getattr(discovery, "dane", None)
+        # The MX TLS check (None: [probe] enabled = no).
+        self.mxtls = getattr(discovery, "mxtls", None)
 
     @staticmethod
     def _normalized(domain: str) -> str:
@@ -208,26 +233,49 @@ class Decider:
         # RFC 8461 §4.1: delivery may go only to matching MX hosts. One match is enough
         # here; the MTA may still try a non-matching host first, and the socketmap (TLS
         # policy lookup at delivery time) stops that one.
-        if any(result.policy.matches(host) for host in mx_set.hosts):
-            return base
+        if self.mxtls is None:
+            if any(result.policy.matches(host) for host in mx_set.hosts):
+                return base
+        else:
+            matching = tuple(filter(result.policy.matches, mx_set.hosts))
+            if matching:
+                base, failed = self._check_tls(base, matching, result.mode, deadline)
+                if failed is None:
+                    return base
+                return self._violation(base._replace(reason="mx-tls"), result, mx_set.hosts,
+                                       lambda note="": _tls_text(domain, *failed, note), deadline)
+        return self._violation(base._replace(reason="mx-mismatch"), result, mx_set.hosts,
+                               lambda note="": _mismatch_text(domain, result, mx_set.hosts, note), deadline)
+
+    def _check_tls(self, decision: Decision, matching: Tuple[str, ...], mode: str,
+                   deadline: float) -> Tuple[Decision, Optional[Tuple[str, "mxtls.HostResult"]]]:
+        """Will the MTA get past STARTTLS and the certificate check at one of the matching
+        MX hosts? (decision with the results, the failing host to name or None)."""
+        results = self.mxtls.check(matching, self._left(deadline), enforce=mode == "enforce")
+        return decision._replace(tls=tuple(zip(matching, results))), mxtls.failing_host(matching, results)
+
+    def _violation(self, violation: Decision, result: policy.Result, mx: Tuple[str, ...],
+                   text_of: Callable[..., str], deadline: float) -> Decision:
+        """An mx-mismatch or mx-tls: DANE first, then on_violation (testing: accept, would
+        = the action). text_of(note=""): the reply text."""
         if self.dane is not None:
             # Delivery will follow the socketmap's answer: "dane-only" ignores the policy's
-            # mx patterns, TEMP waits. Mirror it rather than refuse what would be delivered.
-            verdict = self.dane.check(domain, self._left(deadline)).kind
+            # mx patterns and WebPKI, TEMP waits. Mirror it rather than refuse what would
+            # be delivered.
+            verdict = self.dane.check(violation.domain, self._left(deadline)).kind
             if verdict == dane.DANE:
-                return base._replace(reason="dane")
+                return violation._replace(reason="dane")
             if verdict != dane.NO_DANE:  # DNS error, or not known by the deadline: never reject
                 what = "DANE check not finished" if verdict == dane.PENDING else "DNSSEC lookup for DANE failed"
-                return self._mx_dns_error(recipient, domain, result, what, mx_set.hosts)
-        violation = base._replace(reason="mx-mismatch", would=self.on_violation)
+                return self._mx_dns_error(violation.recipient, violation.domain, result, what, mx)
+        violation = violation._replace(would=self.on_violation)
         if result.mode == "testing":
             return violation
         if self.on_violation == TEMPFAIL:
-            text = _mismatch_text(domain, result, mx_set.hosts)
-            return self._enforce(violation._replace(action=TEMPFAIL, reply=_tempfail_reply(text)))
+            return self._enforce(violation._replace(action=TEMPFAIL, reply=_tempfail_reply(text_of())))
         if self.on_violation == HOLD:
             return self._enforce(violation._replace(action=HOLD))
-        return self._enforce(self._recheck_before_reject(violation, result, mx_set.hosts, deadline))
+        return self._enforce(self._recheck_before_reject(violation, mx, text_of, deadline))
 
     def _mx_dns_error(self, recipient: str, domain: str, result: policy.Result, what: str,
                       mx: Tuple[str, ...] = ()) -> Decision:
@@ -240,24 +288,32 @@ class Decider:
         return self._enforce(failed._replace(action=TEMPFAIL, reply=_tempfail_reply(text)))
 
     def _recheck_before_reject(
-        self, violation: Decision, result: policy.Result, mx: Tuple[str, ...], deadline: float
+        self, violation: Decision, mx: Tuple[str, ...], text_of: Callable[..., str], deadline: float
     ) -> Decision:
         """RFC 8461 §5: a permanent failure only on a policy fetched just now. Anything
-        short of a fresh fetch tempfails, so the sender retries and the cache catches up."""
+        short of a fresh fetch tempfails, so the sender retries and the cache catches up.
+        text_of(note): the text of the violation as judged by the cached policy."""
         domain = violation.domain
         fresh = self.discovery.lookup(domain, timeout=self._left(deadline), force=True)
         if fresh.status != policy.VALID or fresh.source != "fetched" or fresh.policy is None:
-            note = " (policy could not be re-checked)"
-            text = _mismatch_text(domain, result, mx, note)
+            text = text_of(" (policy could not be re-checked)")
             return violation._replace(action=TEMPFAIL, would=TEMPFAIL, reply=_tempfail_reply(text))
         # A fresh policy is authoritative: judge the same MX set by it, whatever its mode.
         judged = violation._replace(
-            mode=fresh.mode, policy_id=fresh.policy_id, patterns=fresh.policy.mx
+            mode=fresh.mode, policy_id=fresh.policy_id, patterns=fresh.policy.mx, tls=()
         )
         if fresh.mode == "none":
             return judged._replace(reason="mode-none", would=ACCEPT)
-        if any(fresh.policy.matches(host) for host in mx):
+        matching = tuple(filter(fresh.policy.matches, mx))
+        if not matching:
+            judged, text = judged._replace(reason="mx-mismatch"), _mismatch_text(domain, fresh, mx)
+        elif self.mxtls is None:
             return judged._replace(reason="mx-match", would=ACCEPT)
+        else:  # the checks of the fresh policy's matching hosts (remembered ones, mostly)
+            judged, failed = self._check_tls(judged, matching, fresh.mode, deadline)
+            if failed is None:
+                return judged._replace(reason="mx-match", would=ACCEPT)
+            judged, text = judged._replace(reason="mx-tls"), _tls_text(domain, *failed)
         if fresh.mode == "testing":
             return judged  # accept, would=reject
-        return judged._replace(action=REJECT, reply=_reject_reply(_mismatch_text(domain, fresh, mx)))
+        return judged._replace(action=REJECT, reply=_reject_reply(text))

@@ -128,6 +128,9 @@ class Discovery(ProactiveRefresh):
         # engine/__init__.py. The front ends read it so that DANE-governed domains are not judged
         # by their MTA-STS policy alone (RFC 8461 §2).
         self.dane = None
+        # The MX TLS checker (mxtls.MxTlsChecker) when [probe] enabled = yes; set by
+        # engine/__init__.py. The Decider reads it: the milter refuses what delivery would.
+        self.mxtls = None
 
     def reconfigure(self, resolver: dns.Resolver, fetcher: Fetcher, settings: Settings) -> None:
         """Config reload: new DNS/fetch settings for jobs started from now on; the cache,
@@ -406,6 +409,8 @@ class Discovery(ProactiveRefresh):
     def close(self) -> None:
         if self.dane is not None:
             self.dane.close()
+        if self.mxtls is not None:
+            self.mxtls.close()
         self.fleet.close()
         self._stopping.set()
         if self._refresher is not None:

@@ -32,6 +32,8 @@ FULL_LINES = {
     "dns": "discovery: all %d dns slots are busy ([dns] max_concurrent); %d waiting, callers waiting for an answer first",
     "fetch": "discovery: all %d fetch slots are busy ([fetch] max_concurrent); %d waiting,"
              " callers waiting for an answer first",
+    "probe": "MX TLS checks: all %d slots are busy ([probe] max_concurrent); %d waiting,"
+             " callers waiting for an answer first",
 }
 
 
@@ -86,7 +88,7 @@ class PriorityLimiter:
 
     def __init__(self, limit: int, stage: str = "", clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
-        self.stage = stage  # "dns" or "fetch": its metric and log line; "": neither
+        self.stage = stage  # "dns", "fetch" or "probe": its metric and log line; "": neither
         self.clock = clock
         self.active = 0
         self._urgent: Deque[_Ticket] = collections.deque()

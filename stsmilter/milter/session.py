@@ -70,6 +70,7 @@ HOLD_CAUSES = {
     "mx-mismatch": "no MX host matches the policy of ",
     "pending": "policy lookup not finished for ",
     "mx-dns-error": "MX lookup failed for ",
+    "mx-tls": "no MX host offers valid TLS for ",
 }
 
 # What getsymval() gives for a macro value that is not UTF-8: not empty (a SASL login is
@@ -274,6 +275,10 @@ class StsMilter(NegotiatingMilter):
             f" policy_id={decision.safe_id(verdict.policy_id) or '-'} mode={verdict.mode or '-'}"
             f" action={verdict.action} reason={verdict.reason} mx={decision.safe_names(verdict.mx, sep=',', empty='-')}"
         )
+        if verdict.reason == "mx-tls" or cause == "mx-tls":  # which host failed how
+            line += " tls=" + ",".join(
+                f"{decision.safe_name(host)}:{result.kind}" for host, result in verdict.tls[: decision.MAX_NAMES]
+                if result is not None)
         if verdict.would != verdict.action:
             line += f" would={verdict.would}"
         if cause != verdict.reason:

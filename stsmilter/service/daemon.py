@@ -296,6 +296,7 @@ _RESTART_KEYS = {
     ("cache", "redis_timeout"),
     ("dns", "max_concurrent"),
     ("fetch", "max_concurrent"),
+    ("probe", "max_concurrent"),
     ("socketmap", "listen"),
     ("socketmap", "socket_mode"),
     ("socketmap", "max_connections"),

@@ -43,6 +43,8 @@ def needed(cfg) -> int:
         total += METRICS_CONNECTIONS
     if cfg.cache.redis:  # a Redis connection per store thread, plus the refresher's, the events' and spares
         total += STORE_THREADS + 4
+    if cfg.probe.enabled:  # a TCP connection per MX TLS check in flight
+        total += cfg.probe.max_concurrent
     return total
 
 

@@ -212,7 +212,8 @@ def _who() -> str:
 
 def check_access(cfg, ours: FrozenSet[str] = frozenset(), kinds: Iterable[str] = EVERYTHING) -> None:
     """As the user that will serve: can it create its sockets and PID file, and read
-    [fetch] ca_file? (An unusable cache is not fatal: the cache degrades instead.)"""
+    [fetch] ca_file and [probe] ca_file? (An unusable cache is not fatal: the cache
+    degrades instead.)"""
     for item in runtime_paths(cfg, kinds):
         if item.kind == CACHE or item.directory in ours:
             continue
@@ -227,6 +228,8 @@ def check_access(cfg, ours: FrozenSet[str] = frozenset(), kinds: Iterable[str] =
         from stsmilter import engine  # ConfigError naming [fetch] ca_file if unusable
 
         engine.make_fetcher(cfg, engine.make_resolver(cfg))
+        if cfg.probe.enabled:  # ConfigError naming [probe] ca_file
+            engine.probe_context(cfg)
 
 
 def cache_warning(cfg) -> Optional[str]:

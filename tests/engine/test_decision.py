@@ -294,6 +294,7 @@ def test_as_dict_json_shape():
         "mx": ["mx1.evil.example", "mx2.evil.example"],
         "patterns": ["mx.example.com", "*.mail.example.com"],
         "would": "tempfail",
+        "mx_tls": [],
     }
     accepted = Decision("<postmaster>", None, "accept", "accept", "no-domain").as_dict()
     assert accepted["reply"] is None and accepted["mx"] == [] and accepted["mode"] is None

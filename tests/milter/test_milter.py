@@ -590,3 +590,70 @@ def test_smtp_from_loopback_is_not_mistaken_for_non_smtp(monkeypatch, hostname, 
                   monkeypatch, non_smtp="accept").open("127.0.0.1", socket.AF_INET, port=port, hostname=hostname)
     ctx._envfrom("<s@here.example>")
     assert ctx.rcpt("<u@example.com>") == Milter.TEMPFAIL and ctx._reply == ("451", "4.7.5", "x")
+
+
+# --- the MX TLS check's verdicts (reason mx-tls) --------------------------------------------
+
+
+def tls_violation(recipient, action, reply=None, would=None, domain="tls.example", mode="enforce"):
+    from stsmilter.engine.mxtls import HostResult
+
+    tls = (("mx1.tls.example", HostResult("certificate-expired", "x", 0.0, 300.0)),
+           ("mx2.tls.example", HostResult("starttls-not-supported", "y", 0.0, 300.0)))
+    return Decision(recipient, domain, action, would or action, "mx-tls", mode, "20240101",
+                    ("mx1.tls.example", "mx2.tls.example"), ("*.tls.example",), reply, tls)
+
+
+def test_an_mx_tls_refusal_is_logged_with_each_host_and_its_failure(monkeypatch, caplog):
+    reply = ("451", "4.7.5", "MTA-STS: no MX host of tls.example offers valid TLS: mx1.tls.example: certificate"
+                             " has expired")
+    decider = FakeDecider({"<u@tls.example>": tls_violation("<u@tls.example>", "tempfail", reply)})
+    ctx = session(decider, monkeypatch).open("127.0.0.1")
+    ctx._envfrom("<s@here.example>")
+    before = count("tempfail", "enforce", "mx-tls")
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx.rcpt("<u@tls.example>") == Milter.TEMPFAIL
+    assert ctx._reply == reply
+    assert count("tempfail", "enforce", "mx-tls") == before + 1
+    line = caplog.records[-1]
+    assert line.levelname == "WARNING"
+    assert line.getMessage().endswith(
+        " action=tempfail reason=mx-tls mx=mx1.tls.example,mx2.tls.example"
+        " tls=mx1.tls.example:certificate-expired,mx2.tls.example:starttls-not-supported")
+
+
+def test_a_testing_policy_logs_what_the_mx_tls_check_would_have_done(monkeypatch, caplog):
+    decider = FakeDecider({"<u@tls.example>": tls_violation("<u@tls.example>", "accept", would="tempfail",
+                                                             mode="testing")})
+    ctx = session(decider, monkeypatch).open("127.0.0.1")
+    ctx._envfrom("<s@here.example>")
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx.rcpt("<u@tls.example>") == Milter.CONTINUE and ctx._reply is None
+        assert ctx.rcpt("<u@tls.example>") == Milter.CONTINUE  # not memoized: decided and logged again
+    assert len(decider.asked) == 2
+    assert caplog.records[-1].getMessage().endswith(
+        " mode=testing action=accept reason=mx-tls mx=mx1.tls.example,mx2.tls.example"
+        " tls=mx1.tls.example:certificate-expired,mx2.tls.example:starttls-not-supported would=tempfail")
+
+
+def test_a_held_message_says_which_domain_lacks_valid_tls(monkeypatch):
+    decider = FakeDecider({"<u@tls.example>": tls_violation("<u@tls.example>", "hold"),
+                           "<v@example.com>": violation("<v@example.com>", "hold")})
+    ctx = session(decider, monkeypatch).open("127.0.0.1")
+    ctx._envfrom("<s@here.example>")
+    for rcpt in ("<u@tls.example>", "<v@example.com>"):
+        assert ctx.rcpt(rcpt) == Milter.CONTINUE
+    ctx._eom()
+    assert ctx.quarantined == ["MTA-STS: no MX host matches the policy of example.com;"
+                               " no MX host offers valid TLS for tls.example"]
+
+
+def test_non_smtp_mail_names_the_mx_tls_cause(monkeypatch, caplog):
+    decider = FakeDecider({"<u@tls.example>": tls_violation("<u@tls.example>", "tempfail", ("451", "4.7.5", "x"))})
+    ctx = session(decider, monkeypatch).open_non_smtp()
+    ctx._envfrom("<s@here.example>")
+    with caplog.at_level(logging.INFO, logger="stsmilter"):
+        assert ctx.rcpt("<u@tls.example>") == Milter.CONTINUE
+    message = caplog.records[-1].getMessage()
+    assert " reason=non-smtp " in message and " tls=mx1.tls.example:certificate-expired," in message
+    assert message.endswith(" cause=mx-tls")

@@ -44,10 +44,16 @@ MIN_SCORE = 0.97
 #       function at run time, so its body is mutated like any other.
 MODULES = [
     ("stsmilter/engine/policy.py", ["*"], ["tests/engine/test_policy.py"]),
-    ("stsmilter/engine/decision.py", ["*"], ["tests/engine/test_decision.py", "tests/engine/test_decision_dane.py"]),
+    ("stsmilter/engine/decision.py", ["*"], ["tests/engine/test_decision.py", "tests/engine/test_decision_dane.py",
+                                             "tests/engine/test_decision_mxtls.py"]),
     ("stsmilter/engine/tlspolicy.py", ["*"], ["tests/engine/test_tlspolicy.py"]),
     ("stsmilter/socketmap/connection.py", ["x_netstring"], ["tests/socketmap/test_socketmap.py"]),
     ("stsmilter/engine/dane.py", ["x__der_sequence", "x_usable_tlsa", "x_host_has_dane", "x_evaluate"], ["tests/engine/test_dane.py"]),
+    # The MX TLS check's pure part: SMTP replies from a hostile peer, OpenSSL errors as RFC
+    # 8460 results, result lifetimes and the all-hosts-fail rule.
+    ("stsmilter/engine/mxtls.py", ["x_parse_line", "xǁReplyReaderǁ*", "x_offers_starttls", "x_classify_verify",
+                                   "x_classify_error", "x_lifetime", "x_failing_host", "x_quote", "x__detail",
+                                   "x__os_error"], ["tests/engine/test_mxtls.py"]),
     ("stsmilter/engine/cache.py", ["*"], ["tests/engine/test_cache_memory.py", "tests/engine/test_cache.py"], {"min_score": 0.90}),
     ("stsmilter/engine/negative_cache.py", ["*"], ["tests/engine/test_negative_cache.py"], {"min_score": 0.90}),
     # The fleet's single-flight lock (claim, release) and what they call; a real private

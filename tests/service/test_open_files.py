@@ -42,6 +42,9 @@ def test_needed_counts_the_socketmap_the_metrics_and_a_reserve():
         open_files.RESERVE + 10 + 5 + 1000 + 32)
     # a Redis connection per store thread (4), plus the refresher's, the events reader's, spares
     assert open_files.needed(cfg.replace(cache={"redis": "redis://127.0.0.1:6379/0"})) == DEFAULT_NEED + 8
+    # a socket per MX TLS check in flight, when the check is on
+    assert open_files.needed(cfg.replace(probe={"enabled": True})) == DEFAULT_NEED + 64
+    assert open_files.needed(cfg.replace(probe={"max_concurrent": 500})) == DEFAULT_NEED
 
 
 def test_the_daemon_raises_its_soft_limit_as_far_as_it_needs(start_daemon):

@@ -208,6 +208,14 @@ def test_check_access_reads_the_ca_file(tmp_path):
     preflight.check_access(cfg, kinds={preflight.CACHE})  # not asked: not checked
 
 
+def test_check_access_reads_the_probe_ca_file_when_the_probe_is_on(tmp_path):
+    absent = f"{tmp_path}/absent-mx-ca.pem"
+    cfg = make_config(tmp_path).replace(probe={"ca_file": absent})
+    preflight.check_access(cfg, kinds={preflight.FETCH})  # [probe] enabled = no: never read
+    with pytest.raises(config.ConfigError, match=r"\[probe\] ca_file " + absent + ": No such file"):
+        preflight.check_access(cfg.replace(probe={"enabled": True}), kinds={preflight.FETCH})
+
+
 # --- the PID file ------------------------------------------------------------------------
 
 

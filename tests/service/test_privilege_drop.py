@@ -140,7 +140,7 @@ def exercise(daemon_log, ports):
     assert "stsmilter_socketmap_lookups_total" in metrics
 
 
-def config_for(world, rundir, ports, cache=None, **daemon):
+def config_for(world, rundir, ports, cache=None, probe=None, **daemon):
     milter_port, socketmap_port, metrics_port = ports
     ca_file = os.path.join(rundir, "ca.pem")  # readable by the service user
     shutil.copyfile(world.https.ca_file, ca_file)
@@ -153,6 +153,7 @@ def config_for(world, rundir, ports, cache=None, **daemon):
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
         daemon={"log": "stderr", "log_level": "debug", "pidfile": os.path.join(rundir, "run", "s.pid"), **daemon},
         cache=cache or {},
+        probe=probe or {},
     )
     path = os.path.join(rundir, "drop.conf")  # the service user reads it again on USR1
     with open(path, "w") as f:
@@ -200,10 +201,10 @@ def cache_control(world, conf, socketmap_port, daemon_log):
                and world.https.count("mta-sts.good.example") == before + 1, 10, "a new fetch")
 
 
-def drive_daemon(world, rundir, argv_prefix, cache=None, **daemon_keys):
+def drive_daemon(world, rundir, argv_prefix, cache=None, probe=None, **daemon_keys):
     publish_world(world)
     ports = (free_port(), free_port(), free_port())
-    conf = config_for(world, rundir, ports, cache=cache, **daemon_keys)
+    conf = config_for(world, rundir, ports, cache=cache, probe=probe, **daemon_keys)
     log_path = os.path.join(rundir, "log")
     proc = run_daemon(argv_prefix + [conf], log_path)
     try:
@@ -236,6 +237,29 @@ def test_nothing_is_imported_after_the_privilege_drop_on_redis(sts_world, rundir
     text = drive_daemon(sts_world, rundir, [sys.executable, LATE_IMPORTS], cache={"redis": redis_server.url},
                         user="", group="")
     assert "configuration reloaded" in text and "good.example purged" in text and "stopping" in text
+    assert_clean(text)
+
+
+def test_nothing_is_imported_after_the_privilege_drop_with_the_mx_tls_check(sts_world, rundir):
+    """[probe] enabled: the MX hosts of the policy-matching domains get checked (address
+    lookup, SMTP, STARTTLS, the handshake against [probe] ca_file), all after the drop
+    point, and load nothing late; the answers stay those above."""
+    import trustme
+
+    from world.smtp_peers import SmtpSink, tls_server_context
+
+    ca = trustme.CA()
+    ca_file = os.path.join(rundir, "mx-ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    os.chmod(ca_file, 0o644)
+    names = ["mx.good.example", f"mx.{IDN}", "mx.trailing-dot.example", "mx.testing.example"]
+    with SmtpSink(tls_context=tls_server_context(ca, *names), hostname="mx.stsmilter.test") as sink:
+        probe = {"enabled": "yes", "port": str(sink.port), "helo_name": "mta.stsmilter.test", "ca_file": ca_file,
+                 "timeout": "3"}
+        text = drive_daemon(sts_world, rundir, [sys.executable, LATE_IMPORTS], probe=probe, user="", group="")
+    assert "configuration reloaded" in text and "stopping" in text
+    for name in names:
+        assert f"MX TLS check of {name}: ok: 127.0.0.1: TLSv1.3, certificate valid for {name}" in text, text
     assert_clean(text)
 
 

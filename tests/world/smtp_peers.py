@@ -96,6 +96,7 @@ class SmtpSink:
         port: int = 0,
         tls_context: Optional[ssl.SSLContext] = None,
         hostname: str = "sink.stsmilter.test",
+        handler=None,
     ):
         if not host.startswith("127.") and host != "::1":
             raise ValueError(f"test peers listen on loopback only, not {host!r}")
@@ -106,6 +107,7 @@ class SmtpSink:
         # An explicit greeting name: aiosmtpd's default is socket.getfqdn(), a
         # resolver lookup of this machine's name.
         self.hostname = hostname
+        self.handler = handler  # an aiosmtpd handler of the caller's (None: record messages)
         self._messages: List[ReceivedMessage] = []
         self._changed = threading.Condition()
         self._controller: Optional[_PreboundController] = None
@@ -144,7 +146,7 @@ class SmtpSink:
             sock.listen(64)
             self.port = sock.getsockname()[1]
             self._controller = _PreboundController(
-                _RecordingHandler(self),
+                self.handler or _RecordingHandler(self),
                 sock,
                 server_hostname=self.hostname,
                 tls_context=self.tls_context,
