@@ -934,7 +934,7 @@ def test_recent_failure_results_are_bounded(store, clock):
 def test_a_private_store_that_fits_in_memory_is_not_asked_for_what_memory_lacks(store, clock):
     store.put(entry("a.example"))
     cache = make_cache(store, clock, max_entries=2)
-    assert not cache.complete  # before load(): the store may hold anything
+    assert cache.complete is False  # before load(): the store may hold anything
     assert cache.get("unknown.example") is None and store.named("get") == [("get", "unknown.example")]
     assert cache.load() == 1
     assert cache.complete
@@ -987,6 +987,6 @@ def test_memory_stops_being_complete_when_a_new_policy_evicts_one(store, clock):
     cache.put(entry("a.example", fetched_at=T0 + 1))  # a domain memory holds: nothing leaves
     assert cache.complete
     cache.put(entry("c.example"))  # b (least recently used) leaves memory, not the store
-    assert not cache.complete
+    assert cache.complete is False
     store.calls.clear()
     assert cache.get("b.example") == entry("b.example") and store.named("get") == [("get", "b.example")]
