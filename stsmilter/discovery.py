@@ -328,7 +328,7 @@ class Discovery:
                 return usable.result
             result = Result(domain, FAILED if problem == "dns-error" else NONE, reason=problem)
             if problem != "dns-error":
-                await self._remember(self.cache.put_negative, dataclasses.replace(result, source="cache"), True, now)
+                await self._remember(self.cache.put_negative, result, True, now)  # keeps domain and reason
             return result
         if usable is not None and usable.policy_id == record.id and not force:
             await self.engine.blocking(self.cache.put, usable.confirmed(now, txt_ttl))
