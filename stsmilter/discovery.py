@@ -225,7 +225,7 @@ class Discovery:
         if cached is not None and cached[1] > now:
             return cached[0]
         lifetime = self.resolver.timeout if timeout is None else timeout
-        want = Want(time.monotonic() + lifetime, self.engine.loop)
+        want = Want(time.monotonic() + lifetime)  # no loop: nobody joins an MX query to extend() it
         future = self.engine.submit(self.resolver.mx(domain, lifetime=lifetime), want)
         try:
             mx_set = future.result(lifetime + MX_GRACE_SECONDS)
