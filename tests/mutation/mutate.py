@@ -56,6 +56,15 @@ MODULES = [
      ["xǁRedisStoreǁclaim", "xǁRedisStoreǁrelease", "xǁRedisStoreǁ_lock_key", "x__redis_errors", "x__failure",
       "x__wrong_type"],
      ["tests/test_store_redis_lock.py"], {"min_score": 0.90, "undecorate": ["_redis_errors"]}),
+    # The engine (issue 19): the discovery state machine (RFC 8461 §3.3, §5.1) over fake DNS,
+    # fetch and clock; the order in which waiting work gets a DNS or fetch slot.
+    ("stsmilter/discovery.py", ["*"],
+     ["tests/test_discovery.py", "tests/test_discovery_load.py", "tests/test_decision_engine.py",
+      "tests/test_discovery_rules.py", "tests/test_fleet.py"], {"min_score": 0.95}),
+    ("stsmilter/limits.py", ["*"], ["tests/test_limits.py", "tests/test_limits_order.py"], {"min_score": 0.95}),
+    # Daemons sharing a store (issue 23): who fetches, the events thread; over a fake shared
+    # store (tests/test_fleet.py's FakeSharedStore).
+    ("stsmilter/fleet.py", ["*"], ["tests/test_fleet.py", "tests/test_fleet_once.py"], {"min_score": 0.90}),
 ]
 
 KILLED = {"killed", "timeout"}
