@@ -313,7 +313,7 @@ def test_a_holder_that_never_answers_is_waited_for_lock_seconds_plus_poll(backin
     assert a.once(DOMAIN, board.shared(DOMAIN), work) == "mine"
     elapsed = time.monotonic() - started
     assert 0.3 + 0.2 <= elapsed < 3 and work.calls == 1
-    assert len(a.store.named("claim")) >= 3  # it kept asking for the lock meanwhile
+    assert len(a.store.named("claim")) >= 2  # it kept asking for the lock meanwhile
     assert [r.getMessage() for r in fleet_lines(caplog)] == [
         "example.com: another daemon's discovery takes too long; discovering it here"]
 
