@@ -6,7 +6,7 @@
 #   make deb    the Debian 12 package, dist/stsmilter_VERSION_all.deb (as root: installs
 #               the build dependencies of debian/control with apt when missing)
 #   make mutate mutation testing (mutmut) of the modules that decide: one score line per
-#               module (tests/mutation/mutate.py; 5-10 minutes on 2 cores; not part of CI)
+#               module (tests/mutation/mutate.py; 30-45 minutes on 2 cores; not part of CI)
 #
 # Both need the Debian packages postfix and libmilter-dev (pymilter builds against it);
 # `sh contrib/bootstrap.sh test`, run once as root, installs everything.

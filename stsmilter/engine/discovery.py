@@ -229,7 +229,7 @@ class Discovery(ProactiveRefresh):
         if cached is not None and cached[1] > now:
             return cached[0]
         lifetime = self.resolver.timeout if timeout is None else timeout
-        want = Want(time.monotonic() + lifetime, self.engine.loop)
+        want = Want(time.monotonic() + lifetime)  # no loop: nobody joins an MX query to extend() it
         future = self.engine.submit(self.resolver.mx(domain, lifetime=lifetime), want)
         try:
             mx_set = future.result(lifetime + MX_GRACE_SECONDS)
@@ -332,7 +332,7 @@ class Discovery(ProactiveRefresh):
                 return usable.result
             result = Result(domain, FAILED if problem == "dns-error" else NONE, reason=problem)
             if problem != "dns-error":
-                await self._remember(self.cache.put_negative, dataclasses.replace(result, source="cache"), True, now)
+                await self._remember(self.cache.put_negative, result, True, now)  # keeps domain and reason
             return result
         if usable is not None and usable.policy_id == record.id and not force:
             await self.engine.blocking(self.cache.put, usable.confirmed(now, txt_ttl))

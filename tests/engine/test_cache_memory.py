@@ -780,3 +780,213 @@ def test_a_newer_entry_refused_by_the_store_during_a_purged_write_still_waits(ca
     cache.put(old)
     assert cache.peek("a.example") is newer and cache.unsaved == 1
     assert cache.flush() == 1 and store.get("a.example") == newer
+
+
+# --- failed lookups remembered for [cache] dns_failure_ttl (failure(), put_failure())
+# A TXT lookup that failed (timeout, SERVFAIL) or a policy host that hung is answered
+# "failed" from memory for dns_failure_ttl (README "Failures"); memory only, never shared.
+
+
+def failure_cache(store, clock, failure_ttl=60, max_entries=100):
+    return PolicyCache(store, max_entries, 60, 300, clock=clock, retry_after=0, failure_ttl=failure_ttl)
+
+
+def failed(domain, reason="dns-error"):
+    return Result(domain, FAILED, reason=reason, source="cache")
+
+
+def test_a_failed_lookup_is_remembered_for_dns_failure_ttl(store, clock):
+    cache = failure_cache(store, clock, failure_ttl=60)
+    assert cache.failure("a.example") is None and cache.count_remembered_failures() == 0
+    cache.put_failure("a.example", "dns-error")
+    got = cache.failure("a.example")
+    assert got == failed("a.example")
+    assert cache.failure("b.example") is None
+    assert cache.count_remembered_failures() == 1
+    assert REGISTRY.get_sample_value("stsmilter_remembered_failures") == 1
+    clock.now += 59
+    assert cache.failure("a.example") is got  # one object while nothing changed (the socketmap reuses its reply)
+    clock.now += 1
+    assert cache.failure("a.example") is None and cache.count_remembered_failures() == 0
+    assert REGISTRY.get_sample_value("stsmilter_remembered_failures") == 0
+    assert [call for call in store.calls if call[0] != "count"] == []  # memory only (count: the gauges)
+
+
+def test_a_remembered_failure_is_memory_only_in_a_fleet_too(clock):
+    store = Store(shared=True)
+    cache = failure_cache(store, clock)
+    cache.put_failure("a.example", "dns-error")
+    assert store.named("put_answer") == [] and cache.failure("a.example") == failed("a.example")
+
+
+def test_a_new_failure_reason_gives_a_new_result(store, clock):
+    cache = failure_cache(store, clock)
+    cache.put_failure("a.example", "dns-error")
+    first = cache.failure("a.example")
+    cache.put_failure("a.example", "sts-policy-fetch-error")  # its policy host hung
+    second = cache.failure("a.example")
+    assert second is not first and second == failed("a.example", "sts-policy-fetch-error")
+
+
+def test_dns_failure_ttl_zero_remembers_no_failure(store, clock):
+    cache = PolicyCache(store, 100, 60, 300, clock=clock)  # failure_ttl defaults to 0
+    cache.put_failure("a.example", "dns-error")
+    assert cache.failure("a.example") is None and cache.count_remembered_failures() == 0
+
+
+def test_remembered_failures_are_bounded_by_max_entries(store, clock):
+    cache = failure_cache(store, clock, max_entries=2)
+    for domain in ("a.example", "b.example", "c.example"):
+        cache.put_failure(domain, "dns-error")
+    assert [cache.failure(d) is not None for d in ("a.example", "b.example", "c.example")] == [False, True, True]
+
+
+def test_failure_answers_and_negative_answers_are_kept_apart(store, clock):
+    cache = failure_cache(store, clock)
+    cache.put_failure("a.example", "dns-error")
+    assert cache.negative("a.example") is None  # a failed lookup is never "none" (RFC 8461 §5.1)
+    cache.put_negative(none_result("b.example"))
+    assert cache.failure("b.example") is None
+
+
+def test_an_answer_found_later_ends_the_remembered_failure(store, clock):
+    """A policy (fetched or another daemon's) or a "none" answer replaces the failure."""
+    cache = failure_cache(store, clock)
+    for domain in ("put.example", "none.example", "reloaded.example", "kept.example"):
+        cache.put_failure(domain, "dns-error")
+    cache.put(entry("put.example"))
+    cache.put_negative(none_result("none.example"))
+    store.put(entry("reloaded.example"))  # another daemon's fetch
+    assert cache.reload("reloaded.example") == entry("reloaded.example")
+    assert [cache.failure(d) is None for d in ("put.example", "none.example", "reloaded.example")] == [True] * 3
+    assert cache.failure("kept.example") == failed("kept.example")
+    assert cache.count_remembered_failures() == 1
+
+
+def test_a_reload_of_nothing_newer_keeps_the_remembered_failure(store, clock):
+    cache = failure_cache(store, clock)
+    cache.put(entry("a.example", fetched_at=T0))
+    cache.put_failure("a.example", "dns-error")  # its id re-check failed since
+    store.put(entry("a.example", fetched_at=T0 - 10))  # the store holds an older copy
+    assert cache.reload("a.example") == entry("a.example", fetched_at=T0 - 10)
+    assert cache.failure("a.example") == failed("a.example")
+    assert cache.reload("unknown.example") is None
+
+
+def test_a_purge_forgets_the_remembered_failure(store, clock):
+    """A purge is how an administrator asks for a retry at once."""
+    cache = failure_cache(store, clock)
+    cache.put_failure("a.example", "dns-error")
+    cache.put_failure("b.example", "dns-error")
+    cache.forget("a.example")
+    assert cache.failure("a.example") is None and cache.failure("b.example") is not None
+    assert cache.count_remembered_failures() == 1
+
+
+def test_a_failure_found_by_a_lookup_begun_before_a_purge_is_not_remembered(store, clock):
+    cache = failure_cache(store, clock)
+    cache.forget("a.example")  # at T0
+    cache.put_failure("a.example", "dns-error", started=T0 - 1)
+    assert cache.failure("a.example") is None
+    cache.put_failure("a.example", "dns-error", started=T0)  # begun at the purge's very second: after it
+    assert cache.failure("a.example") is not None
+    cache.put_failure("b.example", "dns-error", started=T0 - 1)  # another domain
+    assert cache.failure("b.example") is not None
+    cache.forget("c.example")
+    cache.put_failure("c.example", "dns-error")  # started unknown: kept
+    assert cache.failure("c.example") is not None
+
+
+def test_forget_all_forgets_failures_and_later_ones_keep_their_ttl_and_bound(store, clock):
+    cache = failure_cache(store, clock, failure_ttl=30, max_entries=2)
+    cache.put_failure("old.example", "dns-error")
+    cache.failure("old.example")
+    clock.now = T0 + 10
+    cache.forget_all()
+    assert cache.failure("old.example") is None and cache.count_remembered_failures() == 0
+    assert cache._failure_results == {}
+    cache.put_failure("before.example", "dns-error", started=T0 + 9)  # begun before the purge --all
+    assert cache.failure("before.example") is None
+    for domain in ("a.example", "b.example", "c.example"):
+        cache.put_failure(domain, "dns-error")
+    assert [cache.failure(d) is not None for d in ("a.example", "b.example", "c.example")] == [False, True, True]
+    clock.now += 29
+    assert cache.failure("c.example") is not None
+    clock.now += 1
+    assert cache.failure("c.example") is None
+
+
+def test_recent_failure_results_are_bounded(store, clock):
+    cache = failure_cache(store, clock, max_entries=3 * RECENT_NEGATIVE_RESULTS)
+    for n in range(RECENT_NEGATIVE_RESULTS + 1):
+        cache.put_failure(f"d{n}.example", "dns-error")
+    first = cache.failure("d0.example")
+    for n in range(1, RECENT_NEGATIVE_RESULTS):
+        assert cache.failure(f"d{n}.example") is not None
+    assert cache.failure("d0.example") is first and len(cache._failure_results) == RECENT_NEGATIVE_RESULTS
+    cache.failure(f"d{RECENT_NEGATIVE_RESULTS}.example")  # one more: start again
+    assert len(cache._failure_results) == 1 and cache.failure("d0.example") is not first
+
+
+# --- complete: memory holds every policy the store holds, so get() need not ask it
+
+
+def test_a_private_store_that_fits_in_memory_is_not_asked_for_what_memory_lacks(store, clock):
+    store.put(entry("a.example"))
+    cache = make_cache(store, clock, max_entries=2)
+    assert cache.complete is False  # before load(): the store may hold anything
+    assert cache.get("unknown.example") is None and store.named("get") == [("get", "unknown.example")]
+    assert cache.load() == 1
+    assert cache.complete
+    store.calls.clear()
+    assert cache.get("unknown.example") is None and cache.get("a.example") == entry("a.example")
+    assert store.named("get") == []
+
+
+def test_a_store_filling_memory_exactly_is_complete_and_one_more_is_not(clock):
+    exact = Store()
+    for domain in ("a.example", "b.example"):
+        exact.put(entry(domain))
+    cache = make_cache(exact, clock, max_entries=2)
+    cache.load()
+    assert cache.complete
+    larger = Store()
+    for domain in ("a.example", "b.example", "c.example"):
+        larger.put(entry(domain, fetched_at=T0 + len(larger.calls)))
+    cache = make_cache(larger, clock, max_entries=2)
+    cache.load()
+    assert not cache.complete
+    larger.calls.clear()
+    assert cache.get("unknown.example") is None and larger.named("get") == [("get", "unknown.example")]
+
+
+def test_a_shared_store_is_never_complete(clock):
+    """Other daemons write it: memory cannot know everything it holds."""
+    store = Store(shared=True)
+    store.put(entry("a.example"))
+    cache = make_cache(store, clock)
+    cache.load()
+    assert not cache.complete
+    store.calls.clear()
+    assert cache.get("unknown.example") is None and store.named("get") == [("get", "unknown.example")]
+
+
+def test_a_store_that_cannot_be_read_at_load_is_not_complete(store, clock):
+    store.faults["entries"] = StoreError("gone")
+    cache = make_cache(store, clock)
+    cache.load()
+    assert not cache.complete
+
+
+def test_memory_stops_being_complete_when_a_new_policy_evicts_one(store, clock):
+    cache = make_cache(store, clock, max_entries=2)
+    cache.load()
+    cache.put(entry("a.example"))
+    cache.put(entry("b.example"))  # memory full, and it still holds everything
+    assert cache.complete
+    cache.put(entry("a.example", fetched_at=T0 + 1))  # a domain memory holds: nothing leaves
+    assert cache.complete
+    cache.put(entry("c.example"))  # b (least recently used) leaves memory, not the store
+    assert cache.complete is False
+    store.calls.clear()
+    assert cache.get("b.example") == entry("b.example") and store.named("get") == [("get", "b.example")]

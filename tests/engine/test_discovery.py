@@ -636,8 +636,8 @@ def test_the_refresher_thread_refreshes_due_policies_survives_a_failing_pass_and
 
     disc.refresh_due = counted_pass
     disc.start_refresher(period=0.02)
-    wait_for(lambda: fetcher.fetches == 2)
-    assert disc.cache.peek("example.com").fetched_at == clock.now
+    wait_for(lambda: disc.cache.peek("example.com").fetched_at == clock.now)  # the refresh is in the cache
+    assert fetcher.fetches == 2
     assert "refresher pass failed" in caplog.text
     disc.close()
     assert not disc._refresher.is_alive()  # close() ends the thread (it waits at most a period)

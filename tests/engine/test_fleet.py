@@ -14,6 +14,7 @@ from stsmilter.engine.discovery import Discovery, Settings
 from stsmilter.engine.fetch import FetchError
 from stsmilter.engine.fleet import SharedFleet
 from stsmilter.engine.store import MemoryStore, Store, StoreError
+from stsmilter.engine.store.base import decode_answer, encode_answer
 from test_discovery import ENFORCE, TESTING, Clock, FakeFetcher, FakeResolver, publish
 
 
@@ -71,12 +72,12 @@ class FakeSharedStore(Store):
     def count(self):
         return self.backing.policies.count()
 
-    def get_answer(self, domain):
+    def get_answer(self, domain):  # as Redis keeps it: "STATUS REASON [ID]" (store/base.py)
         answer = self.backing.answers.get(domain)
-        return answer[0] if answer and answer[1] > self.backing.clock() else None
+        return decode_answer(domain, answer[0]) if answer and answer[1] > self.backing.clock() else None
 
     def put_answer(self, result, ttl):
-        self.backing.answers[result.domain] = (result, self.backing.clock() + ttl)
+        self.backing.answers[result.domain] = (encode_answer(result), self.backing.clock() + ttl)
 
     def claim(self, domain, seconds):
         with self.backing.mutex:

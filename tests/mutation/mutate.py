@@ -62,6 +62,17 @@ MODULES = [
      ["tests/engine/test_store_redis_lock.py"], {"min_score": 0.90, "undecorate": ["redis_errors"]}),
     ("stsmilter/engine/store/redis_client.py", ["x_redis_errors", "x_failure", "x_wrong_type"],
      ["tests/engine/test_store_redis_lock.py"], {"min_score": 0.90}),
+    # The engine (issue 19): the discovery state machine (RFC 8461 §3.3, §5.1) over fake DNS,
+    # fetch and clock; the order in which waiting work gets a DNS or fetch slot.
+    ("stsmilter/engine/discovery.py", ["*"],
+     ["tests/engine/test_discovery.py", "tests/engine/test_discovery_load.py", "tests/engine/test_decision_engine.py",
+      "tests/engine/test_discovery_rules.py", "tests/engine/test_fleet.py"], {"min_score": 0.95}),
+    ("stsmilter/engine/limits.py", ["*"], ["tests/engine/test_limits.py", "tests/engine/test_limits_order.py"],
+     {"min_score": 0.95}),
+    # Daemons sharing a store (issue 23): who fetches, the events thread; over a fake shared
+    # store (tests/engine/test_fleet.py's FakeSharedStore).
+    ("stsmilter/engine/fleet.py", ["*"], ["tests/engine/test_fleet.py", "tests/engine/test_fleet_once.py"],
+     {"min_score": 0.90}),
 ]
 
 KILLED = {"killed", "timeout"}
