@@ -94,6 +94,8 @@ class NegativeCache:
                 self._front = order.popleft()
                 continue
             if entries.get(item) is self._front:  # type: ignore[arg-type]
+                if now is not None and self._front[0] > now:  # type: ignore[index]
+                    return False  # the front stamp's domains live on (an eviction reached past it)
                 del entries[item]  # type: ignore[arg-type]
                 order.popleft()
                 return True

@@ -1,25 +1,18 @@
-"""A full NegativeCache (negative answers, remembered failures) forgets more than its bound
-asks for: KNOWN BUG, found while testing cache.py's failure memory (mutation-engine branch).
+"""A full NegativeCache (negative answers, remembered failures) forgets one entry per new
+one, the one closest to its expiry, and nothing else.
 
 negative_cache.py: "when the cache is full the entry closest to its expiry is the one
-forgotten". _pop_left(None) (the bound) pops the leftmost stamp and one domain; the other
-domains that share that stamp (put in the same second with the same reason) are then at
-the left end with no stamp before them, and the next _pop_left(now) (the next put, or
-count(): every scrape of stsmilter_remembered_failures) drops them as if expired.
-Under a flood of dead domains, the failure memory of issue 19 then forgets most of what
-it holds, and those domains are asked again at once.
-
-Strict xfail: these fail today and turn into an XPASS failure once the bug is fixed (then
-drop the marks). Not in tests/mutation/mutate.py's MODULES: a mutant that happens to
-"fix" the bug must not count as killed."""
-
-import pytest
+forgotten". The bug these pin (found while testing cache.py's failure memory): the
+bound's _pop_left(None) popped the leftmost stamp and one domain, and the next
+_pop_left(now) (the next put, or count(): every scrape of stsmilter_remembered_failures)
+then dropped the other domains of that stamp (put in the same second with the same
+reason) as if expired. Under a flood of dead domains the failure memory of issue 19
+forgot most of what it held, and those domains were asked again at once."""
 
 from stsmilter.engine.cache import PolicyCache
 from stsmilter.engine.negative_cache import NegativeCache
 from stsmilter.engine.store import MemoryStore
 
-BUG = "negative_cache._pop_left drops the live domains of a stamp the bound popped"
 T0 = 1_700_000_000.0
 
 
@@ -31,7 +24,6 @@ class Clock:
         return self.now
 
 
-@pytest.mark.xfail(strict=True, reason=BUG)
 def test_a_full_cache_forgets_one_entry_per_new_domain():
     clock = Clock()
     cache = NegativeCache(3, 60, clock)
@@ -42,7 +34,6 @@ def test_a_full_cache_forgets_one_entry_per_new_domain():
     assert [cache.get(f"{n}.example") is not None for n in "abcde"] == [False, False, True, True, True]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG)
 def test_counting_a_full_cache_forgets_nothing_unexpired():
     clock = Clock()
     cache = NegativeCache(2, 60, clock)
@@ -52,7 +43,6 @@ def test_counting_a_full_cache_forgets_nothing_unexpired():
     assert cache.get("c.example") == "no-txt-record"
 
 
-@pytest.mark.xfail(strict=True, reason=BUG)
 def test_a_scrape_of_the_remembered_failures_gauge_keeps_them():
     """[cache] dns_failure_ttl at its bound (max_entries): reading the gauge must not make
     the daemon ask dead name servers again."""
