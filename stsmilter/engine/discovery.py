@@ -198,7 +198,7 @@ class Discovery(ProactiveRefresh):
             cached = self._cached_answer(domain, entry, now, self.settings.recheck_in_background)
             if cached is not None:
                 return cached
-            if entry is None:
+            if entry is None or entry.expires <= now:  # an expired policy no longer applies (RFC 8461 §5.1)
                 negative = self.cache.negative(domain)
                 if negative is not None:
                     _NEGATIVE.inc()
@@ -314,7 +314,7 @@ class Discovery(ProactiveRefresh):
             # A caller that missed the cache just before another job filled it lands here.
             if usable is not None and now - usable.checked_at < self.id_check_interval(usable):
                 return usable.result
-            negative = self.cache.negative(domain) if entry is None else None
+            negative = self.cache.negative(domain) if usable is None else None
             if negative is not None:
                 return negative
             if usable is None:  # a first lookup: in a fleet, one daemon discovers it for all

@@ -619,15 +619,11 @@ def test_a_job_for_a_domain_with_a_none_answer_answers_it_without_a_query(world)
     assert world.resolver.txt_queries == 1
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN: an expired policy still in memory hides the none answer found after it"
-                                       " expired: a TXT query per lookup until the refresher purges it")
 def test_an_expired_policy_counts_as_nothing_cached_for_the_none_answer(world):
     """discovery.py: "TXT record absent/invalid: an unexpired cached policy still applies;
     with nothing cached the answer is none, cached negative_ttl". An expired policy is
-    nothing cached (RFC 8461 §3.2 max_age); the none answer should then be used like any
-    other. Today lookup() and _discover() look for it only when no entry at all is held,
-    so until purge_expired() drops the entry (the refresher, every minute) each lookup
-    asks DNS again."""
+    nothing cached (RFC 8461 §3.2 max_age); the none answer is then used like any other,
+    not asked again per lookup until the refresher purges the entry."""
     publish(world.resolver, world.fetcher, DOMAIN, "a1", ENFORCE)
     world.disc.lookup(DOMAIN)
     del world.resolver.txt_records["_mta-sts." + DOMAIN]
