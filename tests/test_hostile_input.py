@@ -484,13 +484,13 @@ def test_every_byte_stream_from_an_mx_host_is_a_reply_or_a_protocol_error(stream
     then EOF: one Reply within the bounds, or ProtocolError; nothing else, no hang."""
     import asyncio
 
-    from stsmilter.engine import mxtls
+    from stsmilter.engine import mxtls, mxtls_probe
 
     async def read():
         reader = asyncio.StreamReader()
         reader.feed_data(stream)
         reader.feed_eof()
-        return await mxtls._Session(reader, None).reply()
+        return await mxtls_probe._Session(reader, None).reply()
 
     try:
         reply = asyncio.run(read())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 
-from stsmilter.engine import dane, dns, mxtls
+from stsmilter.engine import dane, dns, mxtls, mxtls_checker
 from stsmilter.config import ConfigError
 from stsmilter.engine.cache import PolicyCache
 from stsmilter.engine.discovery import Discovery, Settings
@@ -106,7 +106,7 @@ def make_mxtls(config, discovery: Discovery, context=None):
     context: probe_context(config), if made already."""
     if not config.probe.enabled:
         return None
-    return mxtls.MxTlsChecker(discovery.resolver, _probe_settings(config), context or probe_context(config),
+    return mxtls_checker.MxTlsChecker(discovery.resolver, _probe_settings(config), context or probe_context(config),
                               engine=discovery.engine, limiter=PriorityLimiter(config.probe.max_concurrent, "probe"))
 
 

@@ -128,7 +128,7 @@ class Discovery(ProactiveRefresh):
         # engine/__init__.py. The front ends read it so that DANE-governed domains are not judged
         # by their MTA-STS policy alone (RFC 8461 §2).
         self.dane = None
-        # The MX TLS checker (mxtls.MxTlsChecker) when [probe] enabled = yes; set by
+        # The MX TLS checker (mxtls_checker.MxTlsChecker) when [probe] enabled = yes; set by
         # engine/__init__.py. The Decider reads it: the milter refuses what delivery would.
         self.mxtls = None
 

@@ -8,7 +8,7 @@ STARTTLS. Postfix then defers the message for days and bounces it. This module l
 an MX host the way the MTA's SMTP client will, so that the milter can refuse at
 submission what delivery would refuse (decision.py, reason "mx-tls").
 
-One check of one MX host, a coroutine on the engine's loop (probe()):
+One check of one MX host, a coroutine on the engine's loop (mxtls_probe.probe()):
 - the host's addresses through the engine's resolver (A then AAAA, at most
   MAX_ADDRESSES, as Postfix's smtp_mx_address_limit), each judged by the policy fetch's
   address guard ([fetch] allow_private_addresses);
@@ -37,35 +37,26 @@ Results (RFC 8460 §4.3 names where one fits):
 The first six are definitive (FAILURES, except ok): the MTA will meet them too.
 "unreachable" never decides: the host may answer the MTA later.
 
-The pure part (no I/O; mutation-tested): parse_line(), ReplyReader, offers_starttls(),
-classify_verify(), classify_error(), lifetime(), failing_host() (the rule the Decider
-applies: every policy-matching MX host has a definitive failure).
-
-MxTlsChecker: results per MX host for [probe] ttl ("ok") or [probe] failure_ttl (the
-rest), a lock-free peek() on the milter's path, one check in flight per host (single
-flight), at most [probe] max_concurrent checks at once (waiting callers first:
-limits.py), at most max_entries hosts remembered.
+This module is the pure part (no I/O; mutation-tested): the results, parse_line(),
+ReplyReader, offers_starttls(), classify_verify(), classify_error(), lifetime(),
+failing_host() (the rule the Decider applies: every policy-matching MX host has a
+definitive failure). mxtls_probe.py is one check of one host over SMTP (probe());
+mxtls_checker.py the MxTlsChecker: results per MX host for [probe] ttl ("ok") or
+[probe] failure_ttl (the rest), a lock-free peek() on the milter's path, one check in
+flight per host (single flight), at most [probe] max_concurrent checks at once (waiting
+callers first: limits.py), at most max_entries hosts remembered.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import os
 import socket
 import ssl
-import threading
-import time
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
-from stsmilter import metrics
 from stsmilter.config.schema import is_helo_name
-from stsmilter.engine import dns as sts_dns
 from stsmilter.engine import fetch
-from stsmilter.engine.limits import PriorityLimiter, Want
-from stsmilter.engine.loop import EngineLoop
-from stsmilter.ratelog import RateLimitedLog
 
 log = logging.getLogger("stsmilter.mxtls")
 
@@ -112,7 +103,6 @@ CHUNK = 4096  # bytes read from the peer at a time
 QUIT_WAIT = 1.0  # seconds given to the peer's answer to QUIT (the result is known by then)
 DETAIL_CHARS = 200  # one line of detail, at most
 WARNING_INTERVAL = 1.0  # at most one failure line a second; the metric counts them all
-MAX_QUEUED_CHECKS = 10000
 
 class ProtocolError(Exception):
     """The peer does not speak SMTP as a server must: the check ends "unreachable"."""
@@ -248,7 +238,7 @@ def _os_error(error: BaseException) -> str:
     return getattr(error, "strerror", None) or type(error).__name__
 
 
-def _detail(text: str) -> str:
+def one_line_detail(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 3] + "..."
 
@@ -271,309 +261,3 @@ def make_context(ca_file: str = "") -> ssl.SSLContext:
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-# --- one check (the engine's loop) -----------------------------------------------------
-
-
-class _Session:
-    """One SMTP client connection: lines read through a buffer of our own (so that
-    bytes the peer sends ahead are seen, not handed to TLS), capped as above."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.buffer = bytearray()
-
-    async def line(self) -> bytes:
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                if end + 1 > MAX_LINE:
-                    break
-                line = bytes(self.buffer[: end + 1])
-                del self.buffer[: end + 1]
-                return line
-            if len(self.buffer) >= MAX_LINE:
-                break
-            data = await self.reader.read(CHUNK)
-            if not data:
-                raise ProtocolError("connection closed by the peer")
-            self.buffer += data
-        raise ProtocolError(f"reply line over {MAX_LINE} bytes")
-
-    async def reply(self) -> Reply:
-        reader = ReplyReader()
-        while True:
-            reply = reader.feed(await self.line())
-            if reply is not None:
-                return reply
-
-    async def send(self, command: bytes) -> None:
-        self.writer.write(command + b"\r\n")
-        await self.writer.drain()
-
-    async def quit(self) -> None:
-        """QUIT in plaintext, its answer not awaited (the result does not depend on it)."""
-        try:
-            await self.send(b"QUIT")
-        except OSError:
-            pass
-
-
-async def probe_address(host: str, address: str, settings: Settings, context: ssl.SSLContext,
-                        end: float) -> Tuple[str, str]:
-    """(result, detail) of one SMTP session to address for host, ended by loop time end."""
-    stage = "connect"
-    writer = None
-    try:
-        async with asyncio.timeout_at(end):
-            try:
-                reader, writer = await asyncio.open_connection(address, settings.port, limit=CHUNK)
-            except OSError as e:
-                return UNREACHABLE, f"{address}: connect: {_os_error(e)}"
-            session = _Session(reader, writer)
-            stage = "greeting"
-            greeting = await session.reply()
-            if greeting.code != 220:
-                await session.quit()
-                return UNREACHABLE, f"{address}: greeting {greeting.code} {quote(greeting.lines[0])}"
-            stage = "EHLO"
-            await session.send(b"EHLO " + settings.helo_name.encode("ascii"))
-            ehlo = await session.reply()
-            if ehlo.code != 250:
-                await session.quit()
-                return UNREACHABLE, f"{address}: EHLO answered {ehlo.code} {quote(ehlo.lines[0])}"
-            if not offers_starttls(ehlo):
-                await session.quit()
-                return STARTTLS_NOT_SUPPORTED, f"{address}: the EHLO reply does not offer STARTTLS"
-            stage = "STARTTLS"
-            await session.send(b"STARTTLS")
-            answer = await session.reply()
-            if answer.code != 220:
-                await session.quit()
-                kind = STARTTLS_NOT_SUPPORTED if answer.code >= 500 else UNREACHABLE
-                return kind, f"{address}: STARTTLS answered {answer.code} {quote(answer.lines[0])}"
-            if session.buffer:
-                raise ProtocolError("plaintext after the 220 to STARTTLS")
-            stage = "TLS handshake"
-            tls = fetch._Tls(context, host, reader, writer)
-            try:
-                await tls.handshake()
-            except (ssl.SSLError, OSError, EOFError) as e:
-                kind = classify_error(e)
-                why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or getattr(e, "strerror", None)
-                return kind, f"{address}: TLS handshake: {fetch._short(why or type(e).__name__)}"
-            version = tls.sslobj.version()
-        try:  # polite, not needed: the result stands whatever the peer does now
-            async with asyncio.timeout(max(0.0, min(QUIT_WAIT, end - asyncio.get_running_loop().time()))):
-                await tls.send(b"QUIT\r\n")
-                await tls.recv()
-        except (TimeoutError, ssl.SSLError, OSError, EOFError):
-            pass
-        return OK, f"{address}: {version}, certificate valid for {host}"
-    except TimeoutError:
-        return UNREACHABLE, f"{address}: no answer within [probe] timeout ({stage})"
-    except ProtocolError as e:
-        return UNREACHABLE, f"{address}: {stage}: {e}"
-    except (OSError, EOFError) as e:
-        return UNREACHABLE, f"{address}: {stage}: {_os_error(e)}"
-    finally:
-        if writer is not None:
-            writer.transport.abort()  # no TLS close_notify dance with a hostile peer
-
-
-async def probe(resolver: sts_dns.Resolver, host: str, settings: Settings, context: ssl.SSLContext) -> Tuple[str, str]:
-    """(result, detail) for host: its addresses in turn until one is ok; otherwise the
-    first definitive failure met, else "unreachable"."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + settings.timeout
-    try:
-        async with asyncio.timeout_at(end):
-            found = await resolver.addresses(host, lifetime=settings.timeout)
-    except TimeoutError:
-        return UNREACHABLE, "address lookup: timeout"
-    except sts_dns.DnsError as e:
-        return UNREACHABLE, f"address lookup: {fetch._short(e)}"
-    addresses = []
-    for address in found[:MAX_ADDRESSES]:
-        ip = fetch._ip(address)
-        if ip is not None and (settings.allow_private or fetch.is_public_address(address)):
-            addresses.append(str(ip))
-    if not addresses:
-        return UNREACHABLE, f"address not allowed: {', '.join(quote(a) for a in found[:3])}"
-    outcome: Optional[Tuple[str, str]] = None
-    for index, address in enumerate(addresses):
-        left = end - loop.time()
-        if left <= 0:
-            break
-        kind, detail = await probe_address(host, address, settings, context, loop.time() + left / (len(addresses) - index))
-        if kind == OK:
-            return kind, detail
-        if outcome is None or (outcome[0] == UNREACHABLE and kind != UNREACHABLE):
-            outcome = (kind, detail)
-    return outcome or (UNREACHABLE, "no time left for an address")
-
-
-# --- the checker ------------------------------------------------------------------------
-
-
-_CHECKS = {kind: metrics.MX_CHECKS.labels(result=kind) for kind in RESULTS}
-
-
-class MxTlsChecker:
-    """Thread-safe. peek() and a check() whose hosts are all known never block or lock;
-    check() waits at most its timeout; a check that outlives its caller goes on and fills
-    the cache."""
-
-    def __init__(self, resolver: sts_dns.Resolver, settings: Settings, context: ssl.SSLContext,
-                 clock: Callable[[], float] = time.monotonic, *, engine: EngineLoop,
-                 limiter: Optional[PriorityLimiter] = None, prober: Callable = probe) -> None:
-        self.resolver, self.settings, self.context, self.clock = resolver, settings, context, clock
-        self.prober = prober  # probe(); tests give a scripted one
-        self.engine = engine  # the discovery's loop: closed with it
-        self.limiter = limiter if limiter is not None else PriorityLimiter(64)
-        # A plain dict read without the lock on the milter's path; writers hold the lock
-        # and evict the oldest insertion at max_entries.
-        self._results: Dict[str, HostResult] = {}
-        # MX hosts asked about for an enforce domain whose result is a failure: the gauge.
-        self._enforced: Dict[str, None] = {}
-        self._lock = threading.Lock()
-        self._jobs: Dict[str, Tuple[concurrent.futures.Future, Want]] = {}
-        self._closed = False
-        self._failures = RateLimitedLog(log, WARNING_INTERVAL, clock, " (%d more MX TLS check lines not logged)")
-        metrics.MX_TLS_FAILING.set_function(self.failing_enforced)
-
-    def reconfigure(self, resolver: sts_dns.Resolver, settings: Settings, context: ssl.SSLContext) -> None:
-        """Config reload: for checks started from now on; the results stay."""
-        self.resolver, self.settings, self.context = resolver, settings, context
-
-    def peek(self, host: str) -> Optional[HostResult]:
-        result = self._results.get(host)
-        if result is not None and result.expires > self.clock():
-            return result
-        return None
-
-    def check(self, hosts: Sequence[str], timeout: Optional[float] = None,
-              enforce: bool = True) -> Tuple[Optional[HostResult], ...]:
-        """The result of each host (None: unknown by the timeout). Hosts not known are
-        checked (each once, whoever else asks); the wait ends as soon as one host is ok
-        (the others' checks go on), all are known, or timeout passes. enforce: the
-        hosts serve an enforce domain (stsmilter_mx_tls_failing_hosts)."""
-        now = self.clock()
-        results = [self._results.get(host) for host in hosts]
-        missing = []
-        for index, result in enumerate(results):
-            if result is None or result.expires <= now:
-                results[index] = None
-                missing.append(index)
-            elif enforce and result.kind in FAILURES and hosts[index] not in self._enforced:
-                with self._lock:
-                    self._enforced[hosts[index]] = None
-        if not missing:
-            return tuple(results)
-        futures = {index: self.submit(hosts[index], wait=timeout, enforce=enforce) for index in missing}
-        if not any(result is not None and result.kind == OK for result in results):
-            self._wait(set(futures.values()), timeout)
-        for index, future in futures.items():
-            if future.done() and not future.cancelled() and future.exception() is None:
-                results[index] = future.result()
-        return tuple(results)
-
-    @staticmethod
-    def _wait(pending, timeout: Optional[float]) -> None:
-        """Until every future is done, one of them is "ok", or timeout (seconds) passes."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, pending = concurrent.futures.wait(pending, left, concurrent.futures.FIRST_COMPLETED)
-            if not done:
-                return
-            for future in done:
-                if not future.cancelled() and future.exception() is None:
-                    result = future.result()
-                    if result is not None and result.kind == OK:
-                        return
-
-    def submit(self, host: str, wait: Optional[float] = None, enforce: bool = False) -> concurrent.futures.Future:
-        """Start (or join) the check of host: a Future of its HostResult (None: refused,
-        the checker is closed or too many checks wait). wait: the caller waits that many
-        seconds; until then the check goes before background work (limits.py)."""
-        until = time.monotonic() + (wait if wait is not None else 0.0)
-        with self._lock:
-            job = self._jobs.get(host)
-            if job is None:
-                # A check that ended since the caller looked: its result (stored before
-                # the job goes), not a second check.
-                known = self._results.get(host)
-                if known is not None and known.expires > self.clock():
-                    answer = known
-                elif self._closed or len(self._jobs) >= MAX_QUEUED_CHECKS:
-                    answer = None
-                else:
-                    want = Want(until, self.engine.loop)
-                    job = self._jobs[host] = (self.engine.submit(self._run(host), want), want)
-                if job is None:
-                    done: concurrent.futures.Future = concurrent.futures.Future()
-                    done.set_result(answer)
-                    if enforce and answer is not None and answer.kind in FAILURES:
-                        self._enforced[host] = None
-                    return done
-            if enforce:  # kept while the host has a job or a result (both bounded)
-                self._enforced[host] = None
-        job[1].extend(until)
-        return job[0]
-
-    def failing_enforced(self) -> int:
-        """MX hosts of enforce domains whose current result is a definitive failure."""
-        now = self.clock()
-        results = self._results
-        count = 0
-        for host in list(self._enforced):
-            result = results.get(host)
-            if result is not None and result.kind in FAILURES and result.expires > now:
-                count += 1
-        return count
-
-    def close(self) -> None:
-        """A reload that sets [probe] enabled = no, or shutdown: checks under way end as
-        they would; later checks are refused (unknown: the verdict without the check)."""
-        with self._lock:
-            self._closed = True
-        metrics.MX_TLS_FAILING.set_function(lambda: 0)
-
-    async def _run(self, host: str) -> Optional[HostResult]:
-        try:
-            if self._closed:
-                return None
-            settings = self.settings
-            async with self.limiter:
-                kind, detail = await self.prober(self.resolver, host, settings, self.context)
-            return self._store(host, kind, _detail(detail), settings)
-        except Exception:
-            log.exception("MX TLS check of %s failed unexpectedly", host)
-            # Stored, so that a bug is not re-run (and logged) for every recipient.
-            return self._store(host, UNREACHABLE, "internal error", self.settings)
-        finally:
-            with self._lock:
-                self._jobs.pop(host, None)
-
-    def _store(self, host: str, kind: str, detail: str, settings: Settings) -> HostResult:
-        _CHECKS[kind].inc()
-        now = self.clock()
-        result = HostResult(kind, detail, now, now + lifetime(kind, settings))
-        with self._lock:
-            self._results.pop(host, None)
-            if len(self._results) >= settings.max_entries:
-                oldest = next(iter(self._results))
-                del self._results[oldest]
-                self._enforced.pop(oldest, None)
-            self._results[host] = result
-            if kind not in FAILURES:
-                self._enforced.pop(host, None)
-        if kind in FAILURES:
-            self._failures.log("failure", logging.WARNING, "MX TLS check of %s: %s: %s", host, kind, detail)
-        elif kind == UNREACHABLE:
-            self._failures.log("unreachable", logging.INFO, "MX TLS check of %s: unreachable: %s", host, detail)
-        else:
-            log.debug("MX TLS check of %s: ok: %s", host, detail)
-        return result

@@ -98,7 +98,8 @@ def import_everything(cfg=None) -> None:
     import importlib
 
     for name in (
-        "stsmilter.engine", "stsmilter.engine.decision", "stsmilter.milter.session", "stsmilter.socketmap.server",
+        "stsmilter.engine", "stsmilter.engine.decision", "stsmilter.engine.mxtls_checker", "stsmilter.milter.session",
+        "stsmilter.socketmap.server",
         "stsmilter.milter.stop", "stsmilter.milter.wake", "stsmilter.milter.shed", "stsmilter.service.metrics_server",
         "stsmilter.service.open_files", "stsmilter.service.control", "resource", "ctypes", "select", "ipaddress",
         "h11", "dns.asyncresolver", "dns.asyncquery", "dns._asyncio_backend",

@@ -12,9 +12,10 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from stsmilter.engine import mxtls
+from stsmilter.engine import mxtls, mxtls_checker
 from stsmilter.engine.limits import PriorityLimiter
 from stsmilter.engine.loop import EngineLoop
+from stsmilter.engine.mxtls_checker import MxTlsChecker
 from stsmilter.engine.mxtls import (
     CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_NOT_TRUSTED, OK, STARTTLS_NOT_SUPPORTED, UNREACHABLE,
     VALIDATION_FAILURE, HostResult, ProtocolError, Reply, ReplyReader,
@@ -251,9 +252,9 @@ def test_quote_and_detail_stay_one_short_line():
     assert mxtls.quote(b"\x00ab\n") == "'\\x00ab\\n'"
     assert mxtls.quote("x" * 100) == "'" + "x" * 36 + "..."
     assert mxtls.quote("x" * 38) == "'" + "x" * 38 + "'"  # 40 characters: kept
-    assert mxtls._detail("a\n b\t c") == "a b c"
-    assert mxtls._detail("y" * 300) == "y" * 197 + "..."
-    assert mxtls._detail("y" * 200) == "y" * 200
+    assert mxtls.one_line_detail("a\n b\t c") == "a b c"
+    assert mxtls.one_line_detail("y" * 300) == "y" * 197 + "..."
+    assert mxtls.one_line_detail("y" * 200) == "y" * 200
 
 
 def test_the_check_context_verifies_chain_and_name():
@@ -326,7 +327,7 @@ def make_checker(clock, engine):
     checkers = []
 
     def make(prober, limit=64, **settings):
-        checker = mxtls.MxTlsChecker(None, mxtls.Settings(**settings), None, clock=clock, engine=engine,
+        checker = MxTlsChecker(None, mxtls.Settings(**settings), None, clock=clock, engine=engine,
                                      limiter=PriorityLimiter(limit), prober=prober)
         checkers.append(checker)
         return checker
@@ -514,7 +515,7 @@ def test_a_closed_checker_answers_unknown(make_checker):
 
 
 def test_too_many_queued_checks_are_refused(make_checker, monkeypatch):
-    monkeypatch.setattr(mxtls, "MAX_QUEUED_CHECKS", 2)
+    monkeypatch.setattr(mxtls_checker, "MAX_QUEUED_CHECKS", 2)
     prober = ScriptedProbe()
     release = threading.Event()
     checker = make_checker(prober)
