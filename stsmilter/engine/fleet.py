@@ -188,9 +188,11 @@ class SharedFleet(Fleet):
         unsaved = self.cache.resync()
         if unsaved is None:
             return False
-        if unsaved:
-            written = self.cache.flush()
-            log.info("cache %s: wrote back %d of %d policies it lacked", self.store.name, written, unsaved)
+        written = self.cache.flush() if unsaved else 0
+        # Said every time: from this line on the daemon uses the store again (a test, or an
+        # administrator watching a Redis restart, waits for it).
+        log.info("cache %s: in step with the store again (wrote back %d of %d policies it lacked)",
+                 self.store.name, written, unsaved)
         return True
 
     def _apply(self, op: str, domain: str, sender: str) -> None:

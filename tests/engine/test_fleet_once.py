@@ -553,10 +553,13 @@ def test_synchronise_reports_a_store_it_cannot_read_yet():
     assert fleet._synchronise() is False and cache.calls == [("resync",)]
 
 
-def test_synchronise_with_nothing_missing_writes_nothing():
+def test_synchronise_with_nothing_missing_writes_nothing_and_says_it_is_in_step(caplog):
+    caplog.set_level(logging.INFO, logger="stsmilter.fleet")
     fleet, _, cache, _ = events_fleet([])
     cache.resyncs = [0]
     assert fleet._synchronise() is True and cache.calls == [("resync",)]
+    assert [r.getMessage() for r in fleet_lines(caplog)] == [
+        "cache scripted://fleet: in step with the store again (wrote back 0 of 0 policies it lacked)"]
 
 
 def test_synchronise_writes_back_what_the_store_lacks_and_says_so(caplog):
@@ -564,7 +567,8 @@ def test_synchronise_writes_back_what_the_store_lacks_and_says_so(caplog):
     fleet, _, cache, _ = events_fleet([])
     cache.resyncs, cache.written = [2], 1
     assert fleet._synchronise() is True and cache.calls == [("resync",), ("flush",)]
-    assert [r.getMessage() for r in fleet_lines(caplog)] == ["cache scripted://fleet: wrote back 1 of 2 policies it lacked"]
+    assert [r.getMessage() for r in fleet_lines(caplog)] == [
+        "cache scripted://fleet: in step with the store again (wrote back 1 of 2 policies it lacked)"]
 
 
 # --- _listen: the events thread's loop
@@ -614,6 +618,7 @@ def test_after_an_outage_the_missed_events_are_read_then_memory_and_store_resync
         ("WARNING", "cache scripted://fleet: reading the fleet's events failed: Connection refused;"
                     " policies stay in memory"),  # the second failure of that kind: within the minute
         ("INFO", "cache scripted://fleet: reading the fleet's events again"),
+        ("INFO", "cache scripted://fleet: in step with the store again (wrote back 0 of 0 policies it lacked)"),
     ]
 
 

@@ -159,8 +159,8 @@ def test_redis_down_is_not_mail_down_and_redis_back_is_used_again(sts_world, fle
 
     fleet.redis.start()  # back, empty
     client = fleet.redis.client()
-    for daemon in daemons:
-        daemon.wait_log("reading the fleet's events again", timeout=15)
+    for daemon in daemons:  # each uses Redis again from this line on (its 5 s rest after a failure is over)
+        daemon.wait_log("in step with the store again", timeout=15)
     # What Redis lost comes back from the daemons' memory, at once.
     poll_until(lambda: client.exists(f"{fleet.prefix}p:{cached}") and client.exists(f"{fleet.prefix}p:{new}"),
                15, "the daemons to write back what Redis lost")
