@@ -65,12 +65,12 @@ class EngineLoop:
         """Run coroutine on the loop as a task of its own; want (if given) is what the
         limiters see of its urgency, in it and in every task it starts. Once the loop is
         closed: a cancelled future."""
-        if want is not None:
-            coroutine = _wanted(want, coroutine)
+        task = coroutine if want is None else _wanted(want, coroutine)
         try:
-            return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+            return asyncio.run_coroutine_threadsafe(task, self.loop)
         except RuntimeError:  # the loop is closed (shutdown)
-            coroutine.close()
+            task.close()
+            coroutine.close()  # (closing a wrapper that never ran does not close what it wraps)
             refused: concurrent.futures.Future = concurrent.futures.Future()
             refused.cancel()
             return refused

@@ -1,0 +1,54 @@
+"""EngineLoop: work handed in runs on the loop with its Want; after close() it is refused
+at once (a cancelled future), and nothing handed in is left unawaited."""
+
+import asyncio
+import gc
+import warnings
+
+import pytest
+
+from stsmilter.engine.limits import Want, current_want
+from stsmilter.engine.loop import EngineLoop
+
+
+@pytest.fixture
+def engine():
+    loop = EngineLoop(name="test-engine")
+    yield loop
+    loop.close()
+
+
+def test_submitted_work_runs_on_the_loop_with_its_want(engine):
+    want = Want()
+
+    async def seen():
+        await asyncio.sleep(0)
+        return current_want.get()
+
+    assert engine.submit(seen(), want).result(5) is want
+    assert engine.submit(seen()).result(5) is not want  # no want given: not this one
+
+
+@pytest.mark.parametrize("with_want", [False, True])
+def test_work_handed_in_after_close_is_cancelled_and_never_left_unawaited(engine, with_want):
+    engine.close()
+    ran = []
+
+    async def work():
+        ran.append(True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        future = engine.submit(work(), Want() if with_want else None)
+        gc.collect()
+    assert future.cancelled() and ran == []
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+def test_close_cancels_what_still_runs(engine):
+    async def forever():
+        await asyncio.Event().wait()
+
+    future = engine.submit(forever())
+    engine.close()
+    assert future.cancelled()
