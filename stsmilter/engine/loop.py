@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import threading
 from typing import Any, Awaitable, Callable, Optional, TypeVar
@@ -33,11 +34,12 @@ class EngineLoop:
         self._blocking = concurrent.futures.ThreadPoolExecutor(
             max_workers=store_threads, thread_name_prefix="sts-store", initializer=block_signals
         )
+        self._closing = threading.Lock()
+        self.closed = False
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), name=name, daemon=True)
         self._thread.start()
         started.wait()
-        self.closed = False
 
     def _run(self, started: threading.Event) -> None:
         block_signals()  # HUP/TERM/INT are libmilter's, USR1 the reload thread's
@@ -65,15 +67,19 @@ class EngineLoop:
         """Run coroutine on the loop as a task of its own; want (if given) is what the
         limiters see of its urgency, in it and in every task it starts. Once the loop is
         closed: a cancelled future."""
-        task = coroutine if want is None else _wanted(want, coroutine)
-        try:
-            return asyncio.run_coroutine_threadsafe(task, self.loop)
-        except RuntimeError:  # the loop is closed (shutdown)
-            task.close()
-            coroutine.close()  # (closing a wrapper that never ran does not close what it wraps)
-            refused: concurrent.futures.Future = concurrent.futures.Future()
-            refused.cancel()
-            return refused
+        with self._closing:  # handed in before close() asks the loop to stop, or refused
+            if not self.closed:
+                if want is None:
+                    return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+                # The loop runs the callback that makes the task in a copy of this context,
+                # and the task copies it in turn: the task and what it starts see want.
+                context = contextvars.copy_context()
+                context.run(current_want.set, want)
+                return context.run(asyncio.run_coroutine_threadsafe, coroutine, self.loop)
+        coroutine.close()
+        refused: concurrent.futures.Future = concurrent.futures.Future()
+        refused.cancel()
+        return refused
 
     async def blocking(self, function: Callable[..., T], *args: Any) -> T:
         """function(*args) on a store thread, awaited from the loop."""
@@ -81,20 +87,14 @@ class EngineLoop:
 
     def close(self) -> None:
         """Stop the loop: what still runs is cancelled (its waiters get CancelledError)."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
+        with self._closing:
+            if self.closed:
+                return
+            self.closed = True
+            # Queued behind every task handed in: each starts, then _finish() cancels it.
             self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:
-            pass  # closed already
         self._thread.join(timeout=5)
         self._blocking.shutdown(wait=False, cancel_futures=True)
-
-
-async def _wanted(want: Want, coroutine: Awaitable[T]) -> T:
-    current_want.set(want)  # this task's context only
-    return await coroutine
 
 
 def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -3,6 +3,8 @@ at once (a cancelled future), and nothing handed in is left unawaited."""
 
 import asyncio
 import gc
+import threading
+import time
 import warnings
 
 import pytest
@@ -52,3 +54,35 @@ def test_close_cancels_what_still_runs(engine):
     future = engine.submit(forever())
     engine.close()
     assert future.cancelled()
+
+
+def test_work_cancelled_by_close_before_it_started_is_never_left_unawaited():
+    engine = EngineLoop(name="test-engine")
+    blocker = engine.submit(asyncio.sleep(5))
+    held, gate = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        gate.wait(5)
+
+    engine.loop.call_soon_threadsafe(hold)  # the loop is held up while work is queued ...
+    assert held.wait(5)
+    ran = []
+
+    async def work():
+        ran.append(True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        futures = [engine.submit(work(), Want()) for _ in range(5)]
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        while not engine.closed:  # ... and behind it the loop's stop
+            time.sleep(0.001)
+        gate.set()
+        closer.join(10)
+        cancelled = [f.cancelled() for f in [blocker] + futures]
+        del engine, blocker, futures, closer
+        gc.collect()  # what was never awaited says so when it is collected
+    assert cancelled == [True] * 6 and ran == []
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
