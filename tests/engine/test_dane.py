@@ -10,7 +10,6 @@ from prometheus_client import REGISTRY
 
 from stsmilter.engine import dane
 from stsmilter.engine.dane import DANE, DNS_ERROR, FAILED, FOUND, NO_DANE, NONE, PENDING, MxFacts, TlsaFacts
-from stsmilter.engine.loop import EngineLoop
 from world.sync import Sync
 
 SHA256 = b"\x11" * 32
@@ -153,13 +152,6 @@ class ScriptedResolver:
 @pytest.fixture
 def clock():
     return Clock()
-
-
-@pytest.fixture
-def engine():
-    loop = EngineLoop()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture

@@ -137,13 +137,6 @@ def wait_until(predicate, timeout=5.0):
 
 
 @pytest.fixture
-def engine():
-    loop = EngineLoop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
 def backing():
     return SharedBacking(Clock(time.time()))
 

@@ -13,13 +13,6 @@ from stsmilter.engine.limits import Want, current_want
 from stsmilter.engine.loop import EngineLoop
 
 
-@pytest.fixture
-def engine():
-    loop = EngineLoop(name="test-engine")
-    yield loop
-    loop.close()
-
-
 def test_submitted_work_runs_on_the_loop_with_its_want(engine):
     want = Want()
 

@@ -14,7 +14,6 @@ from prometheus_client import REGISTRY
 
 from stsmilter.engine import mxtls, mxtls_checker
 from stsmilter.engine.limits import PriorityLimiter
-from stsmilter.engine.loop import EngineLoop
 from stsmilter.engine.mxtls_checker import MxTlsChecker
 from stsmilter.engine.mxtls import (
     CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_NOT_TRUSTED, OK, STARTTLS_NOT_SUPPORTED, UNREACHABLE,
@@ -316,19 +315,12 @@ def clock():
 
 
 @pytest.fixture
-def engine():
-    loop = EngineLoop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
 def make_checker(clock, engine):
     checkers = []
 
     def make(prober, limit=64, **settings):
         checker = MxTlsChecker(None, mxtls.Settings(**settings), None, clock=clock, engine=engine,
-                                     limiter=PriorityLimiter(limit), prober=prober)
+                           limiter=PriorityLimiter(limit), prober=prober)
         checkers.append(checker)
         return checker
 

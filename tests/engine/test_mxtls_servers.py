@@ -11,7 +11,6 @@ import pytest
 from stsmilter.engine import mxtls
 from stsmilter.engine.dns import Resolver
 from stsmilter.engine.limits import PriorityLimiter
-from stsmilter.engine.loop import EngineLoop
 from stsmilter.engine.mxtls_checker import MxTlsChecker
 from stsmilter.engine.mxtls import (
     CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_NOT_TRUSTED, OK, STARTTLS_NOT_SUPPORTED, UNREACHABLE,
@@ -25,13 +24,6 @@ HELO = "probe.stsmilter.test"
 
 
 @pytest.fixture
-def engine():
-    loop = EngineLoop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
 def make_checker(dns_server, mx_hosts, engine):
     checkers = []
 
@@ -39,7 +31,7 @@ def make_checker(dns_server, mx_hosts, engine):
         resolver = Resolver(nameservers=(dns_server.address,), port=dns_server.port, timeout=1.0)
         settings = mxtls.Settings(port=mx_hosts.port, helo_name=HELO, timeout=timeout, allow_private=allow_private)
         checker = MxTlsChecker(resolver, settings, mxtls.make_context(mx_hosts.ca_file), engine=engine,
-                                     limiter=PriorityLimiter(limit, "probe"))
+                               limiter=PriorityLimiter(limit, "probe"))
         checkers.append(checker)
         return checker
 
