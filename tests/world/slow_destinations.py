@@ -497,6 +497,19 @@ def _world_main(conn, root: str, https_port: int, black_hole: str) -> None:
             world.stop()
 
 
+def receive(conn, timeout: float, who: str, waiting_for: str = "answer"):
+    """The value a child process sent as ("ok", value); its error, death or silence raised."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"the {who} did not {waiting_for}")
+    try:
+        status, value = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"the {who} died") from None
+    if status != "ok":
+        raise RuntimeError(f"{who}: {value}")
+    return value
+
+
 class SlowWorld:
     """The world in a forked child; every method is a call into it. start() before the
     caller starts threads; stop() always (it kills the child if it does not stop)."""
@@ -520,15 +533,7 @@ class SlowWorld:
         return self
 
     def _reply(self, timeout: float):
-        if not self.conn.poll(timeout):
-            raise TimeoutError("the world process did not answer")
-        try:
-            status, value = self.conn.recv()
-        except EOFError:
-            raise RuntimeError("the world process died") from None
-        if status != "ok":
-            raise RuntimeError(f"world process: {value}")
-        return value
+        return receive(self.conn, timeout, "world process")
 
     def call(self, method: str, *args, timeout: float = 60.0):
         self.conn.send((method, args))
@@ -716,15 +721,7 @@ class BurstClient:
         return self._result(timeout)
 
     def _result(self, timeout: float):
-        if not self.conn.poll(timeout):
-            raise TimeoutError("the burst client did not report")
-        try:
-            status, value = self.conn.recv()
-        except EOFError:
-            raise RuntimeError("the burst client died") from None
-        if status != "ok":
-            raise RuntimeError(f"burst client: {value}")
-        return value
+        return receive(self.conn, timeout, "burst client", "report")
 
     def stop(self) -> None:
         if self.proc is None:
@@ -813,23 +810,14 @@ class CachedLoop:
                                 name="cached-loop")
         self.proc.start()
         child.close()
-        if not self.conn.poll(timeout):
-            raise TimeoutError("the cached-lookup client did not connect")
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"cached-lookup client: {value}")
+        receive(self.conn, timeout, "cached-lookup client", "connect")
         return self
 
     def stop(self, timeout: float = 30.0) -> Tuple[List[float], Dict[str, int]]:
         """(latencies in seconds, {answer kind: count}); kills the process if need be."""
         try:
             self.conn.send(("stop", None))
-            if not self.conn.poll(timeout):
-                raise TimeoutError("the cached-lookup client did not report")
-            status, value = self.conn.recv()
-            if status != "ok":
-                raise RuntimeError(f"cached-lookup client: {value}")
-            return value
+            return receive(self.conn, timeout, "cached-lookup client", "report")
         finally:
             self.close()
 
