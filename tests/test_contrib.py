@@ -625,6 +625,21 @@ def test_dashboard_is_valid_and_covers_every_metric():
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
 
 
+def test_dashboard_groups_and_names_series_only_by_labels_its_metrics_have():
+    dashboard = json.loads(DASHBOARD.read_text())
+    labels_of = {m._name: set(m._labelnames) for m in metric_objects()}
+    for panel in (p for p in dashboard["panels"] if p["type"] != "row"):
+        for target in panel["targets"]:
+            expr = target["expr"]
+            have = {"job", "instance"}.union(*(labels_of[base_name(n)] for n in metric_names_in(expr)))
+            if "_bucket" in expr:
+                have.add("le")
+            grouped = {label.strip() for by in re.findall(r"by \(([^)]*)\)", expr) for label in by.split(",")}
+            shown = set(re.findall(r"{{(\w+)}}", target.get("legendFormat", "")))
+            assert grouped <= have, (panel["title"], grouped - have)
+            assert shown <= grouped | {"instance"} or not grouped, (panel["title"], shown - grouped)
+
+
 def test_dashboard_takes_the_job_as_a_variable():
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
