@@ -627,9 +627,23 @@ def test_an_expired_policy_counts_as_nothing_cached_for_the_none_answer(world):
     publish(world.resolver, world.fetcher, DOMAIN, "a1", ENFORCE)
     world.disc.lookup(DOMAIN)
     del world.resolver.txt_records["_mta-sts." + DOMAIN]
-    world.clock.now += MAX_AGE
+    world.clock.now += MAX_AGE  # the very second the policy expires
     assert world.disc.lookup(DOMAIN).status == "none"  # expired, and no record: none, remembered
+    before = lookups()
     assert world.disc.lookup(DOMAIN) == Result(DOMAIN, "none", reason="no-txt-record", source="cache")
+    assert counted(before, negative=1)  # answered by lookup() itself, not by a job
+    assert world.resolver.txt_queries == 2
+
+
+def test_an_unexpired_policy_outranks_a_none_answer_shared_by_another_daemon(world):
+    """RFC 8461 §5.1: a cached policy applies until it expires, whatever DNS says; a "none"
+    another daemon shared (it has no policy for the domain) must not switch it off."""
+    publish(world.resolver, world.fetcher, DOMAIN, "a1", ENFORCE)
+    world.disc.lookup(DOMAIN)
+    world.clock.now += 300  # the id check is due: lookup() waits for it (recheck_in_background off)
+    world.cache.put_negative(Result(DOMAIN, "none", reason="no-txt-record"), share=False)
+    r = world.disc.lookup(DOMAIN)
+    assert (r.status, r.policy_id, r.policy.mode) == ("valid", "a1", "enforce")
     assert world.resolver.txt_queries == 2
 
 

@@ -67,6 +67,10 @@ MODULES = [
     ("stsmilter/engine/discovery.py", ["*"],
      ["tests/engine/test_discovery.py", "tests/engine/test_discovery_load.py", "tests/engine/test_decision_engine.py",
       "tests/engine/test_discovery_rules.py", "tests/engine/test_fleet.py"], {"min_score": 0.95}),
+    # The proactive refresh (RFC 8461 §10.2), a mixin of Discovery split out of discovery.py.
+    ("stsmilter/engine/refresh.py", ["*"],
+     ["tests/engine/test_discovery.py", "tests/engine/test_discovery_rules.py", "tests/engine/test_fleet.py"],
+     {"min_score": 0.95}),
     ("stsmilter/engine/limits.py", ["*"], ["tests/engine/test_limits.py", "tests/engine/test_limits_order.py"],
      {"min_score": 0.95}),
     # Daemons sharing a store (issue 23): who fetches, the events thread; over a fake shared
