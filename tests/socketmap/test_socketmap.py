@@ -300,14 +300,14 @@ def test_ten_megabytes_without_comma_buffer_at_most_a_request(serve, clients, di
 
 def test_idle_connection_is_closed(serve, clients, discovery):
     discovery.cached["example.com"] = valid()
-    server = serve(idle_timeout=0.5)
+    server = serve(idle_timeout=1.0)
     sock = clients(server)
     for _ in range(3):  # requests keep it open past the idle timeout
-        time.sleep(0.3)
+        time.sleep(0.5)
         assert ask(sock, b"example.com") == SECURE
     started = time.monotonic()
     assert_closed(sock)
-    assert 0.4 < time.monotonic() - started < 2.0
+    assert 0.9 < time.monotonic() - started < 3.0
     assert not server.connections
 
 
