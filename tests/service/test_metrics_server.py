@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from stsmilter.engine.loop import STORE_THREADS
 from stsmilter.service import metrics_server
 from world.daemon import poll_until, scrape
 
@@ -118,7 +119,9 @@ def test_daemon_holds_300_idle_connections_with_bounded_threads(start_daemon):
     try:
         text = scrape(daemon.metrics_port)  # a normal scrape still succeeds
         assert "stsmilter_cache_entries" in text
-        assert len(os.listdir(f"/proc/{daemon.pid}/task")) <= threads_before
+        # No thread per connection (300 would show); the store's thread pool starts its
+        # threads on demand, so it may have grown meanwhile, up to its size.
+        assert len(os.listdir(f"/proc/{daemon.pid}/task")) <= threads_before + STORE_THREADS
         # The idle ones are closed: most at once to make room, the rest after the timeout.
         deadline = metrics_server.REQUEST_TIMEOUT + 5
         started = time.monotonic()
