@@ -49,7 +49,7 @@ import Milter
 from stsmilter import metrics
 from stsmilter.engine import decision
 from stsmilter.engine.decision import ACCEPT, HOLD, REJECT, TEMPFAIL
-from stsmilter.milter.negotiation import MILTER_FLAGS, NegotiatingMilter  # noqa: F401 (tests read MILTER_FLAGS here)
+from stsmilter.milter.negotiation import NegotiatingMilter
 from stsmilter.milter.scope import client_text, client_trusted, non_smtp_session, trusted_address_check
 
 log = logging.getLogger("stsmilter")

@@ -55,10 +55,8 @@ import time
 from typing import Optional
 
 from stsmilter import descriptors
-from stsmilter.milter.listener import (  # noqa: F401 (find_listener, identity, listening_address: tests)
-    descriptors_left, find_listener, identity, listening_address, shed_batch,
-)
-from stsmilter.milter.park import ParkedShedder, quiet_listener  # noqa: F401 (quiet_listener: tests)
+from stsmilter.milter.listener import descriptors_left, find_listener, identity, shed_batch
+from stsmilter.milter.park import ParkedShedder
 
 log = logging.getLogger("stsmilter")
 

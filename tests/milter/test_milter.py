@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY
 
 from stsmilter import config
 from stsmilter.milter import session as milter
+from stsmilter.milter.negotiation import MILTER_FLAGS
 from stsmilter.engine.decision import Decider, Decision
 from test_decision import OTHER_MX, FakeDiscovery, valid
 
@@ -110,7 +111,7 @@ def count(action, mode, reason):
 def test_negotiation(monkeypatch):
     ctx = session(FakeDecider(), monkeypatch).open("127.0.0.1")
     actions, protocol = ctx._opts[0], ctx._opts[1]
-    assert actions == Milter.QUARANTINE | Milter.SETSYMLIST == milter.MILTER_FLAGS
+    assert actions == Milter.QUARANTINE | Milter.SETSYMLIST == MILTER_FLAGS
     for skipped in ("P_NOHELO", "P_NOHDRS", "P_NOEOH", "P_NOBODY", "P_NOUNKNOWN"):
         assert protocol & getattr(Milter, skipped), skipped
     for sent in ("P_NOCONNECT", "P_NOMAIL", "P_NORCPT", "P_NODATA"):
@@ -122,7 +123,7 @@ def test_negotiation(monkeypatch):
     assert ctx._symlist[Milter.M_ENVFROM] == {b"{auth_authen}", b"i"}
     assert ctx._symlist[Milter.M_ENVRCPT] == {b"{rcpt_mailer}", b"i"}
     assert ctx._symlist[Milter.M_EOM] == {b"i"}
-    assert ctx._priv._actions == milter.MILTER_FLAGS
+    assert ctx._priv._actions == MILTER_FLAGS
     assert ctx._envfrom("<sender@here.example>") == Milter.NOREPLY
     assert ctx._data() == Milter.CONTINUE
 

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from stsmilter.milter import listener as milter_listener
+from stsmilter.milter import park
 from stsmilter.milter import shed as milter_shed
 from world import paths
 
@@ -32,11 +34,11 @@ def run_scenario(mode):
 
 
 def test_listening_address_reads_every_milter_socket_form():
-    assert milter_shed.listening_address("inet:8894@127.0.0.1") == (socket.AF_INET, ("127.0.0.1", 8894))
-    assert milter_shed.listening_address("inet:8894") == (socket.AF_INET, (None, 8894))
-    assert milter_shed.listening_address("inet6:8894@::1") == (socket.AF_INET6, ("::1", 8894))
-    assert milter_shed.listening_address("unix:/run/x.sock") == (socket.AF_UNIX, "/run/x.sock")
-    assert milter_shed.listening_address("local:/run/x.sock") == (socket.AF_UNIX, "/run/x.sock")
+    assert milter_listener.listening_address("inet:8894@127.0.0.1") == (socket.AF_INET, ("127.0.0.1", 8894))
+    assert milter_listener.listening_address("inet:8894") == (socket.AF_INET, (None, 8894))
+    assert milter_listener.listening_address("inet6:8894@::1") == (socket.AF_INET6, ("::1", 8894))
+    assert milter_listener.listening_address("unix:/run/x.sock") == (socket.AF_UNIX, "/run/x.sock")
+    assert milter_listener.listening_address("local:/run/x.sock") == (socket.AF_UNIX, "/run/x.sock")
 
 
 def test_find_listener_finds_the_one_listening_socket_on_the_milter_address(tmp_path):
@@ -46,26 +48,26 @@ def test_find_listener_finds_the_one_listening_socket_on_the_milter_address(tmp_
         other.listen(1)
         milter.bind(("127.0.0.1", 0))
         port = milter.getsockname()[1]
-        assert milter_shed.find_listener(f"inet:{port}@127.0.0.1") is None  # bound, not listening
+        assert milter_listener.find_listener(f"inet:{port}@127.0.0.1") is None  # bound, not listening
         milter.listen(1)
-        assert milter_shed.find_listener(f"inet:{port}@127.0.0.1") == milter.fileno()
-        assert milter_shed.find_listener(f"inet:{port}") == milter.fileno()
-        assert milter_shed.find_listener(f"inet:{port}@localhost") == milter.fileno()  # a name: the port
-        assert milter_shed.find_listener(f"inet:{port}@127.0.0.2") is None
-        assert milter_shed.find_listener(f"inet6:{port}@::1") is None
+        assert milter_listener.find_listener(f"inet:{port}@127.0.0.1") == milter.fileno()
+        assert milter_listener.find_listener(f"inet:{port}") == milter.fileno()
+        assert milter_listener.find_listener(f"inet:{port}@localhost") == milter.fileno()  # a name: the port
+        assert milter_listener.find_listener(f"inet:{port}@127.0.0.2") is None
+        assert milter_listener.find_listener(f"inet6:{port}@::1") is None
         connected_only.connect(("127.0.0.1", port))  # a connection to it is not it
         path = str(tmp_path / "milter.sock")
         unix.bind(path)
         unix.listen(1)
-        assert milter_shed.find_listener(f"unix:{path}") == unix.fileno()
-        assert milter_shed.find_listener(f"local:{path}") == unix.fileno()
-        assert milter_shed.find_listener(f"unix:{path}.other") is None
+        assert milter_listener.find_listener(f"unix:{path}") == unix.fileno()
+        assert milter_listener.find_listener(f"local:{path}") == unix.fileno()
+        assert milter_listener.find_listener(f"unix:{path}.other") is None
         for sock in (other, milter, unix, connected_only):  # it closes nothing it looks at
             assert stat.S_ISSOCK(os.fstat(sock.fileno()).st_mode)
 
 
 def test_a_quiet_listener_is_never_readable_and_never_blocks():
-    with milter_shed.quiet_listener() as quiet:
+    with park.quiet_listener() as quiet:
         assert quiet.getblocking() is False
         with pytest.raises(BlockingIOError):
             quiet.accept()
@@ -146,7 +148,7 @@ def test_unparking_wakes_libmilters_poll_whichever_socket_it_began_on(begun, con
                 time.sleep(0.1)
                 assert poll.result is None  # parked: libmilter does not see it
             shedder.relax()
-            assert milter_shed.identity(listener.fileno()) == milter_shed.identity(shedder.real.fileno())
+            assert milter_listener.identity(listener.fileno()) == milter_listener.identity(shedder.real.fileno())
             if connected == "after unparking":
                 time.sleep(0.1)
                 clients.append(socket.create_connection(address, timeout=2))
